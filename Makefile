@@ -1,0 +1,50 @@
+# otpgate — the two commands that matter are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.DEFAULT_GOAL := help
+
+.PHONY: help run test lint bench install install-dev clean
+
+help: ## Show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	@touch $@
+
+$(VENV)/.installed-dev: requirements-dev.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed ## Create .venv and install otpgate with its locked dependencies
+
+install-dev: $(VENV)/.installed-dev ## Install otpgate and the development tools
+
+run: install ## Set up and start otpgate on 127.0.0.1:8000 (SQLite, console SMS sender)
+	$(BIN)/otpgate serve --host $(HOST) --port $(PORT)
+
+test: install-dev ## Set up and run the whole test suite (SQLite, PostgreSQL, loopback providers)
+	$(BIN)/pytest
+
+lint: install-dev ## ruff, mypy --strict and import-linter layering
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: install-dev ## Load benchmark: round trips against otpgate vs a bare FastAPI endpoint
+	$(BIN)/python -m benchmarks.roundtrip
+
+clean: ## Remove the virtual environment and local data
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

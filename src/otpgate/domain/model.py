@@ -1,0 +1,198 @@
+"""The nouns of otpgate: plain dataclasses and enums, no I/O.
+
+Ids are a type prefix, an underscore and 32 lowercase hex characters from ``secrets``
+(API.md §1). Times are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id such as ``ver_3f0c…``: 128 random bits from the OS CSPRNG."""
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+class VerificationStatus(enum.StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    EXPIRED = "expired"
+    CANCELED = "canceled"
+    MAX_ATTEMPTS_REACHED = "max_attempts_reached"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self is not VerificationStatus.PENDING
+
+
+class MessageStatus(enum.StrEnum):
+    QUEUED = "queued"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+
+
+class Channel(enum.StrEnum):
+    SMS = "sms"
+    VOICE = "voice"
+    EMAIL = "email"
+
+
+class CodeType(enum.StrEnum):
+    NUMERIC = "numeric"
+    ALPHANUMERIC = "alphanumeric"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    name: str
+    username: str
+    is_admin: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as stored: only the SHA-256 of the secret, never the secret itself."""
+
+    id: str
+    account_id: str
+    name: str
+    key_hash: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the authenticated account and the key it used."""
+
+    account: Account
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """The settings of a service (API.md §3), validated by ``domain.policy.validate_policy``."""
+
+    name: str
+    code_length: int = 6
+    code_type: CodeType = CodeType.NUMERIC
+    ttl_seconds: int = 600
+    max_check_attempts: int = 5
+    max_send_attempts: int = 5
+    resend_interval_seconds: int = 30
+    channels: tuple[Channel, ...] = (Channel.SMS,)
+    allowed_countries: tuple[str, ...] | None = None
+    sender_id: str | None = None
+    templates: dict[str, str] = field(default_factory=dict)
+    default_locale: str = "en"
+    webotp_domain: str | None = None
+    android_app_hash: str | None = None
+    webhook_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    id: str
+    account_id: str
+    policy: ServicePolicy
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One delivery attempt of a verification's code (or a plain SMS); also the outbox row."""
+
+    id: str
+    account_id: str
+    verification_id: str | None
+    channel: Channel
+    to: str
+    status: MessageStatus
+    locale: str
+    segments: int
+    encoding: str
+    created_at: datetime
+    updated_at: datetime
+    provider: str | None = None
+    provider_ref: str | None = None
+    price: str | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    id: str
+    account_id: str
+    service_id: str
+    to: str
+    channel: Channel
+    status: VerificationStatus
+    code_digest: bytes
+    code_sealed: bytes | None
+    locale: str
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    last_sent_at: datetime
+    check_attempts: int
+    max_check_attempts: int
+    send_attempts: int
+    max_send_attempts: int
+    context: dict[str, str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    messages: tuple[Message, ...] = ()
+
+    def status_at(self, now: datetime) -> VerificationStatus:
+        """The status as the API reports it: a pending verification past its expiry is expired,
+        whether or not anything has written that yet (API.md §4.5)."""
+        if self.status is VerificationStatus.PENDING and now >= self.expires_at:
+            return VerificationStatus.EXPIRED
+        return self.status
+
+    @property
+    def remaining_attempts(self) -> int:
+        return max(0, self.max_check_attempts - self.check_attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    verification_id: str
+    status: VerificationStatus
+    valid: bool
+    remaining_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSms:
+    """What a provider adapter is asked to send. ``text`` holds the code: never log it."""
+
+    message_id: str
+    to: str
+    text: str
+    sender_id: str | None
+    encoding: str
+    segments: int
+    receipt_url: str | None = None
+
+    def __repr__(self) -> str:  # the text carries the code; keep it out of reprs and tracebacks
+        return f"OutboundSms(message_id={self.message_id!r}, segments={self.segments})"
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """A provider's answer to an accepted message."""
+
+    provider_ref: str | None = None
+    price: str | None = None

@@ -1,0 +1,286 @@
+"""The small Protocols that the services depend on; adapters implement them.
+
+Each docstring is the contract every implementation must keep, checked by the suites under
+``tests/contract``. Methods that look something up return ``None`` when nothing is found; they
+raise only :class:`otpgate.errors.Unavailable` (storage down) or, for senders,
+:class:`otpgate.errors.TransientDeliveryError` / :class:`otpgate.errors.PermanentDeliveryError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar
+
+from otpgate.domain.model import (
+    Account,
+    ApiKey,
+    Message,
+    MessageStatus,
+    OutboundSms,
+    SendReceipt,
+    Service,
+    ServicePolicy,
+    Verification,
+    VerificationStatus,
+)
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Delivery
+
+
+class SmsSender(Protocol):
+    """Hands one SMS to a provider.
+
+    ``send`` returns when the provider has accepted the message, with the provider's reference
+    if it gives one. It raises ``TransientDeliveryError`` when a later attempt (or another route)
+    may succeed and ``PermanentDeliveryError`` when this message can never go out on this route.
+    It never logs ``sms.text``.
+    """
+
+    name: str
+
+    async def send(self, sms: OutboundSms) -> SendReceipt: ...
+
+    async def aclose(self) -> None:
+        """Release connections; the sender is not used afterwards."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """A provider's delivery receipt, translated: which message (by the reference we gave the
+    provider) and its new status. ``status`` is ``None`` when the report changes nothing."""
+
+    provider_ref: str
+    status: MessageStatus | None
+    detail: str | None = None
+
+
+class ReceiptParser(Protocol):
+    def parse_receipt(self, params: Mapping[str, str]) -> DeliveryReport | None:
+        """The report carried by a receipt request's parameters, or ``None`` if it names no
+        message. Authentication of the request is the caller's job, not the parser's."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedMessage:
+    """An outbox row claimed by a dispatcher, with what it needs to render and send it."""
+
+    message: Message
+    verification: Verification | None
+    service: Service | None
+    body: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: Sequence[T]
+    next_cursor: str | None
+
+
+class AccountStore(Protocol):
+    async def create_account(self, account: Account) -> None:
+        """Insert; ``InvalidRequest(param="username")`` if the username is taken."""
+        ...
+
+    async def get_account(self, account_id: str) -> Account | None: ...
+
+    async def get_account_by_username(self, username: str) -> Account | None: ...
+
+    async def first_admin_account(self) -> Account | None:
+        """The oldest admin account, or ``None`` on a fresh installation."""
+        ...
+
+    async def list_accounts(self, *, limit: int, cursor: str | None) -> Page[Account]: ...
+
+    async def create_key(self, key: ApiKey) -> None: ...
+
+    async def get_key_by_hash(self, key_hash: str) -> tuple[ApiKey, Account] | None:
+        """The live (not revoked) key with this hash and its account."""
+        ...
+
+    async def list_keys(self, account_id: str) -> Sequence[ApiKey]: ...
+
+    async def revoke_key(self, account_id: str, key_id: str, now: datetime) -> bool:
+        """True when a live key of this account was revoked."""
+        ...
+
+
+class ServiceStore(Protocol):
+    async def create_service(self, service: Service) -> None: ...
+
+    async def get_service(self, account_id: str, service_id: str) -> Service | None:
+        """The service if it exists, belongs to the account and is not deleted."""
+        ...
+
+    async def get_service_by_name(self, account_id: str, name: str) -> Service | None: ...
+
+    async def list_services(
+        self, account_id: str, *, limit: int, cursor: str | None
+    ) -> Page[Service]: ...
+
+    async def update_service(
+        self, account_id: str, service_id: str, policy: ServicePolicy, now: datetime
+    ) -> Service | None: ...
+
+    async def delete_service(self, account_id: str, service_id: str, now: datetime) -> bool: ...
+
+
+class VerificationStore(Protocol):
+    async def expire_and_find_pending(
+        self, service_id: str, to: str, now: datetime
+    ) -> Verification | None:
+        """Mark every pending verification of (service, to) whose time is up as ``expired``
+        (erasing its sealed code) and return the one still pending, if any."""
+        ...
+
+    async def create_verification(
+        self, verification: Verification, message: Message, *, supersede: str | None = None
+    ) -> bool:
+        """In one transaction: cancel ``supersede`` if it is still pending, insert the
+        verification and its first outbox message. False (nothing written) when another
+        verification for the same (service, to) is pending already."""
+        ...
+
+    async def record_resend(
+        self, verification_id: str, message: Message, *, now: datetime, interval_seconds: int
+    ) -> Verification | None:
+        """In one transaction, if the verification is pending, unexpired, below its send cap
+        and its last send is at least ``interval_seconds`` old: count the send and queue
+        ``message``. Returns the updated verification, or ``None`` when a condition failed
+        (the caller re-reads to tell which)."""
+        ...
+
+    async def get_verification(
+        self, account_id: str, verification_id: str
+    ) -> Verification | None: ...
+
+    async def latest_verification(
+        self, account_id: str, service_id: str, to: str
+    ) -> Verification | None: ...
+
+    async def list_verifications(
+        self,
+        account_id: str,
+        *,
+        service_id: str | None,
+        status: VerificationStatus | None,
+        to: str | None,
+        limit: int,
+        cursor: str | None,
+        now: datetime,
+    ) -> Page[Verification]: ...
+
+    async def approve(self, verification_id: str, now: datetime) -> bool:
+        """Atomically move a pending, unexpired verification with attempts left to
+        ``approved`` and erase its sealed code. True for exactly one caller, however many race."""
+        ...
+
+    async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
+        """Atomically count one wrong code on a pending, unexpired verification with attempts
+        left; on the last allowed attempt it becomes ``max_attempts_reached`` (sealed code
+        erased). Returns the new ``check_attempts`` or ``None`` if nothing was counted."""
+        ...
+
+    async def close(
+        self, verification_id: str, status: VerificationStatus, now: datetime
+    ) -> bool:
+        """Move a pending verification to a terminal ``status`` and erase its sealed code."""
+        ...
+
+    async def destination_lock(
+        self, service_id: str, to: str, now: datetime
+    ) -> datetime | None:
+        """When the (service, destination) lockout (S8) is in force, the time it ends."""
+        ...
+
+    async def record_destination_failure(
+        self, service_id: str, to: str, *, now: datetime, threshold: int, lock_seconds: int
+    ) -> int:
+        """Count one more consecutive failure; at ``threshold`` lock the destination for
+        ``lock_seconds`` and reset the count. Returns the count after this failure."""
+        ...
+
+    async def reset_destination_failures(self, service_id: str, to: str) -> None:
+        """A success (or an operator) clears the consecutive-failure count and any lock."""
+        ...
+
+
+class MessageStore(Protocol):
+    async def claim_due(
+        self, *, now: datetime, lease_seconds: int, limit: int
+    ) -> Sequence[ClaimedMessage]:
+        """Lease up to ``limit`` queued messages whose next attempt is due and whose lease (if
+        any) has lapsed, so two dispatchers never hold the same one. Each claim counts an
+        attempt. Returns them with their verification (and sealed code) and service."""
+        ...
+
+    async def mark_sent(
+        self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
+    ) -> None: ...
+
+    async def mark_retry(
+        self, message_id: str, *, provider: str, error: str, next_attempt_at: datetime,
+        now: datetime,
+    ) -> None: ...
+
+    async def mark_failed(
+        self, message_id: str, *, provider: str | None, error: str, now: datetime
+    ) -> Verification | None:
+        """Fail the message for good. If its verification is pending and has no other message
+        that is queued, sent or delivered, the verification becomes ``failed`` too (sealed code
+        erased) and is returned."""
+        ...
+
+    async def apply_report(
+        self, provider: str, report: DeliveryReport, now: datetime
+    ) -> bool:
+        """Apply a delivery report to the message with this provider and reference; False when
+        no such message exists (the receipt is then acknowledged and ignored)."""
+        ...
+
+    async def next_due_at(self) -> datetime | None:
+        """When the earliest queued message becomes due, for the dispatcher's sleep."""
+        ...
+
+
+class IdempotencyStore(Protocol):
+    async def begin(
+        self, account_id: str, key: str, request_hash: str, now: datetime
+    ) -> tuple[str, int | None, Any]:
+        """Reserve the key. Returns ``("new", None, None)`` when this call owns it,
+        ``("done", status, body)`` for a finished request with the same hash, and raises
+        ``IdempotencyInProgress`` / ``IdempotencyKeyMismatch`` otherwise. Keys older than
+        24 h count as absent."""
+        ...
+
+    async def finish(self, account_id: str, key: str, status: int, body: Any) -> None: ...
+
+    async def abandon(self, account_id: str, key: str) -> None:
+        """Forget a key whose request was refused, so it can be retried."""
+        ...
+
+
+class Storage(AccountStore, ServiceStore, VerificationStore, MessageStore, IdempotencyStore,
+              Protocol):
+    """Everything otpgate keeps. ``ping`` raises ``Unavailable`` when storage is down."""
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
