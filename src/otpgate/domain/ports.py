@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from otpgate.domain.model import (
     Account,
@@ -65,6 +65,7 @@ class DeliveryReport:
     detail: str | None = None
 
 
+@runtime_checkable
 class ReceiptParser(Protocol):
     def parse_receipt(self, params: Mapping[str, str]) -> DeliveryReport | None:
         """The report carried by a receipt request's parameters, or ``None`` if it names no
@@ -85,7 +86,6 @@ class ClaimedMessage:
     message: Message
     verification: Verification | None
     service: Service | None
-    body: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,15 +151,18 @@ class VerificationStore(Protocol):
         ...
 
     async def create_verification(
-        self, verification: Verification, message: Message, *, supersede: str | None = None
+        self, verification: Verification, message: Message, *, body_masked: str,
+        supersede: str | None = None,
     ) -> bool:
         """In one transaction: cancel ``supersede`` if it is still pending, insert the
-        verification and its first outbox message. False (nothing written) when another
-        verification for the same (service, to) is pending already."""
+        verification and its first outbox message (kept with ``body_masked``, the text with
+        the code masked). False (nothing written) when another verification for the same
+        (service, to) is pending already."""
         ...
 
     async def record_resend(
-        self, verification_id: str, message: Message, *, now: datetime, interval_seconds: int
+        self, verification_id: str, message: Message, *, body_masked: str, now: datetime,
+        interval_seconds: int,
     ) -> Verification | None:
         """In one transaction, if the verification is pending, unexpired, below its send cap
         and its last send is at least ``interval_seconds`` old: count the send and queue
@@ -202,6 +205,11 @@ class VerificationStore(Protocol):
         self, verification_id: str, status: VerificationStatus, now: datetime
     ) -> bool:
         """Move a pending verification to a terminal ``status`` and erase its sealed code."""
+        ...
+
+    async def expire_due(self, now: datetime) -> int:
+        """Write ``expired`` on every pending verification past its time, erasing its sealed
+        code; returns how many."""
         ...
 
     async def destination_lock(
@@ -284,3 +292,9 @@ class Storage(AccountStore, ServiceStore, VerificationStore, MessageStore, Idemp
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class Metrics(Protocol):
+    """Counts events for monitoring. Labels are low-cardinality words, never codes or numbers."""
+
+    def count(self, event: str, **labels: str) -> None: ...

@@ -1,0 +1,1 @@
+"""Adapters: storage, providers and metrics behind the ports of ``otpgate.domain.ports``."""

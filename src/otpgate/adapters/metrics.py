@@ -1,0 +1,42 @@
+"""Prometheus metrics behind the ``Metrics`` port. Each container has its own registry, so
+several apps in one process (tests) never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "verification_started": ("Verifications created", ("channel",)),
+    "verification_resent": ("Codes sent again on a pending verification", ("channel",)),
+    "verification_failed": ("Verifications failed because every route failed", ()),
+    "check": ("Code checks by result", ("result",)),
+    "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
+    "message_sent": ("Messages accepted by a provider", ("provider",)),
+    "message_retry": ("Transient delivery errors scheduled for retry", ("provider",)),
+    "message_failed": ("Messages failed for good", ("provider",)),
+    "receipt": ("Delivery receipts applied", ("provider", "status")),
+}
+
+
+class PrometheusMetrics:
+    """Implements ``otpgate.domain.ports.Metrics``; unknown events are a programming error."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._counters = {
+            name: Counter(f"otpgate_{name}", doc, labels, registry=self.registry)
+            for name, (doc, labels) in _EVENTS.items()
+        }
+        self.request_seconds = Histogram(
+            "otpgate_http_request_seconds",
+            "HTTP request latency by route template and status class",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+
+    def count(self, event: str, **labels: str) -> None:
+        counter = self._counters[event]
+        (counter.labels(**labels) if labels else counter).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,315 @@
+"""LabsMobile as an SMS provider, through its SMS JSON API (``POST /json/send``).
+
+Wire format (``/work/shared/reference/labsmobile.md`` §2, LabsMobile JSON API 2.5.2):
+
+* HTTP Basic ``username:token``, ``Content-Type: application/json``, one JSON object::
+
+      {"recipient": [{"msisdn": "34600000000"}], "message": "...", "subid": "<20 hex>",
+       "tpoa": "Acme", "ackurl": "https://.../receipts/labsmobile?token=...",
+       "ucs2": "1", "long": "1"}
+
+  ``msisdn`` is the E.164 number without ``+``; ``subid`` is :func:`subid_for` of the message
+  id (LabsMobile echoes it in delivery reports, so it is the provider reference); ``tpoa`` and
+  ``ackurl`` are left out when otpgate has none (the account's default sender applies).
+* ``ucs2`` and ``long`` are presence flags. LabsMobile's docs describe them as "present with
+  value 1"; its official clients (``labsmobile/sms-php``, ``labsmobile/sms-node``) pass the
+  caller's value through unchanged and the community Go SDK (``fsandov/labsmobile-sdk-go``)
+  sends the integer ``1``. We send the string ``"1"``, like the rest of LabsMobile's JSON
+  examples, which quote every scalar. ``ucs2`` goes with ``encoding == "UCS-2"`` and ``long``
+  with more than one segment (both for a long Unicode message).
+* Answer ``{"code": "0", "message": "...", "subid": "..."}`` with ``code`` a *string* on
+  ``/json/send`` and an *integer* on ``/json/balance``; both spellings are accepted everywhere.
+
+Error translation (DESIGN.md habits 4 and 5): result codes 30 (error while sending) and 35 (no
+credit) are transient, every other non-zero code is permanent. HTTP 401/403 are transient (the
+route's credentials are wrong: fail over and alert rather than fail the message), HTTP 400 is
+permanent, 429, 5xx, any other unexpected status, timeouts and transport errors are transient.
+A 2xx answer that cannot be read is transient too: the worker may then send once more, which is
+better than losing a code. No exception or repr ever carries the message text or the token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import httpx
+
+from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
+from otpgate.domain.ports import DeliveryReport
+from otpgate.errors import (
+    ConfigurationError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+
+__all__ = ["DEFAULT_BASE_URL", "LabsMobileSender", "subid_for"]
+
+DEFAULT_BASE_URL: Final = "https://api.labsmobile.com"
+
+#: LabsMobile refuses a ``subid`` longer than this (result code 28).
+SUBID_MAX_LENGTH: Final = 20
+
+#: Value of the ``ucs2`` / ``long`` presence flags in the JSON body (see the module docstring).
+FLAG_ON: Final = "1"
+
+#: Result codes worth retrying later or on another route: 30 error while sending, 35 no credit.
+TRANSIENT_CODES: Final = frozenset({30, 35})
+
+_DELIVERED: Final = frozenset({"DELIVRD", "READ"})
+_UNDELIVERED: Final = frozenset({"UNDELIV", "REJECTD", "EXPIRED", "BLOCKED"})
+
+# Provider messages are short fixed phrases; cap them anyway before they reach an exception.
+_MAX_PROVIDER_MESSAGE: Final = 200
+# Any word of the SMS text with a digit in it (the code, most likely) is scrubbed from provider
+# messages before they are put in an exception, in case a provider ever echoes it.
+_TEXT_TOKEN: Final = re.compile(r"\w*\d\w*")
+
+
+def subid_for(message_id: str) -> str:
+    """The ``subid`` (provider reference) of a message: the first 20 characters after the
+    ``msg_`` prefix, i.e. 80 of the id's 128 random bits.
+
+    >>> subid_for("msg_0123456789abcdef0123456789abcdef")
+    '0123456789abcdef0123'
+    """
+    ref = message_id.removeprefix("msg_")[:SUBID_MAX_LENGTH]
+    if not ref:
+        raise ValueError("a message id needs characters after its 'msg_' prefix")
+    return ref
+
+
+class LabsMobileSender:
+    """``SmsSender`` and ``ReceiptParser`` for LabsMobile's SMS JSON API.
+
+    The sender owns (and ``aclose`` closes) its ``httpx.AsyncClient`` unless one is passed in;
+    ``timeout_seconds`` applies to every request either way. After ``aclose`` every request
+    raises ``TransientDeliveryError``.
+    """
+
+    name = "labsmobile"
+
+    def __init__(
+        self,
+        *,
+        username: str,
+        token: str,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout_seconds: float = 10.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not username:
+            raise ConfigurationError("labsmobile: username (the account e-mail) is required")
+        if not token:
+            raise ConfigurationError("labsmobile: token (an API token of the account) is required")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError("labsmobile: base_url must be an http(s) URL")
+        if timeout_seconds <= 0:
+            raise ConfigurationError("labsmobile: timeout_seconds must be positive")
+        self._username = username
+        # The token lives only inside the auth header builder; nothing here prints it.
+        self._auth = httpx.BasicAuth(username, token)
+        self._base_url = base_url.rstrip("/")
+        self._timeout = httpx.Timeout(timeout_seconds)
+        # Our own client is made on first use, so a sender built only to parse receipts (or
+        # never used) holds no connection pool.
+        self._client = client
+        self._owns_client = client is None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"LabsMobileSender(username={self._username!r}, base_url={self._base_url!r})"
+
+    async def __aenter__(self) -> LabsMobileSender:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------------------------------------
+    # SmsSender
+
+    async def send(self, sms: OutboundSms) -> SendReceipt:
+        """POST the message to ``/json/send``; the receipt's ``provider_ref`` is the ``subid``."""
+        subid = subid_for(sms.message_id)
+        response = await self._request("POST", "/json/send", body=self._payload(sms, subid))
+        payload = self._answer(response, text=sms.text)
+        self._raise_for_code(payload, text=sms.text)
+        return SendReceipt(provider_ref=subid)
+
+    async def aclose(self) -> None:
+        """Close the client this sender made; a client passed in stays open (its owner's)."""
+        self._closed = True
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+
+    # ----------------------------------------------------------------------------------------
+    # ReceiptParser
+
+    def parse_receipt(self, params: Mapping[str, str]) -> DeliveryReport | None:
+        """Translate the query parameters of LabsMobile's ACK request (``acklevel``, ``status``,
+        ``desc``, ``subid``, ``msisdn``, ``timestamp``). ``None`` without a ``subid``."""
+        subid = (params.get("subid") or "").strip()
+        if not subid:
+            return None
+        desc = (params.get("desc") or "").strip().upper() or None
+        # Without a description, an ``error`` acknowledgement still says the SMS did not arrive.
+        failed_without_desc = (
+            desc is None and (params.get("acklevel") or "").strip().lower() == "error"
+        )
+        status: MessageStatus | None
+        if desc in _DELIVERED:
+            status = MessageStatus.DELIVERED
+        elif desc in _UNDELIVERED or failed_without_desc:
+            status = MessageStatus.UNDELIVERED
+        else:  # UNKNOWN or a value we do not know: the message stays as it is
+            status = None
+        return DeliveryReport(provider_ref=subid, status=status, detail=desc)
+
+    # ----------------------------------------------------------------------------------------
+    # Account
+
+    async def balance(self) -> str:
+        """The account's remaining credits as LabsMobile writes them (``"123.45"``).
+
+        Raises the same ``DeliveryError`` subclasses as ``send`` for the same causes."""
+        response = await self._request("GET", "/json/balance")
+        payload = self._answer(response, text="")
+        self._raise_for_code(payload, text="")
+        credits = payload.get("credits")
+        if isinstance(credits, bool) or not isinstance(credits, str | int | float):
+            raise TransientDeliveryError("labsmobile: balance answer without credits")
+        return str(credits)
+
+    # ----------------------------------------------------------------------------------------
+    # Internals
+
+    @staticmethod
+    def _payload(sms: OutboundSms, subid: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "recipient": [{"msisdn": sms.to.removeprefix("+")}],
+            "message": sms.text,
+            "subid": subid,
+        }
+        if sms.sender_id is not None:
+            body["tpoa"] = sms.sender_id
+        if sms.receipt_url is not None:
+            body["ackurl"] = sms.receipt_url
+        if sms.encoding.upper().replace("-", "") == "UCS2":
+            body["ucs2"] = FLAG_ON
+        if sms.segments > 1:
+            body["long"] = FLAG_ON
+        return body
+
+    async def _request(
+        self, method: str, path: str, *, body: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        if self._closed:
+            raise TransientDeliveryError("labsmobile: the sender is closed")
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        try:
+            return await self._client.request(
+                method,
+                f"{self._base_url}{path}",
+                json=body,
+                auth=self._auth,
+                timeout=self._timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise TransientDeliveryError("labsmobile: no answer within the timeout") from exc
+        except httpx.TransportError as exc:
+            raise TransientDeliveryError(
+                f"labsmobile: transport error ({type(exc).__name__})"
+            ) from exc
+
+    def _answer(self, response: httpx.Response, *, text: str) -> dict[str, Any]:
+        """The JSON object of a 2xx answer; other statuses become delivery errors."""
+        status = response.status_code
+        if 200 <= status < 300:
+            payload = _json_object(response)
+            if payload is None:
+                raise TransientDeliveryError(f"labsmobile: unreadable answer (HTTP {status})")
+            return payload
+        if status in (401, 403):
+            raise TransientDeliveryError(
+                f"labsmobile: credentials refused (HTTP {status}); check username and token"
+            )
+        if status == 400:
+            payload = _json_object(response) or {}
+            code = _parse_code(payload.get("code"))
+            if code is not None:
+                raise PermanentDeliveryError(f"{_code_detail(code, payload, text)} (HTTP 400)")
+            raise PermanentDeliveryError("labsmobile: request refused (HTTP 400)")
+        if status == 429:
+            raise TransientDeliveryError(
+                "labsmobile: throttled (HTTP 429)", retry_after=_retry_after(response)
+            )
+        if status >= 500:
+            raise TransientDeliveryError(f"labsmobile: server error (HTTP {status})")
+        # 404, 405, 3xx...: the route is misconfigured (base_url), not this message.
+        raise TransientDeliveryError(f"labsmobile: unexpected answer (HTTP {status})")
+
+    @staticmethod
+    def _raise_for_code(payload: Mapping[str, Any], *, text: str) -> None:
+        code = _parse_code(payload.get("code"))
+        if code is None:
+            raise TransientDeliveryError("labsmobile: answer without a result code")
+        if code == 0:
+            return
+        detail = _code_detail(code, payload, text)
+        error: DeliveryError
+        if code in TRANSIENT_CODES:
+            error = TransientDeliveryError(detail)
+        else:
+            error = PermanentDeliveryError(detail)
+        raise error
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _parse_code(value: object) -> int | None:
+    """LabsMobile's result code: ``"0"`` on ``/json/send``, ``0`` on ``/json/balance``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.isdecimal():
+            return int(stripped)
+    return None
+
+
+def _code_detail(code: int, payload: Mapping[str, Any], text: str) -> str:
+    message = _provider_message(payload, text)
+    return f"labsmobile code {code}: {message}" if message else f"labsmobile code {code}"
+
+
+def _provider_message(payload: Mapping[str, Any], text: str) -> str:
+    """The provider's ``message``, shortened and with anything from the SMS text scrubbed."""
+    message = payload.get("message")
+    if not isinstance(message, str):
+        return ""
+    message = " ".join(message.split())[:_MAX_PROVIDER_MESSAGE]
+    if text:
+        if text in message:
+            message = message.replace(text, "[message text]")
+        for token in sorted(set(_TEXT_TOKEN.findall(text)), key=len, reverse=True):
+            if len(token) >= 4:
+                message = message.replace(token, "[redacted]")
+    return message
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.isdecimal() else None

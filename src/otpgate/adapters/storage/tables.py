@@ -1,0 +1,171 @@
+"""SQLAlchemy Core tables. The Alembic migrations create exactly these (a test compares them).
+
+No column ever holds a plain code: ``code_digest`` is an HMAC, ``code_sealed`` an AES-GCM
+ciphertext that is set to NULL when the verification leaves ``pending``, and messages keep
+only ``body_masked``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python, naive UTC in the database (SQLite keeps no zone)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # pragma: no cover - SQLite returns str only for raw SQL
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC)
+
+
+metadata = MetaData()
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("username", String(254), nullable=False, unique=True),
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+services = Table(
+    "services",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("policy", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=True),
+    Index("ix_services_account_created", "account_id", "created_at", "id"),
+)
+
+verifications = Table(
+    "verifications",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("service_id", String(36), ForeignKey("services.id"), nullable=False),
+    Column("to", String(320), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("code_digest", LargeBinary(32), nullable=False),
+    Column("code_sealed", LargeBinary, nullable=True),
+    Column("locale", String(16), nullable=False),
+    Column("context", JSON, nullable=True),
+    Column("metadata", JSON, nullable=False),
+    Column("check_attempts", Integer, nullable=False),
+    Column("max_check_attempts", Integer, nullable=False),
+    Column("send_attempts", Integer, nullable=False),
+    Column("max_send_attempts", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("last_sent_at", UTCDateTime, nullable=False),
+    Index("ix_verifications_account_created", "account_id", "created_at", "id"),
+    Index("ix_verifications_service_to_created", "service_id", "to", "created_at"),
+    # At most one pending verification per (service, destination): concurrent starts cannot
+    # create two live codes for one number.
+    Index(
+        "uq_verifications_pending",
+        "service_id",
+        "to",
+        unique=True,
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("verification_id", String(36), ForeignKey("verifications.id"), nullable=True),
+    Column("channel", String(16), nullable=False),
+    Column("to", String(320), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("locale", String(16), nullable=False),
+    Column("body_masked", Text, nullable=False),
+    Column("segments", Integer, nullable=False),
+    Column("encoding", String(8), nullable=False),
+    Column("provider", String(32), nullable=True),
+    Column("provider_ref", String(64), nullable=True),
+    Column("price", String(32), nullable=True),
+    Column("error", String(500), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_messages_verification", "verification_id"),
+    Index("ix_messages_provider_ref", "provider", "provider_ref"),
+    Index("ix_messages_due", "status", "next_attempt_at"),
+)
+
+destination_failures = Table(
+    "destination_failures",
+    metadata,
+    Column("service_id", String(36), primary_key=True),
+    Column("to", String(320), primary_key=True),
+    Column("consecutive_failures", Integer, nullable=False),
+    Column("locked_until", UTCDateTime, nullable=True),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("account_id", String(36), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("response_status", Integer, nullable=True),
+    Column("response_body", JSON, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,226 @@
+"""The one place that wires settings → adapters → services.
+
+:func:`build` reads nothing but the :class:`~otpgate.settings.Settings` it is given. A bad
+provider name or a missing credential fails here, at start-up, with a message naming the
+setting (DESIGN.md habit 3), never at the first send.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from otpgate.adapters.metrics import PrometheusMetrics
+from otpgate.adapters.providers.console import ConsoleSender
+from otpgate.adapters.providers.labsmobile import LabsMobileSender
+from otpgate.adapters.storage.engine import create_engine, is_sqlite
+from otpgate.adapters.storage.migrate import upgrade
+from otpgate.adapters.storage.sql import SqlStorage
+from otpgate.domain.codes import CodeVault
+from otpgate.domain.model import Channel
+from otpgate.domain.ports import ReceiptParser, SmsSender
+from otpgate.errors import ConfigurationError
+from otpgate.services.accounts import AccessService
+from otpgate.services.catalog import ServiceCatalog
+from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
+from otpgate.services.idempotency import Idempotency
+from otpgate.services.verification import LockoutPolicy, VerificationService
+from otpgate.settings import Environment, Settings
+
+log = logging.getLogger(__name__)
+
+DEV_KEY_FILE = "secret.key"
+MIN_SECRET_BYTES = 32
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Keys derived from the master secret; each purpose gets its own (HKDF-style labels)."""
+
+    digest: bytes
+    sealing: bytes
+    receipts: bytes
+
+    def __repr__(self) -> str:
+        return "Keys(<hidden>)"
+
+    def receipt_token(self, provider: str) -> str:
+        """The secret a provider's receipt URL carries (S20)."""
+        mac = hmac.new(self.receipts, provider.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def derive_keys(master: bytes) -> Keys:
+    def derive(label: str) -> bytes:
+        return hmac.new(master, f"otpgate/{label}/v1".encode(), hashlib.sha256).digest()
+
+    return Keys(digest=derive("code-digest"), sealing=derive("code-sealing"),
+                receipts=derive("receipt-token"))
+
+
+def load_master_secret(settings: Settings) -> bytes:
+    """The master secret from ``OTPGATE_SECRET_KEY``, ``OTPGATE_SECRET_KEY_FILE`` (mode 0600) or,
+    outside production only, a development key generated in the data directory (S17)."""
+    if settings.secret_key is not None:
+        secret = settings.secret_key.get_secret_value().encode()
+    elif settings.secret_key_file is not None:
+        secret = _read_key_file(settings.secret_key_file, "OTPGATE_SECRET_KEY_FILE")
+    elif settings.env is Environment.PRODUCTION:
+        raise ConfigurationError(
+            "OTPGATE_SECRET_KEY (or OTPGATE_SECRET_KEY_FILE) is required when "
+            "OTPGATE_ENV=production; development keys are refused in production"
+        )
+    else:
+        secret = _development_key(settings.data_dir / DEV_KEY_FILE)
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigurationError(f"the secret key must be at least {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+def _read_key_file(path: Path, setting: str) -> bytes:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigurationError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+    if stat.S_IMODE(mode) & 0o077:
+        raise ConfigurationError(f"{setting}: {path} must have mode 0600 (readable by owner)")
+    return path.read_bytes().strip()
+
+
+def _development_key(path: Path) -> bytes:
+    if path.exists():
+        return _read_key_file(path, "development key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(48))
+    log.warning("generated a development secret key at %s (never use it in production)", path)
+    return path.read_bytes().strip()
+
+
+def build_sender(settings: Settings) -> SmsSender:
+    """The SMS sender named by ``OTPGATE_SMS_PROVIDER``, with its options checked."""
+    name = settings.sms_provider
+    if name == "console":
+        if settings.env is Environment.PRODUCTION:
+            raise ConfigurationError(
+                "OTPGATE_SMS_PROVIDER=console only prints codes; choose a real provider "
+                "in production"
+            )
+        return ConsoleSender()
+    if name == "labsmobile":
+        if not settings.labsmobile_username or not settings.labsmobile_token.get_secret_value():
+            raise ConfigurationError(
+                "OTPGATE_SMS_PROVIDER=labsmobile needs OTPGATE_LABSMOBILE_USERNAME and "
+                "OTPGATE_LABSMOBILE_TOKEN"
+            )
+        return LabsMobileSender(
+            username=settings.labsmobile_username,
+            token=settings.labsmobile_token.get_secret_value(),
+            base_url=settings.labsmobile_url,
+            timeout_seconds=settings.provider_timeout_seconds,
+        )
+    raise ConfigurationError(
+        f"OTPGATE_SMS_PROVIDER={name!r} is not a provider (choose console or labsmobile)"
+    )
+
+
+@dataclass
+class Container:
+    """Everything a running otpgate needs, built once."""
+
+    settings: Settings
+    storage: SqlStorage
+    access: AccessService
+    catalog: ServiceCatalog
+    verifications: VerificationService
+    dispatcher: Dispatcher
+    receipts: ReceiptService
+    idempotency: Idempotency
+    metrics: PrometheusMetrics
+    keys: Keys
+    senders: dict[str, SmsSender]
+    receipt_parsers: dict[str, ReceiptParser] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.dispatcher.stop()
+        for sender in self.senders.values():
+            await sender.aclose()
+        await self.storage.aclose()
+
+
+def build(settings: Settings, *, sender: SmsSender | None = None,
+          clock: SystemClock | None = None) -> Container:
+    """Wire a container. ``sender`` replaces the configured one (tests pass a recording one)."""
+    clock = clock or SystemClock()
+    keys = derive_keys(load_master_secret(settings))
+    vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
+    url = settings.effective_database_url
+    engine = create_engine(url, schema=settings.database_schema,
+                           pool_size=settings.database_pool_size)
+    storage = SqlStorage(engine)
+    metrics = PrometheusMetrics()
+    chosen = sender or build_sender(settings)
+    senders: dict[str, SmsSender] = {chosen.name: chosen}
+    parsers: dict[str, ReceiptParser] = {
+        name: s for name, s in senders.items() if isinstance(s, ReceiptParser)
+    }
+    receipt_urls = {
+        name: f"{settings.public_url}/v1/receipts/{name}?token={keys.receipt_token(name)}"
+        for name in parsers
+    }
+    dispatcher = Dispatcher(
+        storage=storage,
+        senders=senders,
+        route=(chosen.name,),
+        vault=vault,
+        clock=clock,
+        metrics=metrics,
+        retry=RetryPolicy(max_attempts=settings.delivery_max_attempts,
+                          backoff_seconds=settings.delivery_backoff_seconds,
+                          lease_seconds=settings.delivery_lease_seconds),
+        receipt_urls=receipt_urls,
+    )
+    notify: Callable[[], None] = dispatcher.notify
+    verifications = VerificationService(
+        storage=storage, vault=vault, clock=clock, metrics=metrics,
+        channels_available=frozenset({Channel.SMS}),
+        lockout=LockoutPolicy(threshold=settings.lockout_threshold,
+                              seconds=settings.lockout_seconds),
+        on_queued=notify,
+    )
+    return Container(
+        settings=settings,
+        storage=storage,
+        access=AccessService(storage=storage, clock=clock),
+        catalog=ServiceCatalog(storage=storage, clock=clock),
+        verifications=verifications,
+        dispatcher=dispatcher,
+        receipts=ReceiptService(storage=storage, clock=clock, metrics=metrics),
+        idempotency=Idempotency(store=storage, clock=clock),
+        metrics=metrics,
+        keys=keys,
+        senders=senders,
+        receipt_parsers=parsers,
+    )
+
+
+async def prepare_database(settings: Settings) -> None:
+    """Upgrade the schema when the database is the embedded SQLite (``serve`` does this by
+    itself); PostgreSQL is upgraded explicitly with ``otpgate db upgrade``."""
+    if is_sqlite(settings.effective_database_url):
+        await upgrade(settings.effective_database_url, schema=settings.database_schema)

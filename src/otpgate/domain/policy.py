@@ -1,0 +1,262 @@
+"""Policy as functions of state and ``now``: service settings, expiry, resends, contexts.
+
+Every refusal is an ``otpgate.errors`` exception carrying its reason and, where waiting helps,
+``retry_after`` (DESIGN.md habit 7).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from otpgate.domain import sms
+from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
+from otpgate.domain.model import Channel, CodeType, ServicePolicy, Verification
+from otpgate.errors import InvalidRequest, MaxSendAttemptsReached, ResendTooSoon
+
+log = logging.getLogger(__name__)
+
+#: SECURITY.md S8 (NIST SP 800-63B rev 4): consecutive failures per (service, destination).
+LOCKOUT_THRESHOLD = 100
+
+_RANGES: dict[str, tuple[int, int]] = {
+    "code_length": (MIN_CODE_LENGTH, MAX_CODE_LENGTH),
+    "ttl_seconds": (60, 86_400),
+    "max_check_attempts": (1, 20),
+    "max_send_attempts": (1, 10),
+    "resend_interval_seconds": (0, 3_600),
+}
+_LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_URL = re.compile(r"^https?://[^\s/?#]+[^\s]*$")
+_METADATA_MAX_BYTES = 4_096
+
+POLICY_FIELDS = frozenset(
+    {
+        "name", "code_length", "code_type", "ttl_seconds", "max_check_attempts",
+        "max_send_attempts", "resend_interval_seconds", "channels", "allowed_countries",
+        "sender_id", "templates", "default_locale", "webotp_domain", "android_app_hash",
+        "webhook_url",
+    }
+)
+
+
+def build_policy(fields: Mapping[str, Any], base: ServicePolicy | None = None) -> ServicePolicy:
+    """A validated policy from API fields (all optional but ``name`` when ``base`` is None).
+
+    Raises ``InvalidRequest`` naming the first offending field. ``None`` for a field means its
+    default (for nullable fields: no value).
+    """
+    unknown = set(fields) - POLICY_FIELDS
+    if unknown:
+        raise InvalidRequest(f"unknown field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+    if base is None:
+        if not isinstance(fields.get("name"), str):
+            raise InvalidRequest("name is required", param="name")
+        base = ServicePolicy(name=fields["name"])
+    defaults = ServicePolicy(name=base.name)
+    changes = {
+        # null means "the default": no value for nullable fields, the documented one otherwise
+        key: getattr(defaults, key) if value is None and key != "name" else _field(key, value)
+        for key, value in fields.items()
+    }
+    policy = replace(base, **changes)
+    _check_templates(policy)
+    if policy.code_length < 6:
+        # NIST SP 800-63B wants at least six digits; allowed, but it must not pass unnoticed.
+        log.warning("service %r uses %d-character codes (fewer than 6)", policy.name,
+                    policy.code_length)
+    return policy
+
+
+def _field(key: str, value: Any) -> Any:  # one table of fields, checked in order
+    if key == "name":
+        if not isinstance(value, str) or not 1 <= len(value.strip()) <= sms.MAX_BRAND_LENGTH:
+            raise InvalidRequest(
+                f"name must be 1 to {sms.MAX_BRAND_LENGTH} characters", param="name"
+            )
+        return value.strip()
+    if key in _RANGES:
+        low, high = _RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InvalidRequest(f"{key} must be an integer from {low} to {high}", param=key)
+        return value
+    if key == "code_type":
+        try:
+            return CodeType(value)
+        except ValueError:
+            raise InvalidRequest("code_type must be numeric or alphanumeric",
+                                 param=key) from None
+    if key == "channels":
+        if not isinstance(value, list | tuple) or not value:
+            raise InvalidRequest("channels must be a non-empty list", param=key)
+        try:
+            channels = tuple(Channel(c) for c in value)
+        except ValueError:
+            raise InvalidRequest("channels may hold sms, voice and email", param=key) from None
+        if len(set(channels)) != len(channels):
+            raise InvalidRequest("channels must not repeat", param=key)
+        return channels
+    if key == "allowed_countries":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(c, str) and _COUNTRY.match(c.upper()) for c in value
+        ):
+            raise InvalidRequest(
+                "allowed_countries must be ISO 3166-1 alpha-2 codes or null", param=key
+            )
+        return tuple(sorted({c.upper() for c in value}))
+    if key == "sender_id":
+        return sms.validate_sender_id(_text(key, value))
+    if key == "templates":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise InvalidRequest("templates must map locales to template strings", param=key)
+        for locale in value:
+            if not _LOCALE.match(locale.removesuffix(".transaction")):
+                raise InvalidRequest(f"{locale!r} is not a locale such as en or es-MX",
+                                     param=key)
+        return dict(value)
+    if key == "default_locale":
+        if not isinstance(value, str) or not _LOCALE.match(value):
+            raise InvalidRequest("default_locale must be a locale such as en or es-MX",
+                                 param=key)
+        return value
+    if key == "webotp_domain":
+        return sms.validate_webotp_domain(_text(key, value))
+    if key == "android_app_hash":
+        return sms.validate_android_app_hash(_text(key, value))
+    if key == "webhook_url":
+        url = _text(key, value)
+        if not _URL.match(url) or len(url) > 2_048:
+            raise InvalidRequest("webhook_url must be an http(s) URL", param=key)
+        return url
+    raise InvalidRequest(f"unknown field {key!r}", param=key)  # pragma: no cover
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string or null", param=key)
+    return value
+
+
+def _check_templates(policy: ServicePolicy) -> None:
+    """Every template the service may use must fit one SMS segment with the longest values."""
+    longest = dict(
+        brand=policy.name,
+        code_length=policy.code_length,
+        max_minutes=max(1, policy.ttl_seconds // 60),
+        webotp_domain=policy.webotp_domain,
+        android_app_hash=policy.android_app_hash,
+    )
+    for locale, template in policy.templates.items():
+        sms.validate_template(template, **longest)
+        if locale.endswith(".transaction") and not all(
+            "{" + key + "}" in template for key in sms.CONTEXT_KEYS
+        ):
+            raise InvalidRequest(
+                f"templates[{locale!r}] must show {{amount}} and {{payee}}: the user must see"
+                " what the code confirms",
+                param="templates",
+            )
+    # The built-ins are checked too: a long brand can push them past one segment.
+    for locale_templates in sms.BUILTIN_TEMPLATES.values():
+        for template in locale_templates.values():
+            sms.validate_template(template, param="name", **longest)
+
+
+def expires_at(policy: ServicePolicy, now: datetime) -> datetime:
+    return now + timedelta(seconds=policy.ttl_seconds)
+
+
+def minutes_of(policy: ServicePolicy) -> int:
+    """Validity in whole minutes for the ``{minutes}`` placeholder (never shown as 0)."""
+    return max(1, round(policy.ttl_seconds / 60))
+
+
+def refuse_resend(verification: Verification, *, interval_seconds: int, now: datetime) -> None:
+    """Raise why a pending verification may not be sent again now; return if it may.
+
+    When both limits refuse, ``max_send_attempts_reached`` wins (API.md §4.1).
+    """
+    if verification.send_attempts >= verification.max_send_attempts:
+        raise MaxSendAttemptsReached(
+            f"this verification has used all {verification.max_send_attempts} sends"
+        )
+    ready_at = verification.last_sent_at + timedelta(seconds=interval_seconds)
+    if now < ready_at:
+        raise ResendTooSoon(
+            "wait before sending the code again",
+            retry_after=(ready_at - now).total_seconds(),
+        )
+
+
+def validate_context(context: Any) -> dict[str, str] | None:
+    """A transaction context: an object of ``amount`` and/or ``payee`` strings, each at most
+    ``sms.CONTEXT_VALUE_MAX_LENGTH`` characters, or None."""
+    if context is None:
+        return None
+    if not isinstance(context, dict) or not context:
+        raise InvalidRequest("context must be a non-empty object or null", param="context")
+    for key, value in context.items():
+        if key not in sms.CONTEXT_KEYS:
+            raise InvalidRequest(
+                f"context keys are {', '.join(sms.CONTEXT_KEYS)}; {key!r} is not one",
+                param=f"context.{key}",
+            )
+        if not isinstance(value, str) or not 1 <= len(value) <= sms.CONTEXT_VALUE_MAX_LENGTH:
+            raise InvalidRequest(
+                f"context.{key} must be a string of 1 to {sms.CONTEXT_VALUE_MAX_LENGTH}"
+                " characters",
+                param=f"context.{key}",
+            )
+    return {str(k): str(v) for k, v in context.items()}
+
+
+def validate_metadata(metadata: Any, encoded_size: int) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be an object", param="metadata")
+    if encoded_size > _METADATA_MAX_BYTES:
+        raise InvalidRequest(f"metadata must be at most {_METADATA_MAX_BYTES} bytes as JSON",
+                             param="metadata")
+    return metadata
+
+
+def validate_locale(locale: Any) -> str | None:
+    if locale is None:
+        return None
+    if not isinstance(locale, str) or not _LOCALE.match(locale):
+        raise InvalidRequest("locale must be a locale such as en or es-MX", param="locale")
+    return locale
+
+
+def compose_sms(
+    policy: ServicePolicy, *, code: str, locale: str, context: Mapping[str, str] | None
+) -> str:
+    """The text of a code message for this service, locale and (optional) transaction context."""
+    template = sms.select_template(
+        overrides=policy.templates,
+        locale=locale,
+        default_locale=policy.default_locale,
+        with_context=bool(context),
+    )
+    return sms.render_message(
+        template,
+        brand=policy.name,
+        code=code,
+        minutes=minutes_of(policy),
+        context=context,
+        webotp_domain=policy.webotp_domain,
+        android_app_hash=policy.android_app_hash,
+    )
+
+
+def mask_code(text: str, code: str) -> str:
+    """The text with every occurrence of the code replaced by asterisks, for storage."""
+    return text.replace(code, "*" * len(code))

@@ -1,0 +1,56 @@
+"""Services: the per-application policy that every verification follows (API.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from otpgate.domain import policy as rules
+from otpgate.domain.model import Principal, Service, new_id
+from otpgate.domain.ports import Clock, Page, Storage
+from otpgate.errors import InvalidRequest, NotFound
+
+
+class ServiceCatalog:
+    def __init__(self, *, storage: Storage, clock: Clock) -> None:
+        self._storage = storage
+        self._clock = clock
+
+    async def create(self, principal: Principal, fields: Mapping[str, Any]) -> Service:
+        policy = rules.build_policy(fields)
+        now = self._clock.now()
+        service = Service(id=new_id("svc"), account_id=principal.account.id, policy=policy,
+                          created_at=now, updated_at=now)
+        await self._storage.create_service(service)
+        return service
+
+    async def get(self, principal: Principal, service_id: str) -> Service:
+        service = await self._storage.get_service(principal.account.id, service_id)
+        if service is None:
+            raise NotFound("no such service")
+        return service
+
+    async def list(
+        self, principal: Principal, *, limit: int, cursor: str | None
+    ) -> Page[Service]:
+        return await self._storage.list_services(principal.account.id, limit=limit,
+                                                 cursor=cursor)
+
+    async def update(
+        self, principal: Principal, service_id: str, fields: Mapping[str, Any]
+    ) -> Service:
+        current = await self.get(principal, service_id)
+        if "name" in fields and fields["name"] is None:
+            raise InvalidRequest("name cannot be null", param="name")
+        policy = rules.build_policy(fields, base=current.policy)
+        updated = await self._storage.update_service(principal.account.id, service_id, policy,
+                                                     self._clock.now())
+        if updated is None:
+            raise NotFound("no such service")
+        return updated
+
+    async def delete(self, principal: Principal, service_id: str) -> None:
+        """Delete the service; its pending verifications are canceled with it."""
+        if not await self._storage.delete_service(principal.account.id, service_id,
+                                                  self._clock.now()):
+            raise NotFound("no such service")

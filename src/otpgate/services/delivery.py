@@ -1,0 +1,241 @@
+"""Delivery: the dispatcher that drains the outbox, and delivery receipts.
+
+A request never waits for a provider. It commits the verification and its outbox row in one
+transaction and calls :meth:`Dispatcher.notify`; the dispatcher claims due rows with a lease,
+renders each text from the sealed code and hands it to the route's sender. If the process dies
+between claim and answer, the lease lapses and another dispatcher sends the row again: at most
+once more, with the same code, because the code lives with the verification, not the message
+(S22). Transient errors are retried with exponential backoff; permanent ones fail the message
+at once (S23, DESIGN.md habit 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from otpgate.domain import policy as rules
+from otpgate.domain import sms
+from otpgate.domain.codes import CodeVault
+from otpgate.domain.model import OutboundSms, VerificationStatus
+from otpgate.domain.phone import mask
+from otpgate.domain.ports import ClaimedMessage, Clock, DeliveryReport, Metrics, SmsSender, Storage
+from otpgate.errors import (
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_seconds: float = 2.0
+    lease_seconds: int = 30
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with up to 25 % jitter, so retries of a burst spread out."""
+        base = self.backoff_seconds * (2 ** max(0, attempt - 1))
+        return base * (1 + secrets.randbelow(250) / 1000)
+
+
+class Dispatcher:
+    """Claims due outbox rows and sends them, up to ``concurrency`` at a time."""
+
+    #: Pending verifications past their expiry are written ``expired`` this often (S2).
+    HOUSEKEEPING_SECONDS = 30.0
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        senders: Mapping[str, SmsSender],
+        route: tuple[str, ...],
+        vault: CodeVault,
+        clock: Clock,
+        metrics: Metrics,
+        retry: RetryPolicy,
+        receipt_urls: Mapping[str, str],
+        concurrency: int = 64,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        if not route or any(name not in senders for name in route):
+            raise ValueError("every provider of the route needs a sender")
+        self._storage = storage
+        self._senders = senders
+        self._route = route
+        self._vault = vault
+        self._clock = clock
+        self._metrics = metrics
+        self._retry = retry
+        self._receipt_urls = receipt_urls
+        self._concurrency = concurrency
+        self._poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._last_housekeeping = 0.0
+
+    def notify(self) -> None:
+        """Something was queued: look now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self.run_forever(), name="otpgate-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop claiming and wait for the sends in flight to finish."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - self._last_housekeeping >= self.HOUSEKEEPING_SECONDS:
+                    self._last_housekeeping = loop.time()
+                    await self._storage.expire_due(self._clock.now())
+                self._wake.clear()
+                if await self.dispatch_due() == 0 or len(self._inflight) >= self._concurrency:
+                    await self._sleep()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable:
+                log.warning("storage unavailable; dispatcher retries shortly")
+                await asyncio.sleep(self._poll_seconds)
+            except Exception:  # the loop must outlive any one bad row
+                log.exception("dispatcher loop error")
+                await asyncio.sleep(self._poll_seconds)
+
+    async def _sleep(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
+
+    async def dispatch_due(self) -> int:
+        """Claim what is due (within the free concurrency) and start sending it; returns how
+        many were claimed."""
+        free = self._concurrency - len(self._inflight)
+        if free <= 0:
+            return 0
+        claimed = await self._storage.claim_due(
+            now=self._clock.now(), lease_seconds=self._retry.lease_seconds, limit=free
+        )
+        for item in claimed:
+            task = asyncio.create_task(self.deliver(item))
+            self._inflight.add(task)
+            task.add_done_callback(self._finished)
+        return len(claimed)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()  # capacity is free again
+
+    async def drain(self) -> None:
+        """Send everything due now and wait for it (for tests and the one-shot worker)."""
+        while await self.dispatch_due() or self._inflight:
+            if self._inflight:
+                await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def deliver(self, item: ClaimedMessage) -> None:
+        """Send one claimed message and record the outcome. Never raises."""
+        message, verification, service = item.message, item.verification, item.service
+        now = self._clock.now()
+        provider = self._route[0]
+        try:
+            if verification is None or service is None or verification.code_sealed is None:
+                await self._storage.mark_failed(message.id, provider=None, now=now,
+                                                error="verification closed before sending")
+                return
+            if verification.status_at(now) is VerificationStatus.EXPIRED:
+                await self._storage.close(verification.id, VerificationStatus.EXPIRED, now)
+                await self._storage.mark_failed(message.id, provider=None, now=now,
+                                                error="verification expired before sending")
+                return
+            code = self._vault.unseal(verification.id, verification.code_sealed)
+            text = rules.compose_sms(service.policy, code=code, locale=message.locale,
+                                     context=verification.context)
+            shape = sms.measure(text)
+            outbound = OutboundSms(
+                message_id=message.id,
+                to=message.to,
+                text=text,
+                sender_id=service.policy.sender_id,
+                encoding=shape.encoding,
+                segments=shape.segments,
+                receipt_url=self._receipt_urls.get(provider),
+            )
+            sender = self._senders[provider]
+            try:
+                receipt = await sender.send(outbound)
+            except PermanentDeliveryError as exc:
+                await self._fail(item, provider, str(exc))
+            except TransientDeliveryError as exc:
+                await self._retry_or_fail(item, provider, str(exc))
+            except Exception as exc:  # an adapter bug must not lose the message: retry it
+                log.exception("sender %s raised an unexpected error", provider)
+                await self._retry_or_fail(item, provider, f"unexpected: {type(exc).__name__}")
+            else:
+                await self._storage.mark_sent(message.id, provider=provider, receipt=receipt,
+                                              now=self._clock.now())
+                self._metrics.count("message_sent", provider=provider)
+                log.info("message sent", extra={"message_id": message.id,
+                                                "to": mask(message.to), "provider": provider})
+        except Unavailable:
+            # The lease lapses and the row is claimed again once storage is back.
+            log.warning("storage unavailable while delivering", extra={"message_id": message.id})
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly", message.id)
+
+    async def _retry_or_fail(self, item: ClaimedMessage, provider: str, error: str) -> None:
+        attempt = item.message.attempts  # the claim already counted this attempt
+        if attempt >= self._retry.max_attempts:
+            await self._fail(item, provider, f"gave up after {attempt} attempts: {error}")
+            return
+        now = self._clock.now()
+        retry_at = now + timedelta(seconds=self._retry.delay(attempt))
+        await self._storage.mark_retry(item.message.id, provider=provider, error=error,
+                                       next_attempt_at=retry_at, now=now)
+        self._metrics.count("message_retry", provider=provider)
+        log.warning("transient delivery error; will retry",
+                    extra={"message_id": item.message.id, "provider": provider,
+                           "error": error, "attempt": attempt})
+
+    async def _fail(self, item: ClaimedMessage, provider: str, error: str) -> None:
+        failed = await self._storage.mark_failed(item.message.id, provider=provider,
+                                                 error=error, now=self._clock.now())
+        self._metrics.count("message_failed", provider=provider)
+        log.warning("message failed", extra={"message_id": item.message.id,
+                                             "provider": provider, "error": error})
+        if failed is not None:
+            self._metrics.count("verification_failed")
+
+
+class ReceiptService:
+    """Applies authenticated delivery reports to messages (API.md §6)."""
+
+    def __init__(self, *, storage: Storage, clock: Clock, metrics: Metrics) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._metrics = metrics
+
+    async def record(self, provider: str, report: DeliveryReport | None) -> bool:
+        """True when the report named a known message; unknown ones are ignored."""
+        if report is None:
+            return False
+        known = await self._storage.apply_report(provider, report, self._clock.now())
+        if known and report.status is not None:
+            self._metrics.count("receipt", provider=provider, status=report.status.value)
+        return known

@@ -1,0 +1,453 @@
+"""Verification use cases: start (or resend), check, cancel, read and list (API.md §4).
+
+Each flow reads as a checklist; the order matters and the comments say why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from otpgate.domain import policy as rules
+from otpgate.domain import sms
+from otpgate.domain.codes import (
+    MAX_PRESENTED_CODE_LENGTH,
+    CodeVault,
+    generate_code,
+    normalize_code,
+    validate_custom_code,
+)
+from otpgate.domain.model import (
+    Channel,
+    CheckResult,
+    CodeType,
+    Message,
+    MessageStatus,
+    Principal,
+    Service,
+    Verification,
+    VerificationStatus,
+    new_id,
+)
+from otpgate.domain.phone import (
+    mask,
+    parse_phone,
+    require_allowed_country,
+    require_sms_capable,
+)
+from otpgate.domain.ports import Clock, Metrics, Page, Storage
+from otpgate.errors import (
+    ChannelNotAllowed,
+    DestinationBlocked,
+    InvalidRequest,
+    MaxSendAttemptsReached,
+    NotFound,
+    ResendTooSoon,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    service_id: str
+    to: str
+    channel: str | None = None
+    locale: str | None = None
+    custom_code: str | None = None
+    context: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None
+    country: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LockoutPolicy:
+    """S8: ``threshold`` consecutive failed checks lock a destination for ``seconds``."""
+
+    threshold: int = rules.LOCKOUT_THRESHOLD
+    seconds: int = 86_400
+
+
+class VerificationService:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        vault: CodeVault,
+        clock: Clock,
+        metrics: Metrics,
+        channels_available: frozenset[Channel],
+        lockout: LockoutPolicy,
+        on_queued: Callable[[], None],
+    ) -> None:
+        self._storage = storage
+        self._vault = vault
+        self._clock = clock
+        self._metrics = metrics
+        self._channels_available = channels_available
+        self._lockout = lockout
+        self._on_queued = on_queued
+
+    # --- start and resend --------------------------------------------------------------------
+
+    async def start(self, principal: Principal, request: StartRequest) -> tuple[Verification, bool]:
+        """Create a verification and queue its code, or send a pending one's code again.
+
+        Returns ``(verification, created)``. Everything that can refuse the request is checked
+        before anything is stored or queued, so a refusal leaves no trace and costs nothing.
+        """
+        service = await self._service(principal, request.service_id)
+        policy = service.policy
+        channel = self._channel(service, request.channel)
+        # 1. Destination: valid, assigned, of a type that receives SMS, in an allowed country.
+        destination = parse_phone(request.to, request.country)
+        require_sms_capable(destination)
+        require_allowed_country(destination, policy.allowed_countries)
+        # 2. Request fields, validated before any write.
+        locale = rules.validate_locale(request.locale) or policy.default_locale
+        context = rules.validate_context(request.context)
+        metadata = rules.validate_metadata(
+            request.metadata, len(json.dumps(request.metadata or {}))
+        )
+        custom_code = (
+            None if request.custom_code is None
+            else validate_custom_code(request.custom_code, length=policy.code_length,
+                                      code_type=policy.code_type)
+        )
+        now = self._clock.now()
+        # 3. Lockout after too many consecutive failures (S8): neither a resend nor a new
+        #    verification may restart the guessing.
+        await self._refuse_if_locked(service.id, destination.e164)
+        # 4. A pending verification for this destination: send its code again, unless the
+        #    caller binds a different code or context, which supersedes it.
+        pending = await self._storage.expire_and_find_pending(service.id, destination.e164, now)
+        if pending is not None and custom_code is None and pending.context == context:
+            return await self._resend(service, pending, channel), False
+        verification, message, body_masked = self._new(
+            service, principal, destination.e164, channel, locale, context, metadata,
+            custom_code,
+        )
+        created = await self._storage.create_verification(
+            verification, message, body_masked=body_masked,
+            supersede=None if pending is None else pending.id,
+        )
+        if not created:
+            # A concurrent start won the race for this destination; ours becomes a resend.
+            pending = await self._storage.expire_and_find_pending(
+                service.id, destination.e164, now
+            )
+            if pending is None:
+                raise ResendTooSoon("another start for this destination is in progress",
+                                    retry_after=1)
+            return await self._resend(service, pending, channel), False
+        self._on_queued()
+        self._metrics.count("verification_started", channel=channel.value)
+        log.info("verification started", extra={"verification_id": verification.id,
+                                                 "to": mask(destination.e164)})
+        return verification, True
+
+    async def resend(
+        self, principal: Principal, verification_id: str, channel: str | None = None
+    ) -> Verification:
+        """Send the same code again on a pending verification (API.md §4.2)."""
+        verification = await self._verification(principal, verification_id)
+        service = await self._service(principal, verification.service_id)
+        chosen = self._channel(service, channel or verification.channel.value)
+        if verification.status_at(self._clock.now()) is not VerificationStatus.PENDING:
+            raise InvalidRequest(
+                f"verification is {verification.status_at(self._clock.now()).value}; "
+                "only a pending verification can be sent again",
+                param="id",
+            )
+        await self._refuse_if_locked(service.id, verification.to)
+        return await self._resend(service, verification, chosen)
+
+    async def _resend(
+        self, service: Service, verification: Verification, channel: Channel
+    ) -> Verification:
+        now = self._clock.now()
+        rules.refuse_resend(
+            verification, interval_seconds=service.policy.resend_interval_seconds, now=now
+        )
+        if verification.code_sealed is None:  # pragma: no cover - pending rows always have it
+            raise InvalidRequest("verification can no longer be sent", param="id")
+        code = self._vault.unseal(verification.id, verification.code_sealed)
+        message, body_masked = self._message(
+            service, verification.account_id, verification.id, verification.to, channel,
+            verification.locale, code, verification.context,
+        )
+        updated = await self._storage.record_resend(
+            verification.id, message, body_masked=body_masked, now=now,
+            interval_seconds=service.policy.resend_interval_seconds,
+        )
+        if updated is None:
+            # Another request changed it between our read and our write: re-read and explain.
+            current = await self._storage.get_verification(
+                verification.account_id, verification.id
+            )
+            if current is not None and current.status_at(now) is VerificationStatus.PENDING:
+                rules.refuse_resend(
+                    current, interval_seconds=service.policy.resend_interval_seconds, now=now
+                )
+            raise MaxSendAttemptsReached("this verification can no longer be sent")
+        self._on_queued()
+        self._metrics.count("verification_resent", channel=channel.value)
+        return updated
+
+    def _new(
+        self,
+        service: Service,
+        principal: Principal,
+        to: str,
+        channel: Channel,
+        locale: str,
+        context: dict[str, str] | None,
+        metadata: dict[str, Any],
+        custom_code: str | None,
+    ) -> tuple[Verification, Message, str]:
+        policy = service.policy
+        now = self._clock.now()
+        verification_id = new_id("ver")
+        code = custom_code or generate_code(policy.code_length, policy.code_type)
+        message, body_masked = self._message(
+            service, principal.account.id, verification_id, to, channel, locale, code, context
+        )
+        verification = Verification(
+            id=verification_id,
+            account_id=principal.account.id,
+            service_id=service.id,
+            to=to,
+            channel=channel,
+            status=VerificationStatus.PENDING,
+            code_digest=self._vault.digest(verification_id, code, context),
+            code_sealed=self._vault.seal(verification_id, code),
+            locale=locale,
+            created_at=now,
+            updated_at=now,
+            expires_at=rules.expires_at(policy, now),
+            last_sent_at=now,
+            check_attempts=0,
+            max_check_attempts=policy.max_check_attempts,
+            send_attempts=1,
+            max_send_attempts=policy.max_send_attempts,
+            context=context,
+            metadata=metadata,
+            messages=(message,),
+        )
+        return verification, message, body_masked
+
+    def _message(
+        self,
+        service: Service,
+        account_id: str,
+        verification_id: str,
+        to: str,
+        channel: Channel,
+        locale: str,
+        code: str,
+        context: Mapping[str, str] | None,
+    ) -> tuple[Message, str]:
+        """The outbox row for one send, with the text measured now (segments and encoding are
+        part of the answer) and kept only with the code masked."""
+        text = rules.compose_sms(service.policy, code=code, locale=locale, context=context)
+        shape = sms.measure(text)
+        now = self._clock.now()
+        message = Message(
+            id=new_id("msg"),
+            account_id=account_id,
+            verification_id=verification_id,
+            channel=channel,
+            to=to,
+            status=MessageStatus.QUEUED,
+            locale=locale,
+            segments=shape.segments,
+            encoding=shape.encoding,
+            created_at=now,
+            updated_at=now,
+        )
+        return message, rules.mask_code(text, code)
+
+    # --- check ------------------------------------------------------------------------------
+
+    async def check(
+        self,
+        principal: Principal,
+        verification_id: str,
+        code: Any,
+        context: Any = None,
+    ) -> CheckResult:
+        """Check a code (API.md §4.3). A wrong code is an answer, not an error."""
+        presented = self._presented(code)
+        verification = await self._verification(principal, verification_id)
+        return await self._check(verification, presented, rules.validate_context(context))
+
+    async def check_destination(
+        self,
+        principal: Principal,
+        *,
+        service_id: str,
+        to: str,
+        code: Any,
+        context: Any = None,
+        country: str | None = None,
+    ) -> CheckResult:
+        """Check against the most recent verification of ``to`` in the service."""
+        presented = self._presented(code)
+        checked_context = rules.validate_context(context)
+        service = await self._service(principal, service_id)
+        destination = parse_phone(to, country)
+        verification = await self._storage.latest_verification(
+            principal.account.id, service.id, destination.e164
+        )
+        if verification is None:
+            raise NotFound("no verification for this destination in this service")
+        return await self._check(verification, presented, checked_context)
+
+    @staticmethod
+    def _presented(code: Any) -> str:
+        if not isinstance(code, str) or not code.strip():
+            raise InvalidRequest("code must be a non-empty string", param="code")
+        if len(code) > MAX_PRESENTED_CODE_LENGTH:
+            raise InvalidRequest(
+                f"code must be at most {MAX_PRESENTED_CODE_LENGTH} characters", param="code"
+            )
+        return code
+
+    async def _check(
+        self, verification: Verification, presented: str, context: dict[str, str] | None
+    ) -> CheckResult:
+        now = self._clock.now()
+        # 1. Closed verifications answer with their status and never look at the code, so a
+        #    closed verification tells a right code from a wrong one in no way.
+        status = verification.status_at(now)
+        if status is not VerificationStatus.PENDING:
+            self._metrics.count("check", result="closed")
+            return self._result(verification, status, valid=False)
+        # 2. A locked destination (S8) gets no more guesses, for this or any verification.
+        if await self._storage.destination_lock(verification.service_id, verification.to, now):
+            self._metrics.count("check", result="locked")
+            return self._result(verification, status, valid=False)
+        # 3. Constant-time comparison of keyed digests; the context is part of the digest,
+        #    so a code shown for another amount or payee does not match (S5).
+        # Upper-casing is harmless for numeric codes, so no service lookup is needed here.
+        normalized = normalize_code(presented, CodeType.ALPHANUMERIC)
+        if self._vault.matches(verification.code_digest, verification.id, normalized, context):
+            # 4. Exactly one concurrent check can move pending → approved (S4).
+            if await self._storage.approve(verification.id, now):
+                await self._storage.reset_destination_failures(
+                    verification.service_id, verification.to
+                )
+                self._metrics.count("check", result="approved")
+                log.info("verification approved", extra={"verification_id": verification.id})
+                return CheckResult(verification.id, VerificationStatus.APPROVED, True,
+                                   verification.remaining_attempts)
+            return await self._reread(verification, now)
+        # 5. A wrong code is counted atomically; the cap holds under any concurrency (S7).
+        attempts = await self._storage.record_failed_check(verification.id, now)
+        if attempts is None:
+            return await self._reread(verification, now)
+        failures = await self._storage.record_destination_failure(
+            verification.service_id, verification.to, now=now,
+            threshold=self._lockout.threshold, lock_seconds=self._lockout.seconds,
+        )
+        if failures >= self._lockout.threshold:
+            log.warning("destination locked after consecutive failures",
+                        extra={"service_id": verification.service_id,
+                               "to": mask(verification.to)})
+            self._metrics.count("destination_locked")
+        remaining = max(0, verification.max_check_attempts - attempts)
+        new_status = (VerificationStatus.PENDING if remaining
+                      else VerificationStatus.MAX_ATTEMPTS_REACHED)
+        self._metrics.count("check", result="wrong")
+        return CheckResult(verification.id, new_status, False, remaining)
+
+    async def _reread(self, verification: Verification, now: Any) -> CheckResult:
+        """Someone else closed the verification between our read and our write."""
+        current = await self._storage.get_verification(verification.account_id, verification.id)
+        assert current is not None  # verifications are never deleted
+        self._metrics.count("check", result="closed")
+        return self._result(current, current.status_at(now), valid=False)
+
+    @staticmethod
+    def _result(v: Verification, status: VerificationStatus, *, valid: bool) -> CheckResult:
+        return CheckResult(v.id, status, valid, v.remaining_attempts)
+
+    # --- cancel, read, list -----------------------------------------------------------------
+
+    async def cancel(self, principal: Principal, verification_id: str) -> Verification:
+        """Cancel a pending verification; a closed one is returned unchanged."""
+        verification = await self._verification(principal, verification_id)
+        now = self._clock.now()
+        if verification.status_at(now) is VerificationStatus.PENDING:
+            await self._storage.close(verification.id, VerificationStatus.CANCELED, now)
+        return await self._verification(principal, verification_id)
+
+    async def get(self, principal: Principal, verification_id: str) -> Verification:
+        return await self._verification(principal, verification_id)
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        service_id: str | None,
+        status: str | None,
+        to: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[Verification]:
+        try:
+            wanted = None if status is None else VerificationStatus(status)
+        except ValueError:
+            raise InvalidRequest("unknown status", param="status") from None
+        e164 = None if to is None else parse_phone(to).e164
+        return await self._storage.list_verifications(
+            principal.account.id, service_id=service_id, status=wanted, to=e164,
+            limit=limit, cursor=cursor, now=self._clock.now(),
+        )
+
+    def now(self) -> Any:
+        return self._clock.now()
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _service(self, principal: Principal, service_id: str) -> Service:
+        service = await self._storage.get_service(principal.account.id, service_id)
+        if service is None:
+            raise NotFound("no such service", param="service_id")
+        return service
+
+    async def _verification(self, principal: Principal, verification_id: str) -> Verification:
+        verification = await self._storage.get_verification(principal.account.id,
+                                                            verification_id)
+        if verification is None:
+            raise NotFound("no such verification")
+        return verification
+
+    def _channel(self, service: Service, requested: str | None) -> Channel:
+        if requested is None:
+            channel = service.policy.channels[0]
+        else:
+            try:
+                channel = Channel(requested)
+            except ValueError:
+                raise InvalidRequest("channel must be sms, voice or email",
+                                     param="channel") from None
+        if channel not in service.policy.channels:
+            raise ChannelNotAllowed(f"channel {channel.value} is not enabled for this service",
+                                    param="channel")
+        if channel not in self._channels_available:
+            raise ChannelNotAllowed(
+                f"no {channel.value} provider is configured on this server", param="channel"
+            )
+        return channel
+
+    async def _refuse_if_locked(self, service_id: str, to: str) -> None:
+        locked_until = await self._storage.destination_lock(service_id, to, self._clock.now())
+        if locked_until is not None:
+            raise DestinationBlocked(
+                "too many failed checks for this destination; it is locked for a while",
+                retry_after=(locked_until - self._clock.now()).total_seconds(),
+            )

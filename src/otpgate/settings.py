@@ -1,0 +1,73 @@
+"""Typed settings, read once from the environment (prefix ``OTPGATE_``) at start-up.
+
+Nothing else in otpgate reads ``os.environ``: the entrypoints build one :class:`Settings` and
+hand it to :func:`otpgate.bootstrap.build`. Secrets are ``SecretStr`` so they never show in
+reprs or logs. ``docs/configuration.md`` lists every setting.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(enum.StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OTPGATE_", extra="ignore", frozen=True)
+
+    env: Environment = Environment.DEVELOPMENT
+    data_dir: Path = Path("var")
+    #: ``sqlite:///var/otpgate.db`` or ``postgresql://user@host:5432/db``; the async driver is
+    #: chosen by otpgate. Empty means SQLite at ``{data_dir}/otpgate.db``.
+    database_url: str = ""
+    #: PostgreSQL schema to use (``search_path``); empty for the server's default.
+    database_schema: str = ""
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    #: Master secret (at least 32 bytes of entropy, e.g. ``openssl rand -base64 48``); the
+    #: HMAC, encryption and receipt-token keys are derived from it. Required in production.
+    secret_key: SecretStr | None = None
+    #: Alternatively a file holding the secret, which must have mode 0600.
+    secret_key_file: Path | None = None
+
+    public_url: str = "http://127.0.0.1:8000"
+    sms_provider: str = "console"
+    labsmobile_username: str = ""
+    labsmobile_token: SecretStr = SecretStr("")
+    labsmobile_url: str = "https://api.labsmobile.com"
+    provider_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    #: Delivery: attempts per message before it fails for good, and the first backoff step.
+    delivery_max_attempts: int = Field(default=5, ge=1, le=20)
+    delivery_backoff_seconds: float = Field(default=2.0, gt=0, le=3600)
+    #: How long a dispatcher holds a claimed message before another may take it (S22).
+    delivery_lease_seconds: int = Field(default=30, ge=1, le=3600)
+    #: Run the delivery dispatcher inside the API process (the embedded default).
+    embedded_worker: bool = True
+
+    #: S8: after this many consecutive failed checks the destination is locked for the service.
+    lockout_threshold: int = Field(default=100, ge=1, le=10_000)
+    lockout_seconds: int = Field(default=86_400, ge=60)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("public_url", "labsmobile_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "otpgate.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path}"

@@ -1,0 +1,764 @@
+"""Contract suite of ``SmsSender`` (domain/ports.py), run against every sender, then the
+LabsMobile adapter's own behaviour against the loopback LabsMobile stub.
+
+Everything stays on 127.0.0.1: the stub serves LabsMobile's JSON API there, and the few answers
+the stub cannot produce (an integer result code, a body that is not JSON) come from an
+``httpx.MockTransport``, which never opens a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from otpgate.adapters.providers.console import BANNER, ConsoleSender
+from otpgate.adapters.providers.labsmobile import LabsMobileSender, subid_for
+from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
+from otpgate.domain.ports import DeliveryReport, ReceiptParser, SmsSender
+from otpgate.errors import (
+    ConfigurationError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+
+try:  # rootdir on sys.path (``python -m pytest``, a ``pythonpath`` setting, tests/__init__.py)
+    from tests.support.labsmobile_stub import LabsMobileStub, ThreadedServer
+except ModuleNotFoundError:  # pytest's default rootdir-less import puts tests/ on sys.path
+    from support.labsmobile_stub import LabsMobileStub, ThreadedServer  # type: ignore[no-redef]
+
+CODE = "845201"
+TEXT = f"Your Acme code is {CODE}. Do not share it."
+MESSAGE_ID = "msg_0123456789abcdef0123456789abcdef"
+
+
+def make_sms(
+    *,
+    message_id: str = MESSAGE_ID,
+    to: str = "+34600000000",
+    text: str = TEXT,
+    sender_id: str | None = "Acme",
+    encoding: str = "GSM-7",
+    segments: int = 1,
+    receipt_url: str | None = None,
+) -> OutboundSms:
+    return OutboundSms(
+        message_id=message_id,
+        to=to,
+        text=text,
+        sender_id=sender_id,
+        encoding=encoding,
+        segments=segments,
+        receipt_url=receipt_url,
+    )
+
+
+def assert_no_secret(exc: BaseException, *secrets: str) -> None:
+    """Neither the message text, nor the code, nor any given secret appears in what an error
+    report would show: str, repr, detail, and the formatted chain with its causes."""
+    shown = "\n".join(
+        [str(exc), repr(exc), str(getattr(exc, "detail", "")), *traceback.format_exception(exc)]
+    )
+    for secret in (TEXT, CODE, *secrets):
+        assert secret not in shown
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def stub_server() -> Iterator[LabsMobileStub]:
+    with LabsMobileStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+def stub(stub_server: LabsMobileStub) -> Iterator[LabsMobileStub]:
+    stub_server.reset()
+    yield stub_server
+    stub_server.reset()
+
+
+@pytest.fixture
+async def labsmobile(stub: LabsMobileStub) -> AsyncIterator[LabsMobileSender]:
+    sender = LabsMobileSender(
+        username=stub.username, token=stub.token, base_url=stub.url, timeout_seconds=5.0
+    )
+    yield sender
+    await sender.aclose()
+
+
+@dataclass
+class SenderCase:
+    """A sender under contract, with what the suite needs to observe it."""
+
+    sender: SmsSender
+    secrets: tuple[str, ...]
+    #: the texts that reached the destination (stub or stream), in order
+    delivered_texts: Callable[[], list[str]]
+    #: make the next send fail the way this sender fails
+    break_next_send: Callable[[], None]
+
+
+class _BrokenStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+
+    def write(self, s: str) -> int:
+        if self.broken:
+            raise OSError("no space left on device")
+        return super().write(s)
+
+
+@pytest.fixture(params=["labsmobile", "console"])
+async def case(request: pytest.FixtureRequest, stub: LabsMobileStub) -> AsyncIterator[SenderCase]:
+    if request.param == "labsmobile":
+        sender = LabsMobileSender(
+            username=stub.username, token=stub.token, base_url=stub.url, timeout_seconds=5.0
+        )
+        yield SenderCase(
+            sender=sender,
+            secrets=(stub.token,),
+            delivered_texts=lambda: [m.body["message"] for m in stub.messages],
+            break_next_send=lambda: stub.fail_next(1, "30"),
+        )
+        await sender.aclose()
+    else:
+        stream = _BrokenStream()
+
+        def delivered() -> list[str]:
+            return [TEXT] * stream.getvalue().count(TEXT)
+
+        def break_it() -> None:
+            stream.broken = True
+
+        console = ConsoleSender(stream=stream)
+        yield SenderCase(
+            sender=console, secrets=(), delivered_texts=delivered, break_next_send=break_it
+        )
+        await console.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# The contract every SmsSender keeps
+
+
+async def test_send_returns_a_receipt_and_the_message_goes_out(case: SenderCase) -> None:
+    receipt = await case.sender.send(make_sms())
+
+    assert isinstance(receipt, SendReceipt)
+    assert receipt.provider_ref
+    assert case.delivered_texts() == [TEXT]
+
+
+async def test_each_send_goes_out_once_with_its_own_reference(case: SenderCase) -> None:
+    other_id = "msg_fedcba9876543210fedcba9876543210"
+    first = await case.sender.send(make_sms())
+    second = await case.sender.send(make_sms(message_id=other_id))
+
+    assert first.provider_ref != second.provider_ref
+    assert case.delivered_texts() == [TEXT, TEXT]
+
+
+async def test_name_is_a_stable_identifier(case: SenderCase) -> None:
+    assert isinstance(case.sender.name, str)
+    assert case.sender.name in {"labsmobile", "console"}
+    assert case.sender.name == type(case.sender).name
+
+
+async def test_reprs_never_carry_the_text_or_secrets(case: SenderCase) -> None:
+    sms = make_sms()
+    receipt = await case.sender.send(sms)
+
+    for shown in (repr(case.sender), str(case.sender), repr(sms), repr(receipt)):
+        for secret in (TEXT, CODE, *case.secrets):
+            assert secret not in shown
+
+
+async def test_a_failed_send_raises_a_delivery_error_without_the_text(case: SenderCase) -> None:
+    case.break_next_send()
+
+    with pytest.raises(TransientDeliveryError) as info:
+        await case.sender.send(make_sms())
+
+    assert isinstance(info.value, DeliveryError)
+    assert_no_secret(info.value, *case.secrets)
+    assert case.delivered_texts() == []
+
+
+# --------------------------------------------------------------------------------------------
+# ConsoleSender specifics
+
+
+async def test_console_banner_shows_the_message_for_development() -> None:
+    stream = io.StringIO()
+    sender = ConsoleSender(stream=stream)
+
+    receipt = await sender.send(
+        make_sms(encoding="UCS-2", segments=2, receipt_url="http://127.0.0.1/r?token=s3cr3t")
+    )
+
+    out = stream.getvalue()
+    assert receipt == SendReceipt(provider_ref=MESSAGE_ID)
+    assert BANNER in out
+    assert "not delivered" in out
+    assert "+34600000000" in out
+    assert MESSAGE_ID in out
+    assert "UCS-2" in out
+    assert "2 segment" in out
+    assert TEXT in out
+    assert "s3cr3t" not in out  # the receipt URL carries the receipt secret
+
+
+async def test_console_writes_to_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    await ConsoleSender().send(make_sms())
+
+    assert TEXT in capsys.readouterr().out
+
+
+async def test_console_never_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    await ConsoleSender(stream=io.StringIO()).send(make_sms())
+
+    assert CODE not in caplog.text
+    assert caplog.records == []
+
+
+# --------------------------------------------------------------------------------------------
+# LabsMobile: configuration and repr
+
+
+def test_subid_is_the_first_20_characters_after_the_prefix() -> None:
+    assert subid_for(MESSAGE_ID) == "0123456789abcdef0123"
+    assert len(subid_for(MESSAGE_ID)) == 20
+    assert subid_for("msg_abc") == "abc"
+    with pytest.raises(ValueError, match="msg_"):
+        subid_for("msg_")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"username": "", "token": "t"},
+        {"username": "u", "token": ""},
+        {"username": "u", "token": "t", "base_url": "api.labsmobile.com"},
+        {"username": "u", "token": "t", "timeout_seconds": 0},
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        LabsMobileSender(**kwargs)
+
+
+async def test_repr_shows_the_account_but_never_the_token() -> None:
+    async with LabsMobileSender(username="ops@example.com", token="tok-SECRET-42") as sender:
+        shown = repr(sender)
+    assert "ops@example.com" in shown
+    assert "tok-SECRET-42" not in shown
+
+
+async def test_own_client_is_closed_by_aclose_and_a_given_one_is_not(stub: LabsMobileStub) -> None:
+    own = LabsMobileSender(username=stub.username, token=stub.token, base_url=stub.url)
+    await own.aclose()
+    with pytest.raises(TransientDeliveryError):  # a closed client cannot send any more
+        await own.send(make_sms())
+
+    async with httpx.AsyncClient() as client:
+        given = LabsMobileSender(
+            username=stub.username, token=stub.token, base_url=stub.url, client=client
+        )
+        receipt = await given.send(make_sms())
+        await given.aclose()
+        assert not client.is_closed
+        still_usable = await client.get(f"{stub.url}/json/balance")
+    assert receipt.provider_ref == subid_for(MESSAGE_ID)
+    assert still_usable.status_code == 401  # answered: the client was left open
+
+
+def test_it_implements_the_ports() -> None:
+    sender: SmsSender = LabsMobileSender(username="u", token="t")
+    parser: ReceiptParser = LabsMobileSender(username="u", token="t")
+    assert sender.name == "labsmobile"
+    assert parser.parse_receipt({"subid": "x", "desc": "DELIVRD"}) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# LabsMobile: the wire format
+
+
+async def test_wire_format(stub: LabsMobileStub, labsmobile: LabsMobileSender) -> None:
+    receipt_url = "http://127.0.0.1:9/receipts/labsmobile?token=rcpt-secret"
+    receipt = await labsmobile.send(make_sms(receipt_url=receipt_url))
+
+    (message,) = stub.wait_for_messages(1)
+    expected_auth = base64.b64encode(f"{stub.username}:{stub.token}".encode()).decode()
+    assert message.method == "POST"
+    assert message.path == "/json/send"
+    assert message.headers["authorization"] == f"Basic {expected_auth}"
+    assert message.headers["content-type"].split(";")[0] == "application/json"
+    assert message.body == {
+        "recipient": [{"msisdn": "34600000000"}],
+        "message": TEXT,
+        "subid": "0123456789abcdef0123",
+        "tpoa": "Acme",
+        "ackurl": receipt_url,
+    }
+    assert receipt == SendReceipt(provider_ref="0123456789abcdef0123")
+    assert message.subid == receipt.provider_ref  # what LabsMobile answered and will report
+
+
+async def test_tpoa_and_ackurl_are_left_out_when_absent(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    await labsmobile.send(make_sms(sender_id=None, receipt_url=None))
+
+    (message,) = stub.messages
+    assert "tpoa" not in message.body
+    assert "ackurl" not in message.body
+    assert "ucs2" not in message.body
+    assert "long" not in message.body
+
+
+async def test_ucs2_flag_for_unicode_messages(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    await labsmobile.send(make_sms(text=f"Ваш код {CODE}", encoding="UCS-2"))
+
+    (message,) = stub.messages  # accepted: the stub refuses non-GSM text without ucs2 (27)
+    assert message.body["ucs2"] == "1"
+    assert "long" not in message.body
+
+
+async def test_long_flag_for_more_than_one_segment(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    await labsmobile.send(make_sms(text="x" * 200, segments=2))
+    await labsmobile.send(make_sms(text="ü" + "я" * 100, encoding="UCS-2", segments=2))
+
+    gsm, unicode = stub.messages
+    assert gsm.body["long"] == "1"
+    assert "ucs2" not in gsm.body
+    assert unicode.body["long"] == "1"
+    assert unicode.body["ucs2"] == "1"
+
+
+async def test_non_gsm_text_without_ucs2_is_refused_for_good(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    # An upstream encoding bug: LabsMobile answers 27, which no retry can fix.
+    with pytest.raises(PermanentDeliveryError, match="labsmobile code 27: "):
+        await labsmobile.send(make_sms(text=f"Code {CODE} ✓", encoding="GSM-7"))
+
+    assert stub.messages == []
+    assert [r.code for r in stub.requests] == ["27"]
+
+
+async def test_empty_message_is_refused_for_good(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    with pytest.raises(PermanentDeliveryError, match="labsmobile code 21: "):
+        await labsmobile.send(make_sms(text=""))
+
+
+# --------------------------------------------------------------------------------------------
+# LabsMobile: answers and failures
+
+
+@pytest.mark.parametrize("code", ["30", "35"])
+async def test_transient_result_codes(
+    code: str, stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    stub.fail_next(1, code)
+
+    with pytest.raises(TransientDeliveryError) as info:
+        await labsmobile.send(make_sms())
+
+    assert str(info.value).startswith(f"labsmobile code {code}: ")
+    assert_no_secret(info.value, stub.token)
+    # the knob was used up: the retry goes through
+    assert (await labsmobile.send(make_sms())).provider_ref == subid_for(MESSAGE_ID)
+
+
+@pytest.mark.parametrize("code", ["10", "11", "20", "21", "23", "24", "27", "28", "39", "41", "99"])
+async def test_permanent_result_codes(
+    code: str, stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    stub.fail_next(1, code)
+
+    with pytest.raises(PermanentDeliveryError) as info:
+        await labsmobile.send(make_sms())
+
+    assert not isinstance(info.value, TransientDeliveryError)
+    assert str(info.value).startswith(f"labsmobile code {code}: ")
+    assert_no_secret(info.value, stub.token)
+
+
+async def test_wrong_credentials_are_transient(stub: LabsMobileStub) -> None:
+    async with LabsMobileSender(
+        username=stub.username, token="not-the-token", base_url=stub.url
+    ) as sender:
+        with pytest.raises(TransientDeliveryError, match="HTTP 401") as info:
+            await sender.send(make_sms())
+
+    assert_no_secret(info.value, "not-the-token", stub.token)
+    assert stub.requests[-1].http_status == 401
+    assert stub.messages == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, PermanentDeliveryError),
+        (401, TransientDeliveryError),
+        (403, TransientDeliveryError),
+        (404, TransientDeliveryError),
+        (429, TransientDeliveryError),
+        (500, TransientDeliveryError),
+        (502, TransientDeliveryError),
+        (503, TransientDeliveryError),
+    ],
+)
+async def test_http_statuses(
+    status: int,
+    error: type[DeliveryError],
+    stub: LabsMobileStub,
+    labsmobile: LabsMobileSender,
+) -> None:
+    stub.http_status_next(1, status)
+
+    with pytest.raises(DeliveryError) as info:
+        await labsmobile.send(make_sms())
+
+    assert type(info.value) is error
+    assert f"HTTP {status}" in str(info.value)
+    assert_no_secret(info.value, stub.token)
+
+
+async def test_a_timeout_is_transient(stub: LabsMobileStub) -> None:
+    stub.delay_seconds = 2.0
+    async with LabsMobileSender(
+        username=stub.username, token=stub.token, base_url=stub.url, timeout_seconds=0.2
+    ) as sender:
+        with pytest.raises(TransientDeliveryError, match="timeout") as info:
+            await sender.send(make_sms())
+
+    assert isinstance(info.value.__cause__, httpx.TimeoutException)
+    assert_no_secret(info.value, stub.token)
+
+
+async def test_the_timeout_also_applies_to_a_given_client(stub: LabsMobileStub) -> None:
+    stub.delay_seconds = 2.0
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        sender = LabsMobileSender(
+            username=stub.username,
+            token=stub.token,
+            base_url=stub.url,
+            timeout_seconds=0.2,
+            client=client,
+        )
+        with pytest.raises(TransientDeliveryError, match="timeout"):
+            await sender.send(make_sms())
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A 127.0.0.1 port that refuses connections: bound, never listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_connection_refused_is_transient(refused_url: str) -> None:
+    async with LabsMobileSender(username="u", token="tok-xyz", base_url=refused_url) as sender:
+        with pytest.raises(TransientDeliveryError, match="transport error") as info:
+            await sender.send(make_sms())
+
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert_no_secret(info.value, "tok-xyz")
+
+
+def _mock_sender(handler: Callable[[httpx.Request], httpx.Response]) -> LabsMobileSender:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return LabsMobileSender(username="u", token="t", base_url="http://127.0.0.1", client=client)
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ({"code": 0, "message": "ok"}, None),
+        ({"code": "0"}, None),
+        ({"code": 35, "message": "no credit"}, TransientDeliveryError),
+        ({"code": "21", "message": "empty"}, PermanentDeliveryError),
+        ({"message": "no code"}, TransientDeliveryError),
+        ({"code": True}, TransientDeliveryError),
+        (["not", "an", "object"], TransientDeliveryError),
+    ],
+)
+async def test_result_code_spellings(answer: Any, outcome: type[DeliveryError] | None) -> None:
+    sender = _mock_sender(lambda request: httpx.Response(200, json=answer))
+    try:
+        if outcome is None:
+            assert await sender.send(make_sms()) == SendReceipt(provider_ref=subid_for(MESSAGE_ID))
+        else:
+            with pytest.raises(outcome):
+                await sender.send(make_sms())
+    finally:
+        await sender._client.aclose()
+
+
+async def test_a_body_that_is_not_json_is_transient() -> None:
+    sender = _mock_sender(lambda request: httpx.Response(200, text="<html>oops</html>"))
+    try:
+        with pytest.raises(TransientDeliveryError, match="unreadable"):
+            await sender.send(make_sms())
+    finally:
+        await sender._client.aclose()
+
+
+async def test_an_echoed_text_is_scrubbed_from_the_error() -> None:
+    def echo(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"code": "27", "message": f"Invalid: {TEXT}"})
+
+    sender = _mock_sender(echo)
+    try:
+        with pytest.raises(PermanentDeliveryError, match="labsmobile code 27: Invalid") as info:
+            await sender.send(make_sms())
+    finally:
+        await sender._client.aclose()
+    assert_no_secret(info.value)
+
+
+async def test_http_400_carries_the_result_code_when_there_is_one() -> None:
+    sender = _mock_sender(
+        lambda request: httpx.Response(400, json={"code": "11", "message": "Badly formed"})
+    )
+    try:
+        with pytest.raises(PermanentDeliveryError, match=r"labsmobile code 11: Badly formed"):
+            await sender.send(make_sms())
+    finally:
+        await sender._client.aclose()
+
+
+async def test_429_passes_retry_after_on() -> None:
+    sender = _mock_sender(lambda request: httpx.Response(429, headers={"Retry-After": "7"}))
+    try:
+        with pytest.raises(TransientDeliveryError) as info:
+            await sender.send(make_sms())
+    finally:
+        await sender._client.aclose()
+    assert info.value.retry_after == 7
+
+
+# --------------------------------------------------------------------------------------------
+# LabsMobile: delivery reports
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"desc": "DELIVRD", "acklevel": "handset"}, MessageStatus.DELIVERED),
+        ({"desc": "READ", "acklevel": "handset"}, MessageStatus.DELIVERED),
+        ({"desc": "delivrd"}, MessageStatus.DELIVERED),
+        ({"desc": "UNDELIV", "acklevel": "error"}, MessageStatus.UNDELIVERED),
+        ({"desc": "REJECTD", "acklevel": "error"}, MessageStatus.UNDELIVERED),
+        ({"desc": "EXPIRED", "acklevel": "error"}, MessageStatus.UNDELIVERED),
+        ({"desc": "BLOCKED", "acklevel": "operator"}, MessageStatus.UNDELIVERED),
+        ({"desc": "UNKNOWN", "acklevel": "operator"}, None),
+        ({"desc": "UNKNOWN", "acklevel": "error"}, None),
+        ({"desc": "SOMETHING_NEW"}, None),
+        ({"acklevel": "error"}, MessageStatus.UNDELIVERED),
+        ({"acklevel": "ERROR", "desc": ""}, MessageStatus.UNDELIVERED),
+        ({"acklevel": "operator"}, None),
+        ({}, None),
+    ],
+)
+def test_parse_receipt_mapping(params: dict[str, str], status: MessageStatus | None) -> None:
+    sender = LabsMobileSender(username="u", token="t")
+    report = sender.parse_receipt(
+        {"subid": "0123456789abcdef0123", "msisdn": "34600000000", **params}
+    )
+
+    assert report is not None
+    assert report.provider_ref == "0123456789abcdef0123"
+    assert report.status is status
+    assert report.detail == (params["desc"].upper() if params.get("desc") else None)
+
+
+@pytest.mark.parametrize("params", [{"desc": "DELIVRD"}, {"subid": "", "desc": "DELIVRD"}])
+def test_parse_receipt_without_subid_is_none(params: dict[str, str]) -> None:
+    assert LabsMobileSender(username="u", token="t").parse_receipt(params) is None
+
+
+async def test_a_report_from_the_stub_parses_to_delivered(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    received: list[dict[str, str]] = []
+
+    async def receipts(request: Request) -> PlainTextResponse:
+        received.append(dict(request.query_params))
+        return PlainTextResponse("OK")
+
+    app = Starlette(routes=[Route("/receipts/labsmobile", receipts)])
+    with ThreadedServer(app, name="receipt-receiver") as receiver:
+        ackurl = f"{receiver.url}/receipts/labsmobile?token=rcpt-secret"
+        receipt = await labsmobile.send(make_sms(receipt_url=ackurl))
+        assert receipt.provider_ref is not None
+        answer = await stub.deliver_report_async(receipt.provider_ref, "DELIVRD")
+
+    assert answer.status_code == 200
+    (params,) = received
+    assert params["token"] == "rcpt-secret"  # the ackurl's own query is kept
+    assert {"acklevel", "status", "desc", "subid", "msisdn", "timestamp"} <= params.keys()
+    assert params["msisdn"] == "34600000000"
+    assert labsmobile.parse_receipt(params) == DeliveryReport(
+        provider_ref=receipt.provider_ref, status=MessageStatus.DELIVERED, detail="DELIVRD"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# LabsMobile: balance
+
+
+async def test_balance(stub: LabsMobileStub, labsmobile: LabsMobileSender) -> None:
+    assert await labsmobile.balance() == "123.45"
+    stub.credits = "7.5"
+    assert await labsmobile.balance() == "7.5"
+
+
+async def test_balance_with_wrong_credentials(stub: LabsMobileStub) -> None:
+    async with LabsMobileSender(username=stub.username, token="nope", base_url=stub.url) as s:
+        with pytest.raises(TransientDeliveryError, match="HTTP 401"):
+            await s.balance()
+
+
+# --------------------------------------------------------------------------------------------
+# The stub itself keeps to the documented API (it stands in for LabsMobile in other suites)
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "http_status", "code"),
+    [
+        (b"", {"content-type": "application/json"}, 400, "10"),
+        (b'{"message": "hi"', {"content-type": "application/json"}, 400, "11"),
+        (b'{"message": "hi"}', {"content-type": "text/plain"}, 400, "10"),
+        (b'{"recipient": [{"msisdn": "34600000000"}]}', {}, 200, "20"),
+        (b'{"message": "", "recipient": [{"msisdn": "34600000000"}]}', {}, 200, "21"),
+        (b'{"message": "hi", "recipient": []}', {}, 200, "23"),
+        (
+            b'{"message": "hi", "recipient": [{"msisdn": "34600000000"}],'
+            b' "subid": "123456789012345678901"}',
+            {},
+            200,
+            "28",
+        ),
+        (
+            b'{"message": "hi", "recipient": [{"msisdn": "34600000000"}], "scheduled": "tomorrow"}',
+            {},
+            200,
+            "39",
+        ),
+        (
+            b'{"message": "hi", "recipient": [{"msisdn": "34600000000"}],'
+            b' "scheduled": "2030-01-01 10:00:00", "test": "1"}',
+            {},
+            200,
+            "41",
+        ),
+    ],
+)
+def test_stub_validates_like_labsmobile(
+    stub: LabsMobileStub, content: bytes, headers: dict[str, str], http_status: int, code: str
+) -> None:
+    answer = httpx.post(
+        f"{stub.url}/json/send",
+        content=content,
+        headers={"content-type": "application/json", **headers},
+        auth=(stub.username, stub.token),
+    )
+
+    assert answer.status_code == http_status
+    assert answer.json()["code"] == code
+    assert stub.messages == []
+
+
+def test_stub_answers_and_records_a_valid_send(stub: LabsMobileStub) -> None:
+    body = {"message": "hi €", "recipient": [{"msisdn": "34600000000"}], "subid": "abc"}
+    answer = httpx.post(f"{stub.url}/json/send", json=body, auth=(stub.username, stub.token))
+
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "code": "0",
+        "message": "Message has been successfully sent",
+        "subid": "abc",
+    }
+    (message,) = stub.wait_for_messages(1, timeout=1.0)
+    assert message.body == body
+    assert message.msisdns == ["34600000000"]
+
+
+def test_stub_refuses_bad_credentials(stub: LabsMobileStub) -> None:
+    for auth in [(stub.username, "wrong"), ("someone@example.com", stub.token)]:
+        answer = httpx.get(f"{stub.url}/json/balance", auth=auth)
+        assert answer.status_code == 401
+    assert httpx.get(f"{stub.url}/json/balance").status_code == 401
+
+
+def test_stub_balance_and_prices(stub: LabsMobileStub) -> None:
+    auth = (stub.username, stub.token)
+    balance = httpx.get(f"{stub.url}/json/balance", auth=auth).json()
+    assert balance == {"code": 0, "credits": "123.45"}
+
+    prices = httpx.post(
+        f"{stub.url}/json/prices", json={"format": "JSON", "countries": ["ES", "CO"]}, auth=auth
+    ).json()
+    assert set(prices) == {"ES", "CO"}
+    assert prices["ES"] == {"isocode": "ES", "prefix": "34", "name": "Spain", "credits": 0.07}
+    every = httpx.post(f"{stub.url}/json/prices", json={"format": "JSON"}, auth=auth).json()
+    assert {"ES", "CO"} < set(every)
+
+
+def test_stub_wait_for_messages_times_out(stub: LabsMobileStub) -> None:
+    with pytest.raises(TimeoutError, match="0 of 1"):
+        stub.wait_for_messages(1, timeout=0.05)
+
+
+async def test_stub_wait_for_messages_async_while_sending(
+    stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    import asyncio
+
+    waiter = asyncio.create_task(stub.wait_for_messages_async(2, timeout_seconds=5.0))
+    await labsmobile.send(make_sms())
+    await labsmobile.send(make_sms(message_id="msg_" + "f" * 32))
+
+    messages = await waiter
+    assert [m.subid for m in messages] == ["0123456789abcdef0123", "f" * 20]
+
+
+def test_stub_reports_only_to_loopback_and_never_in_test_mode(stub: LabsMobileStub) -> None:
+    auth = (stub.username, stub.token)
+    for subid, extra, refusal in [
+        ("remote", {"ackurl": "https://example.com/ack"}, "loopback"),
+        ("testmode", {"ackurl": "http://127.0.0.1:9/ack", "test": "1"}, "test mode"),
+        ("noack", {}, "without an ackurl"),
+    ]:
+        body = {"message": "hi", "recipient": [{"msisdn": "34600000000"}], "subid": subid}
+        httpx.post(f"{stub.url}/json/send", json={**body, **extra}, auth=auth)
+        with pytest.raises(ValueError, match=refusal):
+            stub.deliver_report(subid)
+    with pytest.raises(KeyError):
+        stub.deliver_report("never-sent")
