@@ -27,7 +27,7 @@ from otpgate.adapters.storage.migrate import upgrade
 from otpgate.adapters.storage.sql import SqlStorage
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import Channel
-from otpgate.domain.ports import ReceiptParser, SmsSender
+from otpgate.domain.ports import Clock, ReceiptParser, SmsSender
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.catalog import ServiceCatalog
@@ -164,7 +164,7 @@ class Container:
 
 
 def build(settings: Settings, *, sender: SmsSender | None = None,
-          clock: SystemClock | None = None) -> Container:
+          clock: Clock | None = None) -> Container:
     """Wire a container. ``sender`` replaces the configured one (tests pass a recording one)."""
     clock = clock or SystemClock()
     keys = derive_keys(load_master_secret(settings))

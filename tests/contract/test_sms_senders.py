@@ -411,7 +411,9 @@ async def test_wrong_credentials_are_transient(stub: LabsMobileStub) -> None:
     async with LabsMobileSender(
         username=stub.username, token="not-the-token", base_url=stub.url
     ) as sender:
-        with pytest.raises(TransientDeliveryError, match="HTTP 401") as info:
+        with pytest.raises(
+            TransientDeliveryError, match=r"credentials refused \(HTTP 401\)"
+        ) as info:
             await sender.send(make_sms())
 
     assert_no_secret(info.value, "not-the-token", stub.token)
@@ -529,9 +531,10 @@ async def test_a_body_that_is_not_json_is_transient() -> None:
         await sender._client.aclose()
 
 
-async def test_an_echoed_text_is_scrubbed_from_the_error() -> None:
+@pytest.mark.parametrize("echoed", [TEXT, f"near {CODE}", f"in '{CODE}.'"])
+async def test_an_echoed_text_or_code_is_scrubbed_from_the_error(echoed: str) -> None:
     def echo(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"code": "27", "message": f"Invalid: {TEXT}"})
+        return httpx.Response(200, json={"code": "27", "message": f"Invalid: {echoed}"})
 
     sender = _mock_sender(echo)
     try:
