@@ -41,8 +41,13 @@ def main() -> None:
     # The same keyword arguments as otpgate.entrypoints.cli.serve.
     uvicorn.run(
         "benchmarks.bare_app:app",
-        host="127.0.0.1", port=args.port, workers=1, log_config=None,
-        access_log=False, proxy_headers=False, lifespan="on",
+        host="127.0.0.1",
+        port=args.port,
+        workers=1,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        lifespan="on",
     )
 
 

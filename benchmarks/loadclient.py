@@ -126,11 +126,19 @@ class RawClient:
         return status, body
 
     async def post(self, path: str, body: bytes, headers: bytes = b"") -> tuple[int, bytes]:
-        request = b"".join((
-            b"POST ", path.encode(), b" HTTP/1.1\r\n", self._host_header, headers,
-            b"Content-Type: application/json\r\nContent-Length: ",
-            str(len(body)).encode(), b"\r\n\r\n", body,
-        ))
+        request = b"".join(
+            (
+                b"POST ",
+                path.encode(),
+                b" HTTP/1.1\r\n",
+                self._host_header,
+                headers,
+                b"Content-Type: application/json\r\nContent-Length: ",
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+                body,
+            )
+        )
         return await self._request(request)
 
     async def get(self, path: str, headers: bytes = b"") -> tuple[int, bytes]:
@@ -155,8 +163,7 @@ class HttpxClient:
         _require_loopback(host)
         self._client = httpx.AsyncClient(
             base_url=f"http://{host}:{port}",
-            limits=httpx.Limits(max_connections=concurrency,
-                                max_keepalive_connections=concurrency),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             timeout=timeout,
             trust_env=False,  # never a proxy from the environment
         )

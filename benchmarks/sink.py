@@ -38,7 +38,10 @@ def extract_code(message: str) -> str | None:
 
 def _reply(status: int, reason: bytes, body: bytes, *, close: bool = False) -> bytes:
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
-        status, reason, len(body))
+        status,
+        reason,
+        len(body),
+    )
     if close:
         head += b"Connection: close\r\n"
     return head + b"\r\n" + body
@@ -113,8 +116,7 @@ class LabsMobileSink:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    def _handle(self, request_line: list[bytes], headers: dict[bytes, bytes],
-                body: bytes) -> bytes:
+    def _handle(self, request_line: list[bytes], headers: dict[bytes, bytes], body: bytes) -> bytes:
         if len(request_line) < 2 or request_line[0] != b"POST" or request_line[1] != b"/json/send":
             self.stats["not_found"] += 1
             return _reply(404, b"Not Found", b'{"code":"404","message":"Not found"}')

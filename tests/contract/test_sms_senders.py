@@ -34,10 +34,7 @@ from otpgate.errors import (
     TransientDeliveryError,
 )
 
-try:  # rootdir on sys.path (``python -m pytest``, a ``pythonpath`` setting, tests/__init__.py)
-    from tests.support.labsmobile_stub import LabsMobileStub, ThreadedServer
-except ModuleNotFoundError:  # pytest's default rootdir-less import puts tests/ on sys.path
-    from support.labsmobile_stub import LabsMobileStub, ThreadedServer  # type: ignore[no-redef]
+from tests.support.labsmobile_stub import LabsMobileStub, ThreadedServer
 
 CODE = "845201"
 TEXT = f"Your Acme code is {CODE}. Do not share it."

@@ -192,10 +192,10 @@ class SqlStorage:
         except IntegrityError:
             raise
         except (OperationalError, InterfaceError, PoolTimeout, OSError, TimeoutError) as exc:
-            raise Unavailable("storage is unavailable; retry shortly") from exc
+            raise Unavailable("storage is unavailable; retry shortly", retry_after=1) from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
-                raise Unavailable("storage connection lost; retry shortly") from exc
+                raise Unavailable("storage connection lost; retry shortly", retry_after=1) from exc
             raise
 
     def _insert(self, table: Any) -> Any:

@@ -18,8 +18,19 @@ from otpgate.entrypoints.api.v1 import container_of
 router = APIRouter(prefix="/v1/receipts", tags=["receipts"])
 
 
-@router.api_route("/{provider}", methods=["GET", "POST"])
+@router.get("/{provider}")
 async def receive_receipt(request: Request, provider: str) -> Response:
+    """A provider's delivery report (LabsMobile calls by GET with query parameters)."""
+    return await _receive(request, provider)
+
+
+@router.post("/{provider}")
+async def receive_receipt_post(request: Request, provider: str) -> Response:
+    """The same report by POST, with the same query parameters."""
+    return await _receive(request, provider)
+
+
+async def _receive(request: Request, provider: str) -> Response:
     container = container_of(request)
     parser = container.receipt_parsers.get(provider)
     if parser is None:
