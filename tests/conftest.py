@@ -107,9 +107,7 @@ class Database:
 
 
 @pytest.fixture(params=BACKENDS)
-async def database(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Database]:
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     """A migrated, empty database of each backend."""
     if request.param == "sqlite":
         path = tmp_path / "otpgate.db"
@@ -163,12 +161,16 @@ class Api:
         await self.container.dispatcher.drain()
 
     async def check(self, verification_id: str, code: str, **fields: Any) -> httpx.Response:
-        return await self.http.post(f"/v1/verifications/{verification_id}/check",
-                                    json={"code": code, **fields}, headers=self.auth())
+        return await self.http.post(
+            f"/v1/verifications/{verification_id}/check",
+            json={"code": code, **fields},
+            headers=self.auth(),
+        )
 
     async def new_service(self, **fields: Any) -> str:
-        response = await self.http.post("/v1/services", json={"name": "Acme", **fields},
-                                        headers=self.auth())
+        response = await self.http.post(
+            "/v1/services", json={"name": "Acme", **fields}, headers=self.auth()
+        )
         assert response.status_code == 201, response.text
         service_id: str = response.json()["id"]
         return service_id

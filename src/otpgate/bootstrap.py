@@ -68,8 +68,11 @@ def derive_keys(master: bytes) -> Keys:
     def derive(label: str) -> bytes:
         return hmac.new(master, f"otpgate/{label}/v1".encode(), hashlib.sha256).digest()
 
-    return Keys(digest=derive("code-digest"), sealing=derive("code-sealing"),
-                receipts=derive("receipt-token"))
+    return Keys(
+        digest=derive("code-digest"),
+        sealing=derive("code-sealing"),
+        receipts=derive("receipt-token"),
+    )
 
 
 def load_master_secret(settings: Settings) -> bytes:
@@ -163,15 +166,17 @@ class Container:
         await self.storage.aclose()
 
 
-def build(settings: Settings, *, sender: SmsSender | None = None,
-          clock: Clock | None = None) -> Container:
+def build(
+    settings: Settings, *, sender: SmsSender | None = None, clock: Clock | None = None
+) -> Container:
     """Wire a container. ``sender`` replaces the configured one (tests pass a recording one)."""
     clock = clock or SystemClock()
     keys = derive_keys(load_master_secret(settings))
     vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
     url = settings.effective_database_url
-    engine = create_engine(url, schema=settings.database_schema,
-                           pool_size=settings.database_pool_size)
+    engine = create_engine(
+        url, schema=settings.database_schema, pool_size=settings.database_pool_size
+    )
     storage = SqlStorage(engine)
     metrics = PrometheusMetrics()
     chosen = sender or build_sender(settings)
@@ -190,17 +195,23 @@ def build(settings: Settings, *, sender: SmsSender | None = None,
         vault=vault,
         clock=clock,
         metrics=metrics,
-        retry=RetryPolicy(max_attempts=settings.delivery_max_attempts,
-                          backoff_seconds=settings.delivery_backoff_seconds,
-                          lease_seconds=settings.delivery_lease_seconds),
+        retry=RetryPolicy(
+            max_attempts=settings.delivery_max_attempts,
+            backoff_seconds=settings.delivery_backoff_seconds,
+            lease_seconds=settings.delivery_lease_seconds,
+        ),
         receipt_urls=receipt_urls,
     )
     notify: Callable[[], None] = dispatcher.notify
     verifications = VerificationService(
-        storage=storage, vault=vault, clock=clock, metrics=metrics,
+        storage=storage,
+        vault=vault,
+        clock=clock,
+        metrics=metrics,
         channels_available=frozenset({Channel.SMS}),
-        lockout=LockoutPolicy(threshold=settings.lockout_threshold,
-                              seconds=settings.lockout_seconds),
+        lockout=LockoutPolicy(
+            threshold=settings.lockout_threshold, seconds=settings.lockout_seconds
+        ),
         on_queued=notify,
     )
     return Container(

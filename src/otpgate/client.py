@@ -17,10 +17,18 @@ _BY_CODE = {cls.code: cls for cls in PUBLIC_ERRORS}
 
 
 class OtpgateClient:
-    def __init__(self, base_url: str, *, api_key: str, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            transport=transport,
             headers={"Authorization": f"Bearer {api_key}"},
         )
 
@@ -36,9 +44,16 @@ class OtpgateClient:
     def close(self) -> None:
         self._http.close()
 
-    def start_verification(self, service_id: str, to: str, *, channel: str | None = None,
-                           locale: str | None = None, context: dict[str, str] | None = None,
-                           idempotency_key: str | None = None) -> dict[str, Any]:
+    def start_verification(
+        self,
+        service_id: str,
+        to: str,
+        *,
+        channel: str | None = None,
+        locale: str | None = None,
+        context: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"service_id": service_id, "to": to}
         for key, value in (("channel", channel), ("locale", locale), ("context", context)):
             if value is not None:
@@ -46,8 +61,9 @@ class OtpgateClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._call("POST", "/v1/verifications", json=body, headers=headers)
 
-    def check(self, verification_id: str, code: str,
-              context: dict[str, str] | None = None) -> dict[str, Any]:
+    def check(
+        self, verification_id: str, code: str, context: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"code": code}
         if context is not None:
             body["context"] = context
@@ -69,5 +85,8 @@ class OtpgateClient:
         except ValueError:
             problem = {}
         cls = _BY_CODE.get(problem.get("code", ""), OtpgateError)
-        raise cls(problem.get("detail") or f"HTTP {response.status_code}",
-                  param=problem.get("param"), retry_after=problem.get("retry_after"))
+        raise cls(
+            problem.get("detail") or f"HTTP {response.status_code}",
+            param=problem.get("param"),
+            retry_after=problem.get("retry_after"),
+        )

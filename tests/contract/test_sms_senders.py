@@ -33,7 +33,6 @@ from otpgate.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-
 from tests.support.labsmobile_stub import LabsMobileStub, ThreadedServer
 
 CODE = "845201"

@@ -31,11 +31,17 @@ async def test_same_idempotency_key_twice_sends_one_sms(api: Api) -> None:
 
 async def test_same_key_other_body_is_a_mismatch(api: Api) -> None:
     headers = {**api.auth(), "Idempotency-Key": "order-43"}
-    ok = await api.http.post("/v1/verifications", headers=headers,
-                             json={"service_id": api.service_id, "to": "+34600000001"})
+    ok = await api.http.post(
+        "/v1/verifications",
+        headers=headers,
+        json={"service_id": api.service_id, "to": "+34600000001"},
+    )
     assert ok.status_code == 201
-    other = await api.http.post("/v1/verifications", headers=headers,
-                                json={"service_id": api.service_id, "to": "+34600000002"})
+    other = await api.http.post(
+        "/v1/verifications",
+        headers=headers,
+        json={"service_id": api.service_id, "to": "+34600000002"},
+    )
     assert_problem(other, 422, "idempotency_key_mismatch")
     await api.deliver()
     assert len(api.sender.sent) == 1
@@ -58,8 +64,9 @@ async def test_a_refused_request_frees_its_key(api: Api) -> None:
 async def test_concurrent_requests_with_one_key(api: Api) -> None:
     headers = {**api.auth(), "Idempotency-Key": "order-46"}
     body = {"service_id": api.service_id, "to": "+34600000001"}
-    answers = await asyncio.gather(*(
-        api.http.post("/v1/verifications", json=body, headers=headers) for _ in range(5)))
+    answers = await asyncio.gather(
+        *(api.http.post("/v1/verifications", json=body, headers=headers) for _ in range(5))
+    )
     statuses = sorted(a.status_code for a in answers)
     assert statuses.count(201) >= 1
     assert set(statuses) <= {201, 409}
@@ -89,27 +96,35 @@ async def test_idempotent_keys_expire_after_a_day(api: Api) -> None:
 
 
 async def test_service_crud(api: Api) -> None:
-    created = await api.http.post("/v1/services", headers=api.auth(), json={
-        "name": "Shop", "code_length": 8, "ttl_seconds": 300, "allowed_countries": ["es", "CO"],
-        "sender_id": "SHOP", "default_locale": "es", "webotp_domain": "shop.example",
-        "templates": {"en": "{brand}: {code} is your code"},
-    })
+    created = await api.http.post(
+        "/v1/services",
+        headers=api.auth(),
+        json={
+            "name": "Shop",
+            "code_length": 8,
+            "ttl_seconds": 300,
+            "allowed_countries": ["es", "CO"],
+            "sender_id": "SHOP",
+            "default_locale": "es",
+            "webotp_domain": "shop.example",
+            "templates": {"en": "{brand}: {code} is your code"},
+        },
+    )
     assert created.status_code == 201, created.text
     service = created.json()
     assert service["allowed_countries"] == ["CO", "ES"]
     assert service["code_type"] == "numeric" and service["max_check_attempts"] == 5
     sid = service["id"]
-    patched = await api.http.patch(f"/v1/services/{sid}", json={"ttl_seconds": 120,
-                                                                 "sender_id": None},
-                                   headers=api.auth())
+    patched = await api.http.patch(
+        f"/v1/services/{sid}", json={"ttl_seconds": 120, "sender_id": None}, headers=api.auth()
+    )
     assert patched.status_code == 200
     assert patched.json()["ttl_seconds"] == 120 and patched.json()["sender_id"] is None
     assert patched.json()["code_length"] == 8
     listed = (await api.http.get("/v1/services", headers=api.auth())).json()["data"]
     assert sid in [s["id"] for s in listed]
     assert (await api.http.delete(f"/v1/services/{sid}", headers=api.auth())).status_code == 204
-    assert_problem(await api.http.get(f"/v1/services/{sid}", headers=api.auth()), 404,
-                   "not_found")
+    assert_problem(await api.http.get(f"/v1/services/{sid}", headers=api.auth()), 404, "not_found")
 
 
 async def test_deleting_a_service_cancels_its_pending_verifications(api: Api) -> None:
@@ -162,19 +177,23 @@ async def test_invalid_service_fields(api: Api, body: dict[str, object], param: 
 
 async def test_invalid_patch_changes_nothing(api: Api) -> None:
     before = (await api.http.get(f"/v1/services/{api.service_id}", headers=api.auth())).json()
-    response = await api.http.patch(f"/v1/services/{api.service_id}",
-                                    json={"ttl_seconds": 120, "code_length": 99},
-                                    headers=api.auth())
+    response = await api.http.patch(
+        f"/v1/services/{api.service_id}",
+        json={"ttl_seconds": 120, "code_length": 99},
+        headers=api.auth(),
+    )
     assert_problem(response, 400, "invalid_request", "code_length")
     after = (await api.http.get(f"/v1/services/{api.service_id}", headers=api.auth())).json()
     assert after == before
 
 
 async def test_service_policy_shapes_the_message(api: Api) -> None:
-    sid = await api.new_service(name="Shop", webotp_domain="shop.example", code_length=8,
-                                sender_id="SHOP", ttl_seconds=300)
-    await api.http.post("/v1/verifications", headers=api.auth(),
-                        json={"service_id": sid, "to": "+34600000001"})
+    sid = await api.new_service(
+        name="Shop", webotp_domain="shop.example", code_length=8, sender_id="SHOP", ttl_seconds=300
+    )
+    await api.http.post(
+        "/v1/verifications", headers=api.auth(), json={"service_id": sid, "to": "+34600000001"}
+    )
     await api.deliver()
     sms = api.sender.sent[-1]
     code = sms.text.rsplit("#", 1)[1]
@@ -195,8 +214,13 @@ async def test_health_readiness_metrics_openapi(api: Api) -> None:
     assert metrics.status_code == 200
     assert 'otpgate_verification_started_total{channel="sms"} 1.0' in metrics.text
     spec = (await api.http.get("/openapi.json")).json()
-    for path in ("/v1/verifications", "/v1/verifications/{verification_id}/check",
-                 "/v1/verifications/check", "/v1/services", "/v1/keys"):
+    for path in (
+        "/v1/verifications",
+        "/v1/verifications/{verification_id}/check",
+        "/v1/verifications/check",
+        "/v1/services",
+        "/v1/keys",
+    ):
         assert path in spec["paths"]
     docs = await api.http.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -207,8 +231,12 @@ async def test_health_readiness_metrics_openapi(api: Api) -> None:
 
 async def test_storage_outage_fails_fast_with_503(tmp_path: Path) -> None:
     # Nothing listens on port 1 of loopback: a database that is down.
-    settings = Settings(env="test", data_dir=tmp_path, secret_key=TEST_SECRET,
-                        database_url="postgresql://postgres@127.0.0.1:1/test")
+    settings = Settings(
+        env="test",
+        data_dir=tmp_path,
+        secret_key=TEST_SECRET,
+        database_url="postgresql://postgres@127.0.0.1:1/test",
+    )
     container = build(settings, sender=RecordingSender())
     app = create_app(container, run_dispatcher=False)
     async with app.router.lifespan_context(app):
@@ -217,9 +245,11 @@ async def test_storage_outage_fails_fast_with_503(tmp_path: Path) -> None:
             ready = await http.get("/readyz")
             assert_problem(ready, 503, "unavailable")
             assert ready.json()["retry_after"] == 1 and ready.headers["Retry-After"] == "1"
-            start = await http.post("/v1/verifications", json={"service_id": "svc_x",
-                                                               "to": "+34600000001"},
-                                    headers={"Authorization": "Bearer otpgate_abc"})
+            start = await http.post(
+                "/v1/verifications",
+                json={"service_id": "svc_x", "to": "+34600000001"},
+                headers={"Authorization": "Bearer otpgate_abc"},
+            )
             assert_problem(start, 503, "unavailable")
             assert "Traceback" not in start.text
             assert (await http.get("/healthz")).status_code == 200

@@ -14,8 +14,9 @@ from tests.conftest import Api
 
 async def counts(api: Api) -> tuple[int, int]:
     async with api.container.storage.engine.connect() as conn:
-        verifications = (await conn.execute(
-            select(func.count()).select_from(t.verifications))).scalar_one()
+        verifications = (
+            await conn.execute(select(func.count()).select_from(t.verifications))
+        ).scalar_one()
         messages = (await conn.execute(select(func.count()).select_from(t.messages))).scalar_one()
     return verifications, messages
 
@@ -78,14 +79,19 @@ async def test_national_format_with_country_is_accepted(api: Api) -> None:
 
 
 async def test_malformed_bodies(api: Api) -> None:
-    raw = await api.http.post("/v1/verifications", content=b"{not json",
-                              headers={**api.auth(), "content-type": "application/json"})
+    raw = await api.http.post(
+        "/v1/verifications",
+        content=b"{not json",
+        headers={**api.auth(), "content-type": "application/json"},
+    )
     assert_problem(raw, 400, "invalid_request")
-    missing = await api.http.post("/v1/verifications", json={"to": "+34600000001"},
-                                  headers=api.auth())
+    missing = await api.http.post(
+        "/v1/verifications", json={"to": "+34600000001"}, headers=api.auth()
+    )
     assert_problem(missing, 400, "invalid_request", "service_id")
-    check = await api.http.post("/v1/verifications/ver_x/check", json={"code": "123456"},
-                                headers=api.auth())
+    check = await api.http.post(
+        "/v1/verifications/ver_x/check", json={"code": "123456"}, headers=api.auth()
+    )
     assert_problem(check, 404, "not_found")
     vid = (await api.start()).json()["id"]
     empty = await api.check(vid, "")
@@ -108,8 +114,11 @@ async def test_malformed_bodies(api: Api) -> None:
     ],
 )
 async def test_unauthorized(api: Api, headers: dict[str, str]) -> None:
-    response = await api.http.post("/v1/verifications", headers=headers,
-                                   json={"service_id": api.service_id, "to": "+34600000001"})
+    response = await api.http.post(
+        "/v1/verifications",
+        headers=headers,
+        json={"service_id": api.service_id, "to": "+34600000001"},
+    )
     assert_problem(response, 401, "unauthorized")
     assert "Bearer" in response.headers["WWW-Authenticate"]
     assert await counts(api) == (0, 0)
@@ -127,11 +136,13 @@ async def test_basic_auth_needs_the_keys_own_username(api: Api) -> None:
 
 async def test_another_accounts_objects_are_not_found(api: Api) -> None:
     vid = (await api.start()).json()["id"]
-    other = await api.http.post("/v1/accounts", json={"name": "Other", "username": "o@x.test"},
-                                headers=api.auth())
+    other = await api.http.post(
+        "/v1/accounts", json={"name": "Other", "username": "o@x.test"}, headers=api.auth()
+    )
     assert other.status_code == 201
-    key = await api.http.post("/v1/keys", json={"name": "k", "account_id": other.json()["id"]},
-                              headers=api.auth())
+    key = await api.http.post(
+        "/v1/keys", json={"name": "k", "account_id": other.json()["id"]}, headers=api.auth()
+    )
     assert key.status_code == 201
     theirs = {"Authorization": f"Bearer {key.json()['key']}"}
     for method, path, body in [
@@ -143,8 +154,11 @@ async def test_another_accounts_objects_are_not_found(api: Api) -> None:
         ("PATCH", f"/v1/services/{api.service_id}", {"ttl_seconds": 120}),
         ("DELETE", f"/v1/services/{api.service_id}", None),
         ("POST", "/v1/verifications", {"service_id": api.service_id, "to": "+34600000002"}),
-        ("POST", "/v1/verifications/check",
-         {"service_id": api.service_id, "to": "+34600000001", "code": "123456"}),
+        (
+            "POST",
+            "/v1/verifications/check",
+            {"service_id": api.service_id, "to": "+34600000001", "code": "123456"},
+        ),
     ]:
         response = await api.http.request(method, path, json=body, headers=theirs)
         assert_problem(response, 404, "not_found")
@@ -164,7 +178,9 @@ async def test_revoked_key_is_refused(api: Api) -> None:
     listed = (await api.http.get("/v1/keys", headers=api.auth())).json()["data"]
     assert created["id"] in [k["id"] for k in listed]
     assert all("key" not in k for k in listed)
-    assert (await api.http.delete(f"/v1/keys/{created['id']}", headers=api.auth())).status_code == 204
+    assert (
+        await api.http.delete(f"/v1/keys/{created['id']}", headers=api.auth())
+    ).status_code == 204
     assert_problem(await api.http.get("/v1/account", headers=temp), 401, "unauthorized")
     again = await api.http.delete(f"/v1/keys/{created['id']}", headers=api.auth())
     assert_problem(again, 404, "not_found")

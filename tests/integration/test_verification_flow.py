@@ -86,8 +86,12 @@ async def test_fifty_concurrent_wrong_checks_stop_at_the_cap(api: Api) -> None:
     assert status["check_attempts"] == status["max_check_attempts"] == 5
     assert status["status"] == "max_attempts_reached"
     late = (await api.check(vid, code)).json()
-    assert late == {"id": vid, "status": "max_attempts_reached", "valid": False,
-                    "remaining_attempts": 0}
+    assert late == {
+        "id": vid,
+        "status": "max_attempts_reached",
+        "valid": False,
+        "remaining_attempts": 0,
+    }
 
 
 async def test_resend_sends_the_same_code_with_cooldown_and_cap(api: Api) -> None:
@@ -139,7 +143,11 @@ async def test_expiry_is_reported_at_once_and_refuses_the_right_code(api: Api) -
     status = (await api.http.get(f"/v1/verifications/{vid}", headers=api.auth())).json()
     assert status["status"] == "expired"
     assert (await api.check(vid, code)).json() == {
-        "id": vid, "status": "expired", "valid": False, "remaining_attempts": 5}
+        "id": vid,
+        "status": "expired",
+        "valid": False,
+        "remaining_attempts": 5,
+    }
     # A new start after expiry creates a new verification with a new code.
     again = await api.start()
     assert again.status_code == 201 and again.json()["id"] != vid
@@ -171,8 +179,7 @@ async def test_new_context_supersedes_the_pending_verification(api: Api) -> None
     first, first_code = await started(api, context={"amount": "1.00 EUR", "payee": "A"})
     second, _ = await started(api, context={"amount": "2.00 EUR", "payee": "A"})
     assert first != second
-    old = (await api.check(first, first_code,
-                           context={"amount": "1.00 EUR", "payee": "A"})).json()
+    old = (await api.check(first, first_code, context={"amount": "1.00 EUR", "payee": "A"})).json()
     assert old == {"id": first, "status": "canceled", "valid": False, "remaining_attempts": 5}
 
 
@@ -180,8 +187,12 @@ async def test_check_by_destination_uses_the_latest_verification(api: Api) -> No
     vid, code = await started(api)
     body = {"service_id": api.service_id, "to": "+34 600 000 001", "code": f"{code[:3]} {code[3:]}"}
     response = await api.http.post("/v1/verifications/check", json=body, headers=api.auth())
-    assert response.json() == {"id": vid, "status": "approved", "valid": True,
-                               "remaining_attempts": 5}
+    assert response.json() == {
+        "id": vid,
+        "status": "approved",
+        "valid": True,
+        "remaining_attempts": 5,
+    }
     never = {**body, "to": "+34600000009"}
     missing = await api.http.post("/v1/verifications/check", json=never, headers=api.auth())
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
@@ -189,16 +200,22 @@ async def test_check_by_destination_uses_the_latest_verification(api: Api) -> No
 
 async def test_custom_and_alphanumeric_codes(api: Api) -> None:
     service = await api.new_service(code_type="alphanumeric", code_length=8)
-    response = await api.http.post("/v1/verifications", headers=api.auth(), json={
-        "service_id": service, "to": "+34600000003", "custom_code": "ABCD2345"})
+    response = await api.http.post(
+        "/v1/verifications",
+        headers=api.auth(),
+        json={"service_id": service, "to": "+34600000003", "custom_code": "ABCD2345"},
+    )
     assert response.status_code == 201, response.text
     await api.deliver()
     assert "ABCD2345" in api.sender.sent[-1].text
     ok = await api.check(response.json()["id"], "abcd-2345")
     assert ok.json()["valid"] is True
 
-    bad = await api.http.post("/v1/verifications", headers=api.auth(), json={
-        "service_id": service, "to": "+34600000004", "custom_code": "ABC0"})
+    bad = await api.http.post(
+        "/v1/verifications",
+        headers=api.auth(),
+        json={"service_id": service, "to": "+34600000004", "custom_code": "ABC0"},
+    )
     assert bad.status_code == 400
     assert bad.json()["code"] == "invalid_request" and bad.json()["param"] == "custom_code"
 
@@ -206,8 +223,11 @@ async def test_custom_and_alphanumeric_codes(api: Api) -> None:
 async def test_generated_alphanumeric_codes_avoid_look_alikes(api: Api) -> None:
     service = await api.new_service(code_type="alphanumeric", code_length=10)
     for n in range(5):
-        await api.http.post("/v1/verifications", headers=api.auth(), json={
-            "service_id": service, "to": f"+3460000001{n}"})
+        await api.http.post(
+            "/v1/verifications",
+            headers=api.auth(),
+            json={"service_id": service, "to": f"+3460000001{n}"},
+        )
     await api.deliver()
     for sms in api.sender.sent:
         code = code_in(sms.text)
@@ -232,12 +252,12 @@ async def test_list_with_cursor_and_filters(api: Api) -> None:
         if cursor is None:
             break
     assert seen == list(reversed(ids))
-    one = await api.http.get("/v1/verifications", params={"to": "+34600000022"},
-                             headers=api.auth())
+    one = await api.http.get("/v1/verifications", params={"to": "+34600000022"}, headers=api.auth())
     assert [v["id"] for v in one.json()["data"]] == [ids[2]]
     await api.http.post(f"/v1/verifications/{ids[0]}/cancel", headers=api.auth())
-    canceled = await api.http.get("/v1/verifications", params={"status": "canceled"},
-                                  headers=api.auth())
+    canceled = await api.http.get(
+        "/v1/verifications", params={"status": "canceled"}, headers=api.auth()
+    )
     assert [v["id"] for v in canceled.json()["data"]] == [ids[0]]
     bad = await api.http.get("/v1/verifications", params={"limit": 0}, headers=api.auth())
     assert bad.status_code == 400 and bad.json()["param"] == "limit"
@@ -249,26 +269,32 @@ async def test_hundred_consecutive_failures_lock_the_destination(api: Api) -> No
     service = await api.new_service(max_check_attempts=20, resend_interval_seconds=0)
     to = "+34600000031"
     for _ in range(5):
-        response = await api.http.post("/v1/verifications", headers=api.auth(),
-                                       json={"service_id": service, "to": to})
+        response = await api.http.post(
+            "/v1/verifications", headers=api.auth(), json={"service_id": service, "to": to}
+        )
         assert response.status_code == 201, response.text
         vid = response.json()["id"]
         for _ in range(20):
             assert (await api.check(vid, "000000x")).json()["valid"] is False
-    locked = await api.http.post("/v1/verifications", headers=api.auth(),
-                                 json={"service_id": service, "to": to})
+    locked = await api.http.post(
+        "/v1/verifications", headers=api.auth(), json={"service_id": service, "to": to}
+    )
     assert locked.status_code == 403
     assert locked.json()["code"] == "destination_blocked"
     assert locked.json()["retry_after"] > 0
     # Another destination, and the same destination in another service, are not affected.
-    other = await api.http.post("/v1/verifications", headers=api.auth(),
-                                json={"service_id": service, "to": "+34600000032"})
+    other = await api.http.post(
+        "/v1/verifications", headers=api.auth(), json={"service_id": service, "to": "+34600000032"}
+    )
     assert other.status_code == 201
     assert (await api.start(to)).status_code == 201
     # The cooldown lifts the lock.
     api.clock.advance(86_400)
-    assert (await api.http.post("/v1/verifications", headers=api.auth(),
-                                json={"service_id": service, "to": to})).status_code == 201
+    assert (
+        await api.http.post(
+            "/v1/verifications", headers=api.auth(), json={"service_id": service, "to": to}
+        )
+    ).status_code == 201
 
 
 async def test_a_success_resets_the_consecutive_failure_count(api: Api) -> None:
@@ -276,7 +302,7 @@ async def test_a_success_resets_the_consecutive_failure_count(api: Api) -> None:
     await api.check(vid, wrong(code))
     await api.check(vid, code)
     async with api.container.storage.engine.connect() as conn:
-        rows = (await conn.execute(select(func.count()).select_from(t.destination_failures)))
+        rows = await conn.execute(select(func.count()).select_from(t.destination_failures))
         assert rows.scalar_one() == 0
 
 

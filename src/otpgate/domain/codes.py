@@ -5,9 +5,10 @@ Security contract (SECURITY.md S1–S3, S5):
 * codes come from :mod:`secrets`, never :mod:`random`;
 * a code is stored only as ``HMAC-SHA256(key, verification id ‖ code ‖ canonical context)``; the key
   lives outside the database, so a stolen database alone cannot be brute-forced offline;
-* the only reversible copy is sealed with AES-256-GCM (key outside the database, the verification id
-  as associated data, so a ciphertext cannot be moved to another row) and exists only so that a resend
-  can send the *same* code; storage erases it when the verification leaves ``pending``;
+* the only reversible copy is sealed with AES-256-GCM (key outside the database, the
+  verification id as associated data, so a ciphertext cannot be moved to another row) and exists
+  only so that a resend can send the *same* code; storage erases it when the verification leaves
+  ``pending``;
 * comparison is constant time (:func:`hmac.compare_digest`).
 """
 
@@ -135,7 +136,7 @@ class CodeVault:
         return nonce + self._aead.encrypt(nonce, code.encode(), verification_id.encode())
 
     def unseal(self, verification_id: str, sealed: bytes) -> str:
-        """The code back from :meth:`seal`; ``ValueError`` if the ciphertext was altered or moved."""
+        """The code back from :meth:`seal`; ``ValueError`` if it was altered or moved."""
         try:
             plain = self._aead.decrypt(
                 sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], verification_id.encode()

@@ -37,9 +37,20 @@ _METADATA_MAX_BYTES = 4_096
 
 POLICY_FIELDS = frozenset(
     {
-        "name", "code_length", "code_type", "ttl_seconds", "max_check_attempts",
-        "max_send_attempts", "resend_interval_seconds", "channels", "allowed_countries",
-        "sender_id", "templates", "default_locale", "webotp_domain", "android_app_hash",
+        "name",
+        "code_length",
+        "code_type",
+        "ttl_seconds",
+        "max_check_attempts",
+        "max_send_attempts",
+        "resend_interval_seconds",
+        "channels",
+        "allowed_countries",
+        "sender_id",
+        "templates",
+        "default_locale",
+        "webotp_domain",
+        "android_app_hash",
         "webhook_url",
     }
 )
@@ -68,8 +79,9 @@ def build_policy(fields: Mapping[str, Any], base: ServicePolicy | None = None) -
     _check_templates(policy)
     if policy.code_length < 6:
         # NIST SP 800-63B wants at least six digits; allowed, but it must not pass unnoticed.
-        log.warning("service %r uses %d-character codes (fewer than 6)", policy.name,
-                    policy.code_length)
+        log.warning(
+            "service %r uses %d-character codes (fewer than 6)", policy.name, policy.code_length
+        )
     return policy
 
 
@@ -89,8 +101,7 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         try:
             return CodeType(value)
         except ValueError:
-            raise InvalidRequest("code_type must be numeric or alphanumeric",
-                                 param=key) from None
+            raise InvalidRequest("code_type must be numeric or alphanumeric", param=key) from None
     if key == "channels":
         if not isinstance(value, list | tuple) or not value:
             raise InvalidRequest("channels must be a non-empty list", param=key)
@@ -118,13 +129,11 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
             raise InvalidRequest("templates must map locales to template strings", param=key)
         for locale in value:
             if not _LOCALE.match(locale.removesuffix(".transaction")):
-                raise InvalidRequest(f"{locale!r} is not a locale such as en or es-MX",
-                                     param=key)
+                raise InvalidRequest(f"{locale!r} is not a locale such as en or es-MX", param=key)
         return dict(value)
     if key == "default_locale":
         if not isinstance(value, str) or not _LOCALE.match(value):
-            raise InvalidRequest("default_locale must be a locale such as en or es-MX",
-                                 param=key)
+            raise InvalidRequest("default_locale must be a locale such as en or es-MX", param=key)
         return value
     if key == "webotp_domain":
         return sms.validate_webotp_domain(_text(key, value))
@@ -146,15 +155,20 @@ def _text(key: str, value: Any) -> str:
 
 def _check_templates(policy: ServicePolicy) -> None:
     """Every template the service may use must fit one SMS segment with the longest values."""
-    longest = dict(
-        brand=policy.name,
-        code_length=policy.code_length,
-        max_minutes=max(1, policy.ttl_seconds // 60),
-        webotp_domain=policy.webotp_domain,
-        android_app_hash=policy.android_app_hash,
-    )
+
+    def fits(template: str, param: str) -> None:
+        sms.validate_template(
+            template,
+            brand=policy.name,
+            code_length=policy.code_length,
+            max_minutes=max(1, policy.ttl_seconds // 60),
+            webotp_domain=policy.webotp_domain,
+            android_app_hash=policy.android_app_hash,
+            param=param,
+        )
+
     for locale, template in policy.templates.items():
-        sms.validate_template(template, **longest)
+        fits(template, "templates")
         if locale.endswith(".transaction") and not all(
             "{" + key + "}" in template for key in sms.CONTEXT_KEYS
         ):
@@ -166,7 +180,7 @@ def _check_templates(policy: ServicePolicy) -> None:
     # The built-ins are checked too: a long brand can push them past one segment.
     for locale_templates in sms.BUILTIN_TEMPLATES.values():
         for template in locale_templates.values():
-            sms.validate_template(template, param="name", **longest)
+            fits(template, "name")
 
 
 def expires_at(policy: ServicePolicy, now: datetime) -> datetime:
@@ -210,8 +224,7 @@ def validate_context(context: Any) -> dict[str, str] | None:
             )
         if not isinstance(value, str) or not 1 <= len(value) <= sms.CONTEXT_VALUE_MAX_LENGTH:
             raise InvalidRequest(
-                f"context.{key} must be a string of 1 to {sms.CONTEXT_VALUE_MAX_LENGTH}"
-                " characters",
+                f"context.{key} must be a string of 1 to {sms.CONTEXT_VALUE_MAX_LENGTH} characters",
                 param=f"context.{key}",
             )
     return {str(k): str(v) for k, v in context.items()}
@@ -223,8 +236,9 @@ def validate_metadata(metadata: Any, encoded_size: int) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise InvalidRequest("metadata must be an object", param="metadata")
     if encoded_size > _METADATA_MAX_BYTES:
-        raise InvalidRequest(f"metadata must be at most {_METADATA_MAX_BYTES} bytes as JSON",
-                             param="metadata")
+        raise InvalidRequest(
+            f"metadata must be at most {_METADATA_MAX_BYTES} bytes as JSON", param="metadata"
+        )
     return metadata
 
 

@@ -151,7 +151,11 @@ class VerificationStore(Protocol):
         ...
 
     async def create_verification(
-        self, verification: Verification, message: Message, *, body_masked: str,
+        self,
+        verification: Verification,
+        message: Message,
+        *,
+        body_masked: str,
         supersede: str | None = None,
     ) -> bool:
         """In one transaction: cancel ``supersede`` if it is still pending, insert the
@@ -161,7 +165,12 @@ class VerificationStore(Protocol):
         ...
 
     async def record_resend(
-        self, verification_id: str, message: Message, *, body_masked: str, now: datetime,
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
         interval_seconds: int,
     ) -> Verification | None:
         """In one transaction, if the verification is pending, unexpired, below its send cap
@@ -201,9 +210,7 @@ class VerificationStore(Protocol):
         erased). Returns the new ``check_attempts`` or ``None`` if nothing was counted."""
         ...
 
-    async def close(
-        self, verification_id: str, status: VerificationStatus, now: datetime
-    ) -> bool:
+    async def close(self, verification_id: str, status: VerificationStatus, now: datetime) -> bool:
         """Move a pending verification to a terminal ``status`` and erase its sealed code."""
         ...
 
@@ -212,9 +219,7 @@ class VerificationStore(Protocol):
         code; returns how many."""
         ...
 
-    async def destination_lock(
-        self, service_id: str, to: str, now: datetime
-    ) -> datetime | None:
+    async def destination_lock(self, service_id: str, to: str, now: datetime) -> datetime | None:
         """When the (service, destination) lockout (S8) is in force, the time it ends."""
         ...
 
@@ -244,7 +249,12 @@ class MessageStore(Protocol):
     ) -> None: ...
 
     async def mark_retry(
-        self, message_id: str, *, provider: str, error: str, next_attempt_at: datetime,
+        self,
+        message_id: str,
+        *,
+        provider: str,
+        error: str,
+        next_attempt_at: datetime,
         now: datetime,
     ) -> None: ...
 
@@ -256,9 +266,7 @@ class MessageStore(Protocol):
         erased) and is returned."""
         ...
 
-    async def apply_report(
-        self, provider: str, report: DeliveryReport, now: datetime
-    ) -> bool:
+    async def apply_report(self, provider: str, report: DeliveryReport, now: datetime) -> bool:
         """Apply a delivery report to the message with this provider and reference; False when
         no such message exists (the receipt is then acknowledged and ignored)."""
         ...
@@ -285,8 +293,9 @@ class IdempotencyStore(Protocol):
         ...
 
 
-class Storage(AccountStore, ServiceStore, VerificationStore, MessageStore, IdempotencyStore,
-              Protocol):
+class Storage(
+    AccountStore, ServiceStore, VerificationStore, MessageStore, IdempotencyStore, Protocol
+):
     """Everything otpgate keeps. ``ping`` raises ``Unavailable`` when storage is down."""
 
     async def ping(self) -> None: ...

@@ -30,12 +30,16 @@ app = typer.Typer(help="otpgate: self-hosted one-time-code verification.", no_ar
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
-services_app = typer.Typer(help="Services (per-application verification policy).",
-                           no_args_is_help=True)
-verify_app = typer.Typer(help="Client commands against a running server "
-                              "(OTPGATE_URL, OTPGATE_API_KEY).", no_args_is_help=True)
-lockouts_app = typer.Typer(help="Destination lockouts after repeated failures (S8).",
-                           no_args_is_help=True)
+services_app = typer.Typer(
+    help="Services (per-application verification policy).", no_args_is_help=True
+)
+verify_app = typer.Typer(
+    help="Client commands against a running server (OTPGATE_URL, OTPGATE_API_KEY).",
+    no_args_is_help=True,
+)
+lockouts_app = typer.Typer(
+    help="Destination lockouts after repeated failures (S8).", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
@@ -101,8 +105,14 @@ def serve(
     _run(_first_start(settings, host, port))
     uvicorn.run(
         "otpgate.entrypoints.api.app:create_app_from_env",
-        factory=True, host=host, port=port, workers=workers, log_config=None,
-        access_log=False, proxy_headers=False, lifespan="on",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        lifespan="on",
     )
 
 
@@ -115,19 +125,21 @@ async def _first_start(settings: Settings, host: str, port: int) -> None:
     if issued is None:
         return
     base = f"http://{host}:{port}"
-    err.print(Panel.fit(
-        f"Created the default account [bold]{account.id}[/bold] and its admin API key.\n"
-        "This key is shown [bold]once[/bold]; store it now:\n\n"
-        f"  [bold green]{issued.secret}[/bold green]\n\n"
-        "Try it:\n"
-        f"  export OTPGATE_API_KEY={issued.secret}\n"
-        f"  curl -s -X POST {base}/v1/services -H \"Authorization: Bearer $OTPGATE_API_KEY\" "
-        "-H 'Content-Type: application/json' -d '{\"name\": \"Acme\"}'\n"
-        f"  curl -s -X POST {base}/v1/verifications -H \"Authorization: Bearer "
-        "$OTPGATE_API_KEY\" -H 'Content-Type: application/json' "
-        "-d '{\"service_id\": \"svc_…\", \"to\": \"+34600000000\"}'",
-        title="otpgate: first start",
-    ))
+    err.print(
+        Panel.fit(
+            f"Created the default account [bold]{account.id}[/bold] and its admin API key.\n"
+            "This key is shown [bold]once[/bold]; store it now:\n\n"
+            f"  [bold green]{issued.secret}[/bold green]\n\n"
+            "Try it:\n"
+            f"  export OTPGATE_API_KEY={issued.secret}\n"
+            f'  curl -s -X POST {base}/v1/services -H "Authorization: Bearer $OTPGATE_API_KEY" '
+            "-H 'Content-Type: application/json' -d '{\"name\": \"Acme\"}'\n"
+            f'  curl -s -X POST {base}/v1/verifications -H "Authorization: Bearer '
+            "$OTPGATE_API_KEY\" -H 'Content-Type: application/json' "
+            '-d \'{"service_id": "svc_…", "to": "+34600000000"}\'',
+            title="otpgate: first start",
+        )
+    )
 
 
 @app.command()
@@ -173,17 +185,20 @@ def accounts_create(
     as_json: JsonFlag = False,
 ) -> None:
     """Create an account."""
-    account = _run(_with_container(
-        lambda c: c.access.create_account(name, username=username)))
-    _emit({"id": account.id, "name": account.name, "username": account.username}, as_json,
-          f"created account [bold]{account.id}[/bold] ({account.username})")
+    account = _run(_with_container(lambda c: c.access.create_account(name, username=username)))
+    _emit(
+        {"id": account.id, "name": account.name, "username": account.username},
+        as_json,
+        f"created account [bold]{account.id}[/bold] ({account.username})",
+    )
 
 
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="What the key is for.")],
-    account: Annotated[str | None, typer.Option(help="Account id; default: the default "
-                                                     "account.")] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Account id; default: the default account.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create an API key; it is shown once."""
@@ -193,24 +208,30 @@ def keys_create(
         return await c.access.create_key(account_id, name=name)
 
     issued = _run(_with_container(action))
-    _emit({"id": issued.key.id, "key": issued.secret, "account_id": issued.key.account_id},
-          as_json, f"key [bold]{issued.key.id}[/bold] for {issued.key.account_id} "
-                   f"(shown once):\n{issued.secret}")
+    _emit(
+        {"id": issued.key.id, "key": issued.secret, "account_id": issued.key.account_id},
+        as_json,
+        f"key [bold]{issued.key.id}[/bold] for {issued.key.account_id} "
+        f"(shown once):\n{issued.secret}",
+    )
 
 
 @services_app.command("create")
 def services_create(
     name: Annotated[str, typer.Option(help="Brand shown in messages.")],
-    account: Annotated[str | None, typer.Option(help="Account id; default: the default "
-                                                     "account.")] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Account id; default: the default account.")
+    ] = None,
     code_length: Annotated[int | None, typer.Option(help="4-10 (default 6).")] = None,
     code_type: Annotated[str | None, typer.Option(help="numeric | alphanumeric.")] = None,
     ttl_seconds: Annotated[int | None, typer.Option(help="Validity, 60-86400.")] = None,
     max_check_attempts: Annotated[int | None, typer.Option(help="1-20.")] = None,
     max_send_attempts: Annotated[int | None, typer.Option(help="1-10.")] = None,
     resend_interval_seconds: Annotated[int | None, typer.Option(help="0-3600.")] = None,
-    allowed_country: Annotated[list[str] | None, typer.Option(
-        help="Allowed destination country (repeatable); default: all.")] = None,
+    allowed_country: Annotated[
+        list[str] | None,
+        typer.Option(help="Allowed destination country (repeatable); default: all."),
+    ] = None,
     sender_id: Annotated[str | None, typer.Option(help="SMS sender.")] = None,
     default_locale: Annotated[str | None, typer.Option(help="e.g. en, es.")] = None,
     webotp_domain: Annotated[str | None, typer.Option(help="Host for the WebOTP line.")] = None,
@@ -219,11 +240,16 @@ def services_create(
     """Create a service."""
     fields: dict[str, Any] = {"name": name}
     for key, value in {
-        "code_length": code_length, "code_type": code_type, "ttl_seconds": ttl_seconds,
-        "max_check_attempts": max_check_attempts, "max_send_attempts": max_send_attempts,
+        "code_length": code_length,
+        "code_type": code_type,
+        "ttl_seconds": ttl_seconds,
+        "max_check_attempts": max_check_attempts,
+        "max_send_attempts": max_send_attempts,
         "resend_interval_seconds": resend_interval_seconds,
-        "allowed_countries": allowed_country or None, "sender_id": sender_id,
-        "default_locale": default_locale, "webotp_domain": webotp_domain,
+        "allowed_countries": allowed_country or None,
+        "sender_id": sender_id,
+        "default_locale": default_locale,
+        "webotp_domain": webotp_domain,
     }.items():
         if value is not None:
             fields[key] = value
@@ -231,8 +257,11 @@ def services_create(
     async def action(c: Container) -> Any:
         from otpgate.domain.model import Principal
 
-        owner = (await c.access.get_account(account) if account
-                 else (await c.access.ensure_default_account())[0])
+        owner = (
+            await c.access.get_account(account)
+            if account
+            else (await c.access.ensure_default_account())[0]
+        )
         return await c.catalog.create(Principal(account=owner, key_id="cli"), fields)
 
     service = _run(_with_container(action))
@@ -256,9 +285,11 @@ def lockouts_clear(
 def verify_options(
     ctx: typer.Context,
     url: Annotated[str, typer.Option(envvar="OTPGATE_URL", help="Server base URL.")] = (
-        "http://127.0.0.1:8000"),
-    api_key: Annotated[str, typer.Option(envvar="OTPGATE_API_KEY", help="API key.",
-                                         show_default=False)] = "",
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str, typer.Option(envvar="OTPGATE_API_KEY", help="API key.", show_default=False)
+    ] = "",
 ) -> None:
     if not api_key:
         err.print("[red]set OTPGATE_API_KEY[/red] (and OTPGATE_URL if not the default)")

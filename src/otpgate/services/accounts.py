@@ -72,11 +72,17 @@ class AccessService:
         if not 1 <= len(name) <= 200:
             raise InvalidRequest("name must be 1 to 200 characters", param="name")
         if username is not None and not _USERNAME.match(username):
-            raise InvalidRequest("username must be an e-mail address or a simple identifier",
-                                 param="username")
+            raise InvalidRequest(
+                "username must be an e-mail address or a simple identifier", param="username"
+            )
         account_id = new_id("acc")
-        account = Account(id=account_id, name=name, username=username or account_id,
-                          is_admin=is_admin, created_at=self._clock.now())
+        account = Account(
+            id=account_id,
+            name=name,
+            username=username or account_id,
+            is_admin=is_admin,
+            created_at=self._clock.now(),
+        )
         await self._storage.create_account(account)
         return account
 
@@ -114,8 +120,13 @@ class AccessService:
             raise InvalidRequest("name must be 1 to 200 characters", param="name")
         await self.get_account(account_id)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(id=new_id("key"), account_id=account_id, name=name,
-                     key_hash=hash_key(secret), created_at=self._clock.now())
+        key = ApiKey(
+            id=new_id("key"),
+            account_id=account_id,
+            name=name,
+            key_hash=hash_key(secret),
+            created_at=self._clock.now(),
+        )
         await self._storage.create_key(key)
         return IssuedKey(key=key, secret=secret)
 

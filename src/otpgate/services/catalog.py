@@ -19,8 +19,13 @@ class ServiceCatalog:
     async def create(self, principal: Principal, fields: Mapping[str, Any]) -> Service:
         policy = rules.build_policy(fields)
         now = self._clock.now()
-        service = Service(id=new_id("svc"), account_id=principal.account.id, policy=policy,
-                          created_at=now, updated_at=now)
+        service = Service(
+            id=new_id("svc"),
+            account_id=principal.account.id,
+            policy=policy,
+            created_at=now,
+            updated_at=now,
+        )
         await self._storage.create_service(service)
         return service
 
@@ -30,11 +35,8 @@ class ServiceCatalog:
             raise NotFound("no such service")
         return service
 
-    async def list(
-        self, principal: Principal, *, limit: int, cursor: str | None
-    ) -> Page[Service]:
-        return await self._storage.list_services(principal.account.id, limit=limit,
-                                                 cursor=cursor)
+    async def list(self, principal: Principal, *, limit: int, cursor: str | None) -> Page[Service]:
+        return await self._storage.list_services(principal.account.id, limit=limit, cursor=cursor)
 
     async def update(
         self, principal: Principal, service_id: str, fields: Mapping[str, Any]
@@ -43,14 +45,16 @@ class ServiceCatalog:
         if "name" in fields and fields["name"] is None:
             raise InvalidRequest("name cannot be null", param="name")
         policy = rules.build_policy(fields, base=current.policy)
-        updated = await self._storage.update_service(principal.account.id, service_id, policy,
-                                                     self._clock.now())
+        updated = await self._storage.update_service(
+            principal.account.id, service_id, policy, self._clock.now()
+        )
         if updated is None:
             raise NotFound("no such service")
         return updated
 
     async def delete(self, principal: Principal, service_id: str) -> None:
         """Delete the service; its pending verifications are canceled with it."""
-        if not await self._storage.delete_service(principal.account.id, service_id,
-                                                  self._clock.now()):
+        if not await self._storage.delete_service(
+            principal.account.id, service_id, self._clock.now()
+        ):
             raise NotFound("no such service")

@@ -42,7 +42,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Exponential backoff with up to 25 % jitter, so retries of a burst spread out."""
-        base = self.backoff_seconds * (2 ** max(0, attempt - 1))
+        base = self.backoff_seconds * 2.0 ** max(0, attempt - 1)
         return base * (1 + secrets.randbelow(250) / 1000)
 
 
@@ -156,17 +156,20 @@ class Dispatcher:
         provider = self._route[0]
         try:
             if verification is None or service is None or verification.code_sealed is None:
-                await self._storage.mark_failed(message.id, provider=None, now=now,
-                                                error="verification closed before sending")
+                await self._storage.mark_failed(
+                    message.id, provider=None, now=now, error="verification closed before sending"
+                )
                 return
             if verification.status_at(now) is VerificationStatus.EXPIRED:
                 await self._storage.close(verification.id, VerificationStatus.EXPIRED, now)
-                await self._storage.mark_failed(message.id, provider=None, now=now,
-                                                error="verification expired before sending")
+                await self._storage.mark_failed(
+                    message.id, provider=None, now=now, error="verification expired before sending"
+                )
                 return
             code = self._vault.unseal(verification.id, verification.code_sealed)
-            text = rules.compose_sms(service.policy, code=code, locale=message.locale,
-                                     context=verification.context)
+            text = rules.compose_sms(
+                service.policy, code=code, locale=message.locale, context=verification.context
+            )
             shape = sms.measure(text)
             outbound = OutboundSms(
                 message_id=message.id,
@@ -188,11 +191,14 @@ class Dispatcher:
                 log.exception("sender %s raised an unexpected error", provider)
                 await self._retry_or_fail(item, provider, f"unexpected: {type(exc).__name__}")
             else:
-                await self._storage.mark_sent(message.id, provider=provider, receipt=receipt,
-                                              now=self._clock.now())
+                await self._storage.mark_sent(
+                    message.id, provider=provider, receipt=receipt, now=self._clock.now()
+                )
                 self._metrics.count("message_sent", provider=provider)
-                log.info("message sent", extra={"message_id": message.id,
-                                                "to": mask(message.to), "provider": provider})
+                log.info(
+                    "message sent",
+                    extra={"message_id": message.id, "to": mask(message.to), "provider": provider},
+                )
         except Unavailable:
             # The lease lapses and the row is claimed again once storage is back.
             log.warning("storage unavailable while delivering", extra={"message_id": message.id})
@@ -206,19 +212,29 @@ class Dispatcher:
             return
         now = self._clock.now()
         retry_at = now + timedelta(seconds=self._retry.delay(attempt))
-        await self._storage.mark_retry(item.message.id, provider=provider, error=error,
-                                       next_attempt_at=retry_at, now=now)
+        await self._storage.mark_retry(
+            item.message.id, provider=provider, error=error, next_attempt_at=retry_at, now=now
+        )
         self._metrics.count("message_retry", provider=provider)
-        log.warning("transient delivery error; will retry",
-                    extra={"message_id": item.message.id, "provider": provider,
-                           "error": error, "attempt": attempt})
+        log.warning(
+            "transient delivery error; will retry",
+            extra={
+                "message_id": item.message.id,
+                "provider": provider,
+                "error": error,
+                "attempt": attempt,
+            },
+        )
 
     async def _fail(self, item: ClaimedMessage, provider: str, error: str) -> None:
-        failed = await self._storage.mark_failed(item.message.id, provider=provider,
-                                                 error=error, now=self._clock.now())
+        failed = await self._storage.mark_failed(
+            item.message.id, provider=provider, error=error, now=self._clock.now()
+        )
         self._metrics.count("message_failed", provider=provider)
-        log.warning("message failed", extra={"message_id": item.message.id,
-                                             "provider": provider, "error": error})
+        log.warning(
+            "message failed",
+            extra={"message_id": item.message.id, "provider": provider, "error": error},
+        )
         if failed is not None:
             self._metrics.count("verification_failed")
 

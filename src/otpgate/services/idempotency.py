@@ -52,8 +52,9 @@ class Idempotency:
                 f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters",
                 param="Idempotency-Key",
             )
-        state, status, body = await self._store.begin(account_id, key, fingerprint,
-                                                      self._clock.now())
+        state, status, body = await self._store.begin(
+            account_id, key, fingerprint, self._clock.now()
+        )
         if state == "done":
             assert status is not None
             return Outcome(status, body, replayed=True)

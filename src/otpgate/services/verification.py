@@ -113,9 +113,11 @@ class VerificationService:
             request.metadata, len(json.dumps(request.metadata or {}))
         )
         custom_code = (
-            None if request.custom_code is None
-            else validate_custom_code(request.custom_code, length=policy.code_length,
-                                      code_type=policy.code_type)
+            None
+            if request.custom_code is None
+            else validate_custom_code(
+                request.custom_code, length=policy.code_length, code_type=policy.code_type
+            )
         )
         now = self._clock.now()
         # 3. Lockout after too many consecutive failures (S8): neither a resend nor a new
@@ -127,26 +129,35 @@ class VerificationService:
         if pending is not None and custom_code is None and pending.context == context:
             return await self._resend(service, pending, channel), False
         verification, message, body_masked = self._new(
-            service, principal, destination.e164, channel, locale, context, metadata,
+            service,
+            principal,
+            destination.e164,
+            channel,
+            locale,
+            context,
+            metadata,
             custom_code,
         )
         created = await self._storage.create_verification(
-            verification, message, body_masked=body_masked,
+            verification,
+            message,
+            body_masked=body_masked,
             supersede=None if pending is None else pending.id,
         )
         if not created:
             # A concurrent start won the race for this destination; ours becomes a resend.
-            pending = await self._storage.expire_and_find_pending(
-                service.id, destination.e164, now
-            )
+            pending = await self._storage.expire_and_find_pending(service.id, destination.e164, now)
             if pending is None:
-                raise ResendTooSoon("another start for this destination is in progress",
-                                    retry_after=1)
+                raise ResendTooSoon(
+                    "another start for this destination is in progress", retry_after=1
+                )
             return await self._resend(service, pending, channel), False
         self._on_queued()
         self._metrics.count("verification_started", channel=channel.value)
-        log.info("verification started", extra={"verification_id": verification.id,
-                                                 "to": mask(destination.e164)})
+        log.info(
+            "verification started",
+            extra={"verification_id": verification.id, "to": mask(destination.e164)},
+        )
         return verification, True
 
     async def resend(
@@ -176,18 +187,25 @@ class VerificationService:
             raise InvalidRequest("verification can no longer be sent", param="id")
         code = self._vault.unseal(verification.id, verification.code_sealed)
         message, body_masked = self._message(
-            service, verification.account_id, verification.id, verification.to, channel,
-            verification.locale, code, verification.context,
+            service,
+            verification.account_id,
+            verification.id,
+            verification.to,
+            channel,
+            verification.locale,
+            code,
+            verification.context,
         )
         updated = await self._storage.record_resend(
-            verification.id, message, body_masked=body_masked, now=now,
+            verification.id,
+            message,
+            body_masked=body_masked,
+            now=now,
             interval_seconds=service.policy.resend_interval_seconds,
         )
         if updated is None:
             # Another request changed it between our read and our write: re-read and explain.
-            current = await self._storage.get_verification(
-                verification.account_id, verification.id
-            )
+            current = await self._storage.get_verification(verification.account_id, verification.id)
             if current is not None and current.status_at(now) is VerificationStatus.PENDING:
                 rules.refuse_resend(
                     current, interval_seconds=service.policy.resend_interval_seconds, now=now
@@ -342,25 +360,34 @@ class VerificationService:
                 )
                 self._metrics.count("check", result="approved")
                 log.info("verification approved", extra={"verification_id": verification.id})
-                return CheckResult(verification.id, VerificationStatus.APPROVED, True,
-                                   verification.remaining_attempts)
+                return CheckResult(
+                    verification.id,
+                    VerificationStatus.APPROVED,
+                    True,
+                    verification.remaining_attempts,
+                )
             return await self._reread(verification, now)
         # 5. A wrong code is counted atomically; the cap holds under any concurrency (S7).
         attempts = await self._storage.record_failed_check(verification.id, now)
         if attempts is None:
             return await self._reread(verification, now)
         failures = await self._storage.record_destination_failure(
-            verification.service_id, verification.to, now=now,
-            threshold=self._lockout.threshold, lock_seconds=self._lockout.seconds,
+            verification.service_id,
+            verification.to,
+            now=now,
+            threshold=self._lockout.threshold,
+            lock_seconds=self._lockout.seconds,
         )
         if failures >= self._lockout.threshold:
-            log.warning("destination locked after consecutive failures",
-                        extra={"service_id": verification.service_id,
-                               "to": mask(verification.to)})
+            log.warning(
+                "destination locked after consecutive failures",
+                extra={"service_id": verification.service_id, "to": mask(verification.to)},
+            )
             self._metrics.count("destination_locked")
         remaining = max(0, verification.max_check_attempts - attempts)
-        new_status = (VerificationStatus.PENDING if remaining
-                      else VerificationStatus.MAX_ATTEMPTS_REACHED)
+        new_status = (
+            VerificationStatus.PENDING if remaining else VerificationStatus.MAX_ATTEMPTS_REACHED
+        )
         self._metrics.count("check", result="wrong")
         return CheckResult(verification.id, new_status, False, remaining)
 
@@ -404,8 +431,13 @@ class VerificationService:
             raise InvalidRequest("unknown status", param="status") from None
         e164 = None if to is None else parse_phone(to).e164
         return await self._storage.list_verifications(
-            principal.account.id, service_id=service_id, status=wanted, to=e164,
-            limit=limit, cursor=cursor, now=self._clock.now(),
+            principal.account.id,
+            service_id=service_id,
+            status=wanted,
+            to=e164,
+            limit=limit,
+            cursor=cursor,
+            now=self._clock.now(),
         )
 
     def now(self) -> Any:
@@ -420,8 +452,7 @@ class VerificationService:
         return service
 
     async def _verification(self, principal: Principal, verification_id: str) -> Verification:
-        verification = await self._storage.get_verification(principal.account.id,
-                                                            verification_id)
+        verification = await self._storage.get_verification(principal.account.id, verification_id)
         if verification is None:
             raise NotFound("no such verification")
         return verification
@@ -433,11 +464,13 @@ class VerificationService:
             try:
                 channel = Channel(requested)
             except ValueError:
-                raise InvalidRequest("channel must be sms, voice or email",
-                                     param="channel") from None
+                raise InvalidRequest(
+                    "channel must be sms, voice or email", param="channel"
+                ) from None
         if channel not in service.policy.channels:
-            raise ChannelNotAllowed(f"channel {channel.value} is not enabled for this service",
-                                    param="channel")
+            raise ChannelNotAllowed(
+                f"channel {channel.value} is not enabled for this service", param="channel"
+            )
         if channel not in self._channels_available:
             raise ChannelNotAllowed(
                 f"no {channel.value} provider is configured on this server", param="channel"

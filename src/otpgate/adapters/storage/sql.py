@@ -95,62 +95,115 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
 
 def _account(row: Any) -> Account:
     return Account(
-        id=row.id, name=row.name, username=row.username, is_admin=bool(row.is_admin),
+        id=row.id,
+        name=row.name,
+        username=row.username,
+        is_admin=bool(row.is_admin),
         created_at=row.created_at,
     )
 
 
 def _service(row: Any) -> Service:
     return Service(
-        id=row.id, account_id=row.account_id, policy=policy_from_json(row.policy),
-        created_at=row.created_at, updated_at=row.updated_at,
+        id=row.id,
+        account_id=row.account_id,
+        policy=policy_from_json(row.policy),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
     )
 
 
 def _message(row: Any) -> Message:
     return Message(
-        id=row.id, account_id=row.account_id, verification_id=row.verification_id,
-        channel=Channel(row.channel), to=row.to, status=MessageStatus(row.status),
-        locale=row.locale, segments=row.segments, encoding=row.encoding,
-        created_at=row.created_at, updated_at=row.updated_at, provider=row.provider,
-        provider_ref=row.provider_ref, price=row.price, error=row.error, attempts=row.attempts,
+        id=row.id,
+        account_id=row.account_id,
+        verification_id=row.verification_id,
+        channel=Channel(row.channel),
+        to=row.to,
+        status=MessageStatus(row.status),
+        locale=row.locale,
+        segments=row.segments,
+        encoding=row.encoding,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        provider=row.provider,
+        provider_ref=row.provider_ref,
+        price=row.price,
+        error=row.error,
+        attempts=row.attempts,
     )
 
 
 def _verification(row: Any, messages: Sequence[Message] = ()) -> Verification:
     return Verification(
-        id=row.id, account_id=row.account_id, service_id=row.service_id, to=row.to,
-        channel=Channel(row.channel), status=VerificationStatus(row.status),
+        id=row.id,
+        account_id=row.account_id,
+        service_id=row.service_id,
+        to=row.to,
+        channel=Channel(row.channel),
+        status=VerificationStatus(row.status),
         code_digest=bytes(row.code_digest),
         code_sealed=None if row.code_sealed is None else bytes(row.code_sealed),
-        locale=row.locale, created_at=row.created_at, updated_at=row.updated_at,
-        expires_at=row.expires_at, last_sent_at=row.last_sent_at,
-        check_attempts=row.check_attempts, max_check_attempts=row.max_check_attempts,
-        send_attempts=row.send_attempts, max_send_attempts=row.max_send_attempts,
-        context=row.context, metadata=row.metadata or {}, messages=tuple(messages),
+        locale=row.locale,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        expires_at=row.expires_at,
+        last_sent_at=row.last_sent_at,
+        check_attempts=row.check_attempts,
+        max_check_attempts=row.max_check_attempts,
+        send_attempts=row.send_attempts,
+        max_send_attempts=row.max_send_attempts,
+        context=row.context,
+        metadata=row.metadata or {},
+        messages=tuple(messages),
     )
 
 
 def _verification_values(v: Verification) -> dict[str, Any]:
     return {
-        "id": v.id, "account_id": v.account_id, "service_id": v.service_id, "to": v.to,
-        "channel": v.channel.value, "status": v.status.value, "code_digest": v.code_digest,
-        "code_sealed": v.code_sealed, "locale": v.locale, "context": v.context,
-        "metadata": v.metadata, "check_attempts": v.check_attempts,
-        "max_check_attempts": v.max_check_attempts, "send_attempts": v.send_attempts,
-        "max_send_attempts": v.max_send_attempts, "created_at": v.created_at,
-        "updated_at": v.updated_at, "expires_at": v.expires_at, "last_sent_at": v.last_sent_at,
+        "id": v.id,
+        "account_id": v.account_id,
+        "service_id": v.service_id,
+        "to": v.to,
+        "channel": v.channel.value,
+        "status": v.status.value,
+        "code_digest": v.code_digest,
+        "code_sealed": v.code_sealed,
+        "locale": v.locale,
+        "context": v.context,
+        "metadata": v.metadata,
+        "check_attempts": v.check_attempts,
+        "max_check_attempts": v.max_check_attempts,
+        "send_attempts": v.send_attempts,
+        "max_send_attempts": v.max_send_attempts,
+        "created_at": v.created_at,
+        "updated_at": v.updated_at,
+        "expires_at": v.expires_at,
+        "last_sent_at": v.last_sent_at,
     }
 
 
 def _message_values(m: Message, body_masked: str) -> dict[str, Any]:
     return {
-        "id": m.id, "account_id": m.account_id, "verification_id": m.verification_id,
-        "channel": m.channel.value, "to": m.to, "status": m.status.value, "locale": m.locale,
-        "body_masked": body_masked, "segments": m.segments, "encoding": m.encoding,
-        "provider": m.provider, "provider_ref": m.provider_ref, "price": m.price,
-        "error": m.error, "attempts": m.attempts, "next_attempt_at": m.created_at,
-        "lease_until": None, "created_at": m.created_at, "updated_at": m.updated_at,
+        "id": m.id,
+        "account_id": m.account_id,
+        "verification_id": m.verification_id,
+        "channel": m.channel.value,
+        "to": m.to,
+        "status": m.status.value,
+        "locale": m.locale,
+        "body_masked": body_masked,
+        "segments": m.segments,
+        "encoding": m.encoding,
+        "provider": m.provider,
+        "provider_ref": m.provider_ref,
+        "price": m.price,
+        "error": m.error,
+        "attempts": m.attempts,
+        "next_attempt_at": m.created_at,
+        "lease_until": None,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
     }
 
 
@@ -215,8 +268,11 @@ class SqlStorage:
             async with self._tx() as conn:
                 await conn.execute(
                     insert(t.accounts).values(
-                        id=account.id, name=account.name, username=account.username,
-                        is_admin=account.is_admin, created_at=account.created_at,
+                        id=account.id,
+                        name=account.name,
+                        username=account.username,
+                        is_admin=account.is_admin,
+                        created_at=account.created_at,
                     )
                 )
         except IntegrityError as exc:
@@ -224,24 +280,28 @@ class SqlStorage:
 
     async def get_account(self, account_id: str) -> Account | None:
         async with self._tx() as conn:
-            row = (await conn.execute(
-                select(t.accounts).where(t.accounts.c.id == account_id)
-            )).first()
+            row = (
+                await conn.execute(select(t.accounts).where(t.accounts.c.id == account_id))
+            ).first()
         return None if row is None else _account(row)
 
     async def get_account_by_username(self, username: str) -> Account | None:
         async with self._tx() as conn:
-            row = (await conn.execute(
-                select(t.accounts).where(t.accounts.c.username == username)
-            )).first()
+            row = (
+                await conn.execute(select(t.accounts).where(t.accounts.c.username == username))
+            ).first()
         return None if row is None else _account(row)
 
     async def first_admin_account(self) -> Account | None:
         async with self._tx() as conn:
-            row = (await conn.execute(
-                select(t.accounts).where(t.accounts.c.is_admin.is_(True))
-                .order_by(t.accounts.c.created_at).limit(1)
-            )).first()
+            row = (
+                await conn.execute(
+                    select(t.accounts)
+                    .where(t.accounts.c.is_admin.is_(True))
+                    .order_by(t.accounts.c.created_at)
+                    .limit(1)
+                )
+            ).first()
         return None if row is None else _account(row)
 
     async def list_accounts(self, *, limit: int, cursor: str | None) -> Page[Account]:
@@ -253,40 +313,71 @@ class SqlStorage:
         async with self._tx() as conn:
             await conn.execute(
                 insert(t.api_keys).values(
-                    id=key.id, account_id=key.account_id, name=key.name,
-                    key_hash=key.key_hash, created_at=key.created_at, revoked_at=None,
+                    id=key.id,
+                    account_id=key.account_id,
+                    name=key.name,
+                    key_hash=key.key_hash,
+                    created_at=key.created_at,
+                    revoked_at=None,
                 )
             )
 
     async def get_key_by_hash(self, key_hash: str) -> tuple[ApiKey, Account] | None:
         k, a = t.api_keys, t.accounts
         async with self._tx() as conn:
-            row = (await conn.execute(
-                select(
-                    k.c.id, k.c.account_id, k.c.name, k.c.key_hash, k.c.created_at,
-                    a.c.name.label("account_name"), a.c.username, a.c.is_admin,
-                    a.c.created_at.label("account_created_at"),
+            row = (
+                await conn.execute(
+                    select(
+                        k.c.id,
+                        k.c.account_id,
+                        k.c.name,
+                        k.c.key_hash,
+                        k.c.created_at,
+                        a.c.name.label("account_name"),
+                        a.c.username,
+                        a.c.is_admin,
+                        a.c.created_at.label("account_created_at"),
+                    )
+                    .join(a, a.c.id == k.c.account_id)
+                    .where(k.c.key_hash == key_hash, k.c.revoked_at.is_(None))
                 )
-                .join(a, a.c.id == k.c.account_id)
-                .where(k.c.key_hash == key_hash, k.c.revoked_at.is_(None))
-            )).first()
+            ).first()
         if row is None:
             return None
-        key = ApiKey(id=row.id, account_id=row.account_id, name=row.name,
-                     key_hash=row.key_hash, created_at=row.created_at)
-        account = Account(id=row.account_id, name=row.account_name, username=row.username,
-                          is_admin=bool(row.is_admin), created_at=row.account_created_at)
+        key = ApiKey(
+            id=row.id,
+            account_id=row.account_id,
+            name=row.name,
+            key_hash=row.key_hash,
+            created_at=row.created_at,
+        )
+        account = Account(
+            id=row.account_id,
+            name=row.account_name,
+            username=row.username,
+            is_admin=bool(row.is_admin),
+            created_at=row.account_created_at,
+        )
         return key, account
 
     async def list_keys(self, account_id: str) -> Sequence[ApiKey]:
         async with self._tx() as conn:
-            rows = (await conn.execute(
-                select(t.api_keys).where(t.api_keys.c.account_id == account_id)
-                .order_by(t.api_keys.c.created_at)
-            )).all()
+            rows = (
+                await conn.execute(
+                    select(t.api_keys)
+                    .where(t.api_keys.c.account_id == account_id)
+                    .order_by(t.api_keys.c.created_at)
+                )
+            ).all()
         return [
-            ApiKey(id=r.id, account_id=r.account_id, name=r.name, key_hash=r.key_hash,
-                   created_at=r.created_at, revoked_at=r.revoked_at)
+            ApiKey(
+                id=r.id,
+                account_id=r.account_id,
+                name=r.name,
+                key_hash=r.key_hash,
+                created_at=r.created_at,
+                revoked_at=r.revoked_at,
+            )
             for r in rows
         ]
 
@@ -294,8 +385,11 @@ class SqlStorage:
         async with self._tx() as conn:
             result = await conn.execute(
                 update(t.api_keys)
-                .where(t.api_keys.c.id == key_id, t.api_keys.c.account_id == account_id,
-                       t.api_keys.c.revoked_at.is_(None))
+                .where(
+                    t.api_keys.c.id == key_id,
+                    t.api_keys.c.account_id == account_id,
+                    t.api_keys.c.revoked_at.is_(None),
+                )
                 .values(revoked_at=now)
             )
         return bool(result.rowcount)
@@ -306,9 +400,13 @@ class SqlStorage:
         async with self._tx() as conn:
             await conn.execute(
                 insert(t.services).values(
-                    id=service.id, account_id=service.account_id, name=service.policy.name,
-                    policy=policy_to_json(service.policy), created_at=service.created_at,
-                    updated_at=service.updated_at, deleted_at=None,
+                    id=service.id,
+                    account_id=service.account_id,
+                    name=service.policy.name,
+                    policy=policy_to_json(service.policy),
+                    created_at=service.created_at,
+                    updated_at=service.updated_at,
+                    deleted_at=None,
                 )
             )
 
@@ -318,24 +416,31 @@ class SqlStorage:
 
     async def get_service(self, account_id: str, service_id: str) -> Service | None:
         async with self._tx() as conn:
-            row = (await conn.execute(
-                self._live_service(account_id).where(t.services.c.id == service_id)
-            )).first()
+            row = (
+                await conn.execute(
+                    self._live_service(account_id).where(t.services.c.id == service_id)
+                )
+            ).first()
         return None if row is None else _service(row)
 
     async def get_service_by_name(self, account_id: str, name: str) -> Service | None:
         async with self._tx() as conn:
-            row = (await conn.execute(
-                self._live_service(account_id).where(t.services.c.name == name)
-                .order_by(t.services.c.created_at).limit(1)
-            )).first()
+            row = (
+                await conn.execute(
+                    self._live_service(account_id)
+                    .where(t.services.c.name == name)
+                    .order_by(t.services.c.created_at)
+                    .limit(1)
+                )
+            ).first()
         return None if row is None else _service(row)
 
     async def list_services(
         self, account_id: str, *, limit: int, cursor: str | None
     ) -> Page[Service]:
-        rows = await self._page(self._live_service(account_id), t.services,
-                                limit=limit, cursor=cursor)
+        rows = await self._page(
+            self._live_service(account_id), t.services, limit=limit, cursor=cursor
+        )
         return Page([_service(r) for r in rows[:limit]], self._next(rows, limit))
 
     async def update_service(
@@ -343,13 +448,16 @@ class SqlStorage:
     ) -> Service | None:
         s = t.services
         async with self._tx() as conn:
-            row = (await conn.execute(
-                update(s)
-                .where(s.c.id == service_id, s.c.account_id == account_id,
-                       s.c.deleted_at.is_(None))
-                .values(name=policy.name, policy=policy_to_json(policy), updated_at=now)
-                .returning(*s.c)
-            )).first()
+            row = (
+                await conn.execute(
+                    update(s)
+                    .where(
+                        s.c.id == service_id, s.c.account_id == account_id, s.c.deleted_at.is_(None)
+                    )
+                    .values(name=policy.name, policy=policy_to_json(policy), updated_at=now)
+                    .returning(*s.c)
+                )
+            ).first()
         return None if row is None else _service(row)
 
     async def delete_service(self, account_id: str, service_id: str, now: datetime) -> bool:
@@ -357,16 +465,17 @@ class SqlStorage:
         async with self._tx() as conn:
             result = await conn.execute(
                 update(s)
-                .where(s.c.id == service_id, s.c.account_id == account_id,
-                       s.c.deleted_at.is_(None))
+                .where(s.c.id == service_id, s.c.account_id == account_id, s.c.deleted_at.is_(None))
                 .values(deleted_at=now, updated_at=now)
             )
             if result.rowcount:
                 # A deleted service's codes must not stay usable or recoverable.
                 await conn.execute(
-                    update(v).where(v.c.service_id == service_id, v.c.status == PENDING)
-                    .values(status=VerificationStatus.CANCELED.value, code_sealed=None,
-                            updated_at=now)
+                    update(v)
+                    .where(v.c.service_id == service_id, v.c.status == PENDING)
+                    .values(
+                        status=VerificationStatus.CANCELED.value, code_sealed=None, updated_at=now
+                    )
                 )
         return bool(result.rowcount)
 
@@ -378,10 +487,13 @@ class SqlStorage:
         found: dict[str, list[Message]] = {vid: [] for vid in verification_ids}
         if not verification_ids:
             return found
-        rows = (await conn.execute(
-            select(t.messages).where(t.messages.c.verification_id.in_(verification_ids))
-            .order_by(t.messages.c.created_at, t.messages.c.id)
-        )).all()
+        rows = (
+            await conn.execute(
+                select(t.messages)
+                .where(t.messages.c.verification_id.in_(verification_ids))
+                .order_by(t.messages.c.created_at, t.messages.c.id)
+            )
+        ).all()
         for row in rows:
             found[row.verification_id].append(_message(row))
         return found
@@ -400,17 +512,24 @@ class SqlStorage:
         async with self._tx() as conn:
             await conn.execute(
                 update(v)
-                .where(v.c.service_id == service_id, v.c.to == to, v.c.status == PENDING,
-                       v.c.expires_at <= now)
-                .values(status=VerificationStatus.EXPIRED.value, code_sealed=None,
-                        updated_at=now)
+                .where(
+                    v.c.service_id == service_id,
+                    v.c.to == to,
+                    v.c.status == PENDING,
+                    v.c.expires_at <= now,
+                )
+                .values(status=VerificationStatus.EXPIRED.value, code_sealed=None, updated_at=now)
             )
             return await self._load_verification(
                 conn, and_(v.c.service_id == service_id, v.c.to == to, v.c.status == PENDING)
             )
 
     async def create_verification(
-        self, verification: Verification, message: Message, *, body_masked: str,
+        self,
+        verification: Verification,
+        message: Message,
+        *,
+        body_masked: str,
         supersede: str | None = None,
     ) -> bool:
         v = t.verifications
@@ -418,9 +537,13 @@ class SqlStorage:
             async with self._tx() as conn:
                 if supersede is not None:
                     await conn.execute(
-                        update(v).where(v.c.id == supersede, v.c.status == PENDING)
-                        .values(status=VerificationStatus.CANCELED.value, code_sealed=None,
-                                updated_at=verification.created_at)
+                        update(v)
+                        .where(v.c.id == supersede, v.c.status == PENDING)
+                        .values(
+                            status=VerificationStatus.CANCELED.value,
+                            code_sealed=None,
+                            updated_at=verification.created_at,
+                        )
                     )
                 await conn.execute(insert(v).values(**_verification_values(verification)))
                 await conn.execute(
@@ -431,29 +554,36 @@ class SqlStorage:
         return True
 
     async def record_resend(
-        self, verification_id: str, message: Message, *, body_masked: str, now: datetime,
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
         interval_seconds: int,
     ) -> Verification | None:
         v = t.verifications
         async with self._tx() as conn:
-            counted = (await conn.execute(
-                update(v)
-                .where(
-                    v.c.id == verification_id, v.c.status == PENDING, v.c.expires_at > now,
-                    v.c.send_attempts < v.c.max_send_attempts,
-                    v.c.last_sent_at <= now - timedelta(seconds=interval_seconds),
+            counted = (
+                await conn.execute(
+                    update(v)
+                    .where(
+                        v.c.id == verification_id,
+                        v.c.status == PENDING,
+                        v.c.expires_at > now,
+                        v.c.send_attempts < v.c.max_send_attempts,
+                        v.c.last_sent_at <= now - timedelta(seconds=interval_seconds),
+                    )
+                    .values(send_attempts=v.c.send_attempts + 1, last_sent_at=now, updated_at=now)
+                    .returning(v.c.id)
                 )
-                .values(send_attempts=v.c.send_attempts + 1, last_sent_at=now, updated_at=now)
-                .returning(v.c.id)
-            )).first()
+            ).first()
             if counted is None:
                 return None
             await conn.execute(insert(t.messages).values(**_message_values(message, body_masked)))
             return await self._load_verification(conn, v.c.id == verification_id)
 
-    async def get_verification(
-        self, account_id: str, verification_id: str
-    ) -> Verification | None:
+    async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
         v = t.verifications
         async with self._tx() as conn:
             return await self._load_verification(
@@ -465,11 +595,14 @@ class SqlStorage:
     ) -> Verification | None:
         v = t.verifications
         async with self._tx() as conn:
-            row = (await conn.execute(
-                select(v).where(v.c.account_id == account_id, v.c.service_id == service_id,
-                                v.c.to == to)
-                .order_by(v.c.created_at.desc(), v.c.id.desc()).limit(1)
-            )).first()
+            row = (
+                await conn.execute(
+                    select(v)
+                    .where(v.c.account_id == account_id, v.c.service_id == service_id, v.c.to == to)
+                    .order_by(v.c.created_at.desc(), v.c.id.desc())
+                    .limit(1)
+                )
+            ).first()
             if row is None:
                 return None
             messages = await self._messages_for(conn, [row.id])
@@ -494,8 +627,9 @@ class SqlStorage:
             query = query.where(v.c.to == to)
         if status is VerificationStatus.EXPIRED:
             # Reported status, not stored status: a pending row past its expiry is expired.
-            query = query.where(or_(v.c.status == status.value,
-                                    and_(v.c.status == PENDING, v.c.expires_at <= now)))
+            query = query.where(
+                or_(v.c.status == status.value, and_(v.c.status == PENDING, v.c.expires_at <= now))
+            )
         elif status is VerificationStatus.PENDING:
             query = query.where(v.c.status == PENDING, v.c.expires_at > now)
         elif status is not None:
@@ -507,15 +641,18 @@ class SqlStorage:
         return Page(items, self._next(rows, limit))
 
     async def _page(
-        self, query: Any, table: Any, *, limit: int, cursor: str | None,
+        self,
+        query: Any,
+        table: Any,
+        *,
+        limit: int,
+        cursor: str | None,
         conn: AsyncConnection | None = None,
     ) -> Sequence[Any]:
         """Newest first; one row more than asked tells whether there is a next page."""
         if cursor is not None:
             created_at, row_id = decode_cursor(cursor)
-            query = query.where(
-                tuple_(table.c.created_at, table.c.id) < tuple_(created_at, row_id)
-            )
+            query = query.where(tuple_(table.c.created_at, table.c.id) < tuple_(created_at, row_id))
         query = query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)
         if conn is not None:
             return (await conn.execute(query)).all()
@@ -532,47 +669,61 @@ class SqlStorage:
     async def approve(self, verification_id: str, now: datetime) -> bool:
         v = t.verifications
         async with self._tx() as conn:
-            row = (await conn.execute(
-                update(v)
-                .where(v.c.id == verification_id, v.c.status == PENDING, v.c.expires_at > now,
-                       v.c.check_attempts < v.c.max_check_attempts)
-                .values(status=VerificationStatus.APPROVED.value, code_sealed=None,
-                        updated_at=now)
-                .returning(v.c.id)
-            )).first()
+            row = (
+                await conn.execute(
+                    update(v)
+                    .where(
+                        v.c.id == verification_id,
+                        v.c.status == PENDING,
+                        v.c.expires_at > now,
+                        v.c.check_attempts < v.c.max_check_attempts,
+                    )
+                    .values(
+                        status=VerificationStatus.APPROVED.value, code_sealed=None, updated_at=now
+                    )
+                    .returning(v.c.id)
+                )
+            ).first()
         return row is not None
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
         v = t.verifications
         exhausted = v.c.check_attempts + 1 >= v.c.max_check_attempts
         async with self._tx() as conn:
-            row = (await conn.execute(
-                update(v)
-                .where(v.c.id == verification_id, v.c.status == PENDING, v.c.expires_at > now,
-                       v.c.check_attempts < v.c.max_check_attempts)
-                .values(
-                    check_attempts=v.c.check_attempts + 1,
-                    status=case(
-                        (exhausted, VerificationStatus.MAX_ATTEMPTS_REACHED.value),
-                        else_=PENDING,
-                    ),
-                    code_sealed=case((exhausted, None), else_=v.c.code_sealed),
-                    updated_at=now,
+            row = (
+                await conn.execute(
+                    update(v)
+                    .where(
+                        v.c.id == verification_id,
+                        v.c.status == PENDING,
+                        v.c.expires_at > now,
+                        v.c.check_attempts < v.c.max_check_attempts,
+                    )
+                    .values(
+                        check_attempts=v.c.check_attempts + 1,
+                        status=case(
+                            (exhausted, VerificationStatus.MAX_ATTEMPTS_REACHED.value),
+                            else_=PENDING,
+                        ),
+                        code_sealed=case((exhausted, None), else_=v.c.code_sealed),
+                        updated_at=now,
+                    )
+                    .returning(v.c.check_attempts)
                 )
-                .returning(v.c.check_attempts)
-            )).first()
+            ).first()
         return None if row is None else int(row.check_attempts)
 
-    async def close(
-        self, verification_id: str, status: VerificationStatus, now: datetime
-    ) -> bool:
+    async def close(self, verification_id: str, status: VerificationStatus, now: datetime) -> bool:
         v = t.verifications
         async with self._tx() as conn:
-            row = (await conn.execute(
-                update(v).where(v.c.id == verification_id, v.c.status == PENDING)
-                .values(status=status.value, code_sealed=None, updated_at=now)
-                .returning(v.c.id)
-            )).first()
+            row = (
+                await conn.execute(
+                    update(v)
+                    .where(v.c.id == verification_id, v.c.status == PENDING)
+                    .values(status=status.value, code_sealed=None, updated_at=now)
+                    .returning(v.c.id)
+                )
+            ).first()
         return row is not None
 
     async def expire_due(self, now: datetime) -> int:
@@ -581,19 +732,22 @@ class SqlStorage:
         v = t.verifications
         async with self._tx() as conn:
             result = await conn.execute(
-                update(v).where(v.c.status == PENDING, v.c.expires_at <= now)
-                .values(status=VerificationStatus.EXPIRED.value, code_sealed=None,
-                        updated_at=now)
+                update(v)
+                .where(v.c.status == PENDING, v.c.expires_at <= now)
+                .values(status=VerificationStatus.EXPIRED.value, code_sealed=None, updated_at=now)
             )
         return int(result.rowcount or 0)
 
     async def destination_lock(self, service_id: str, to: str, now: datetime) -> datetime | None:
         d = t.destination_failures
         async with self._tx() as conn:
-            row = (await conn.execute(
-                select(d.c.locked_until).where(d.c.service_id == service_id, d.c.to == to,
-                                               d.c.locked_until > now)
-            )).first()
+            row = (
+                await conn.execute(
+                    select(d.c.locked_until).where(
+                        d.c.service_id == service_id, d.c.to == to, d.c.locked_until > now
+                    )
+                )
+            ).first()
         return None if row is None else row.locked_until
 
     async def record_destination_failure(
@@ -611,9 +765,11 @@ class SqlStorage:
             count = int((await conn.execute(upsert)).scalar_one())
             if count >= threshold:
                 await conn.execute(
-                    update(d).where(d.c.service_id == service_id, d.c.to == to)
-                    .values(consecutive_failures=0,
-                            locked_until=now + timedelta(seconds=lock_seconds))
+                    update(d)
+                    .where(d.c.service_id == service_id, d.c.to == to)
+                    .values(
+                        consecutive_failures=0, locked_until=now + timedelta(seconds=lock_seconds)
+                    )
                 )
         return count
 
@@ -630,41 +786,54 @@ class SqlStorage:
         m, v, s = t.messages, t.verifications, t.services
         due = (
             select(m.c.id)
-            .where(m.c.status == MessageStatus.QUEUED.value, m.c.next_attempt_at <= now,
-                   or_(m.c.lease_until.is_(None), m.c.lease_until < now))
+            .where(
+                m.c.status == MessageStatus.QUEUED.value,
+                m.c.next_attempt_at <= now,
+                or_(m.c.lease_until.is_(None), m.c.lease_until < now),
+            )
             .order_by(m.c.next_attempt_at)
             .limit(limit)
         )
         if self._dialect == "postgresql":
             due = due.with_for_update(skip_locked=True)
         async with self._tx() as conn:
-            rows = (await conn.execute(
-                update(m).where(m.c.id.in_(due.scalar_subquery()))
-                .values(lease_until=now + timedelta(seconds=lease_seconds),
-                        attempts=m.c.attempts + 1, updated_at=now)
-                .returning(*m.c)
-            )).all()
+            rows = (
+                await conn.execute(
+                    update(m)
+                    .where(m.c.id.in_(due.scalar_subquery()))
+                    .values(
+                        lease_until=now + timedelta(seconds=lease_seconds),
+                        attempts=m.c.attempts + 1,
+                        updated_at=now,
+                    )
+                    .returning(*m.c)
+                )
+            ).all()
             if not rows:
                 return []
             ver_ids = [r.verification_id for r in rows if r.verification_id]
-            ver_rows = {
-                r.id: r for r in (await conn.execute(
-                    select(v).where(v.c.id.in_(ver_ids)))).all()
-            } if ver_ids else {}
+            ver_rows = (
+                {r.id: r for r in (await conn.execute(select(v).where(v.c.id.in_(ver_ids)))).all()}
+                if ver_ids
+                else {}
+            )
             svc_ids = {r.service_id for r in ver_rows.values()}
-            svc_rows = {
-                r.id: r for r in (await conn.execute(
-                    select(s).where(s.c.id.in_(svc_ids)))).all()
-            } if svc_ids else {}
+            svc_rows = (
+                {r.id: r for r in (await conn.execute(select(s).where(s.c.id.in_(svc_ids)))).all()}
+                if svc_ids
+                else {}
+            )
         claimed = []
         for row in rows:
             ver = ver_rows.get(row.verification_id)
             svc = svc_rows.get(ver.service_id) if ver is not None else None
-            claimed.append(ClaimedMessage(
-                message=_message(row),
-                verification=None if ver is None else _verification(ver),
-                service=None if svc is None else _service(svc),
-            ))
+            claimed.append(
+                ClaimedMessage(
+                    message=_message(row),
+                    verification=None if ver is None else _verification(ver),
+                    service=None if svc is None else _service(svc),
+                )
+            )
         return claimed
 
     async def mark_sent(
@@ -673,53 +842,89 @@ class SqlStorage:
         m = t.messages
         async with self._tx() as conn:
             await conn.execute(
-                update(m).where(m.c.id == message_id, m.c.status == MessageStatus.QUEUED.value)
-                .values(status=MessageStatus.SENT.value, provider=provider,
-                        provider_ref=receipt.provider_ref, price=receipt.price, error=None,
-                        lease_until=None, next_attempt_at=None, updated_at=now)
+                update(m)
+                .where(m.c.id == message_id, m.c.status == MessageStatus.QUEUED.value)
+                .values(
+                    status=MessageStatus.SENT.value,
+                    provider=provider,
+                    provider_ref=receipt.provider_ref,
+                    price=receipt.price,
+                    error=None,
+                    lease_until=None,
+                    next_attempt_at=None,
+                    updated_at=now,
+                )
             )
 
     async def mark_retry(
-        self, message_id: str, *, provider: str, error: str, next_attempt_at: datetime,
+        self,
+        message_id: str,
+        *,
+        provider: str,
+        error: str,
+        next_attempt_at: datetime,
         now: datetime,
     ) -> None:
         m = t.messages
         async with self._tx() as conn:
             await conn.execute(
-                update(m).where(m.c.id == message_id, m.c.status == MessageStatus.QUEUED.value)
-                .values(provider=provider, error=error[:500], lease_until=None,
-                        next_attempt_at=next_attempt_at, updated_at=now)
+                update(m)
+                .where(m.c.id == message_id, m.c.status == MessageStatus.QUEUED.value)
+                .values(
+                    provider=provider,
+                    error=error[:500],
+                    lease_until=None,
+                    next_attempt_at=next_attempt_at,
+                    updated_at=now,
+                )
             )
 
     async def mark_failed(
         self, message_id: str, *, provider: str | None, error: str, now: datetime
     ) -> Verification | None:
         m, v = t.messages, t.verifications
-        live = (MessageStatus.QUEUED.value, MessageStatus.SENT.value,
-                MessageStatus.DELIVERED.value)
+        live = (MessageStatus.QUEUED.value, MessageStatus.SENT.value, MessageStatus.DELIVERED.value)
         async with self._tx() as conn:
-            row = (await conn.execute(
-                update(m).where(m.c.id == message_id)
-                .values(status=MessageStatus.FAILED.value, provider=provider,
-                        error=error[:500], lease_until=None, next_attempt_at=None,
-                        updated_at=now)
-                .returning(m.c.verification_id)
-            )).first()
+            row = (
+                await conn.execute(
+                    update(m)
+                    .where(m.c.id == message_id)
+                    .values(
+                        status=MessageStatus.FAILED.value,
+                        provider=provider,
+                        error=error[:500],
+                        lease_until=None,
+                        next_attempt_at=None,
+                        updated_at=now,
+                    )
+                    .returning(m.c.verification_id)
+                )
+            ).first()
             if row is None or row.verification_id is None:
                 return None
-            others_alive = (await conn.execute(
-                select(func.count()).select_from(m)
-                .where(m.c.verification_id == row.verification_id, m.c.id != message_id,
-                       m.c.status.in_(live))
-            )).scalar_one()
+            others_alive = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(m)
+                    .where(
+                        m.c.verification_id == row.verification_id,
+                        m.c.id != message_id,
+                        m.c.status.in_(live),
+                    )
+                )
+            ).scalar_one()
             if others_alive:
                 return None
-            failed = (await conn.execute(
-                update(v).where(v.c.id == row.verification_id, v.c.status == PENDING)
-                .values(status=VerificationStatus.FAILED.value, code_sealed=None,
-                        updated_at=now)
-                .returning(v.c.id)
-            )).first()
+            failed = (
+                await conn.execute(
+                    update(v)
+                    .where(v.c.id == row.verification_id, v.c.status == PENDING)
+                    .values(
+                        status=VerificationStatus.FAILED.value, code_sealed=None, updated_at=now
+                    )
+                    .returning(v.c.id)
+                )
+            ).first()
             if failed is None:
                 return None
             return await self._load_verification(conn, v.c.id == row.verification_id)
@@ -734,21 +939,28 @@ class SqlStorage:
             if report.status is not None:
                 await conn.execute(
                     update(m)
-                    .where(where, m.c.status.in_(
-                        (MessageStatus.QUEUED.value, MessageStatus.SENT.value)))
-                    .values(status=report.status.value,
-                            error=None if report.detail is None else report.detail[:500],
-                            updated_at=now)
+                    .where(
+                        where,
+                        m.c.status.in_((MessageStatus.QUEUED.value, MessageStatus.SENT.value)),
+                    )
+                    .values(
+                        status=report.status.value,
+                        error=None if report.detail is None else report.detail[:500],
+                        updated_at=now,
+                    )
                 )
         return True
 
     async def next_due_at(self) -> datetime | None:
         m = t.messages
         async with self._tx() as conn:
-            value = (await conn.execute(
-                select(func.min(m.c.next_attempt_at))
-                .where(m.c.status == MessageStatus.QUEUED.value)
-            )).scalar_one_or_none()
+            value = (
+                await conn.execute(
+                    select(func.min(m.c.next_attempt_at)).where(
+                        m.c.status == MessageStatus.QUEUED.value
+                    )
+                )
+            ).scalar_one_or_none()
         return t.UTCDateTime().process_result_value(value, self._engine.dialect)
 
     # --- idempotency ---------------------------------------------------------------------
@@ -761,10 +973,15 @@ class SqlStorage:
         for _ in range(2):
             try:
                 async with self._tx() as conn:
-                    await conn.execute(insert(i).values(
-                        account_id=account_id, key=key, request_hash=request_hash,
-                        state="in_progress", created_at=now,
-                    ))
+                    await conn.execute(
+                        insert(i).values(
+                            account_id=account_id,
+                            key=key,
+                            request_hash=request_hash,
+                            state="in_progress",
+                            created_at=now,
+                        )
+                    )
                 return "new", None, None
             except IntegrityError:
                 pass
@@ -791,7 +1008,8 @@ class SqlStorage:
         i = t.idempotency_keys
         async with self._tx() as conn:
             await conn.execute(
-                update(i).where(i.c.account_id == account_id, i.c.key == key)
+                update(i)
+                .where(i.c.account_id == account_id, i.c.key == key)
                 .values(state="done", response_status=status, response_body=body)
             )
 

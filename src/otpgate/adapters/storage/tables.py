@@ -45,9 +45,10 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):  # pragma: no cover - SQLite returns str only for raw SQL
+        if isinstance(value, str):  # SQLite hands back text for aggregates such as MIN()
             value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC)
+        stamp: datetime = value.replace(tzinfo=UTC)
+        return stamp
 
 
 metadata = MetaData()

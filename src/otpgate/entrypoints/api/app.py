@@ -34,11 +34,22 @@ _DOCS = {cls.code: cls for cls in PUBLIC_ERRORS}
 
 
 def problem(
-    status: int, code: str, title: str, detail: str, *, param: str | None = None,
-    retry_after: int | None = None, headers: dict[str, str] | None = None,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    param: str | None = None,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"type": f"/errors/{code}", "title": title, "status": status,
-                            "code": code, "detail": detail}
+    body: dict[str, Any] = {
+        "type": f"/errors/{code}",
+        "title": title,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
     extra_headers = dict(headers or {})
     if param is not None:
         body["param"] = param
@@ -50,8 +61,15 @@ def problem(
 
 def error_response(exc: OtpgateError) -> JSONResponse:
     headers = {"WWW-Authenticate": 'Bearer, Basic realm="otpgate"'} if exc.status == 401 else None
-    return problem(exc.status, exc.code, exc.title, exc.detail, param=exc.param,
-                   retry_after=exc.retry_after, headers=headers)
+    return problem(
+        exc.status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        param=exc.param,
+        retry_after=exc.retry_after,
+        headers=headers,
+    )
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
@@ -88,8 +106,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return problem(500, "internal_error", "Internal error",
-                       "an unexpected error occurred; it has been logged")
+        return problem(
+            500,
+            "internal_error",
+            "Internal error",
+            "an unexpected error occurred; it has been logged",
+        )
 
 
 class RequestContext:
@@ -105,8 +127,11 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else (
-            "req_" + secrets.token_hex(8))
+        rid = (
+            incoming
+            if 0 < len(incoming) <= 64 and incoming.isprintable()
+            else ("req_" + secrets.token_hex(8))
+        )
         token = logs.request_id.set(rid)
         started = time.perf_counter()
         status = 500
@@ -115,8 +140,10 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", rid.encode("latin-1"))]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ]
             await send(message)
 
         try:
@@ -150,7 +177,7 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
         title="otpgate",
         version=__version__,
         description="Self-hosted one-time-code verification: SMS OTP, validation, fraud "
-                    "defence. Errors are application/problem+json with a stable `code`.",
+        "defence. Errors are application/problem+json with a stable `code`.",
         lifespan=lifespan,
     )
     app.state.container = container
@@ -174,8 +201,9 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)
     async def metrics() -> Response:
-        return Response(container.metrics.render(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            container.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.get("/errors/{code}", tags=["operations"], response_class=HTMLResponse)
     async def error_page(code: str) -> Response:

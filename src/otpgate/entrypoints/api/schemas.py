@@ -26,8 +26,9 @@ class Body(BaseModel):
 
 
 class ServiceFields(Body):
-    name: str | None = Field(None, description="Brand shown in messages ({brand}); required "
-                                               "on create, 1–40 characters")
+    name: str | None = Field(
+        None, description="Brand shown in messages ({brand}); required on create, 1–40 characters"
+    )
     code_length: int | None = Field(None, description="4–10, default 6")
     code_type: str | None = Field(None, description="numeric | alphanumeric")
     ttl_seconds: int | None = Field(None, description="60–86400, default 600")
@@ -91,9 +92,14 @@ def timestamp(value: datetime | None) -> str | None:
 
 def render_message(m: Message) -> dict[str, Any]:
     return {
-        "id": m.id, "channel": m.channel.value, "status": m.status.value,
-        "provider": m.provider, "segments": m.segments, "encoding": m.encoding,
-        "price": m.price, "created_at": timestamp(m.created_at),
+        "id": m.id,
+        "channel": m.channel.value,
+        "status": m.status.value,
+        "provider": m.provider,
+        "segments": m.segments,
+        "encoding": m.encoding,
+        "price": m.price,
+        "created_at": timestamp(m.created_at),
         "updated_at": timestamp(m.updated_at),
     }
 
@@ -119,8 +125,12 @@ def render_verification(v: Verification, now: datetime) -> dict[str, Any]:
 
 
 def render_check(result: CheckResult) -> dict[str, Any]:
-    return {"id": result.verification_id, "status": result.status.value,
-            "valid": result.valid, "remaining_attempts": result.remaining_attempts}
+    return {
+        "id": result.verification_id,
+        "status": result.status.value,
+        "valid": result.valid,
+        "remaining_attempts": result.remaining_attempts,
+    }
 
 
 def render_service(s: Service) -> dict[str, Any]:
@@ -148,14 +158,23 @@ def render_service(s: Service) -> dict[str, Any]:
 
 
 def render_account(a: Account) -> dict[str, Any]:
-    return {"id": a.id, "name": a.name, "username": a.username, "is_admin": a.is_admin,
-            "created_at": timestamp(a.created_at)}
+    return {
+        "id": a.id,
+        "name": a.name,
+        "username": a.username,
+        "is_admin": a.is_admin,
+        "created_at": timestamp(a.created_at),
+    }
 
 
 def render_key(k: ApiKey, secret: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": k.id, "account_id": k.account_id, "name": k.name,
-                            "created_at": timestamp(k.created_at),
-                            "revoked_at": timestamp(k.revoked_at)}
+    body: dict[str, Any] = {
+        "id": k.id,
+        "account_id": k.account_id,
+        "name": k.name,
+        "created_at": timestamp(k.created_at),
+        "revoked_at": timestamp(k.revoked_at),
+    }
     if secret is not None:
         body["key"] = secret  # shown once, never stored
     return body

@@ -87,8 +87,7 @@ async def list_accounts(
     request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
 ) -> dict[str, Any]:
     """Admin only: every account."""
-    result = await container_of(request).access.list_accounts(principal, limit=limit,
-                                                              cursor=cursor)
+    result = await container_of(request).access.list_accounts(principal, limit=limit, cursor=cursor)
     return page([s.render_account(a) for a in result.items], result.next_cursor)
 
 
@@ -186,13 +185,20 @@ async def start_verification(
     verifications = container_of(request).verifications
 
     async def action() -> tuple[int, Any]:
-        verification, created = await verifications.start(principal, StartRequest(
-            service_id=body.service_id, to=body.to, channel=body.channel, locale=body.locale,
-            custom_code=body.custom_code, context=body.context, metadata=body.metadata,
-            country=body.country,
-        ))
-        return (201 if created else 200), s.render_verification(verification,
-                                                                verifications.now())
+        verification, created = await verifications.start(
+            principal,
+            StartRequest(
+                service_id=body.service_id,
+                to=body.to,
+                channel=body.channel,
+                locale=body.locale,
+                custom_code=body.custom_code,
+                context=body.context,
+                metadata=body.metadata,
+                country=body.country,
+            ),
+        )
+        return (201 if created else 200), s.render_verification(verification, verifications.now())
 
     return await idempotent(request, principal, action)
 
@@ -208,8 +214,9 @@ async def list_verifications(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     verifications = container_of(request).verifications
-    result = await verifications.list(principal, service_id=service_id, status=status, to=to,
-                                      limit=limit, cursor=cursor)
+    result = await verifications.list(
+        principal, service_id=service_id, status=status, to=to, limit=limit, cursor=cursor
+    )
     now = verifications.now()
     return page([s.render_verification(v, now) for v in result.items], result.next_cursor)
 
@@ -220,8 +227,12 @@ async def check_by_destination(
 ) -> dict[str, Any]:
     """Check the most recent verification of a destination in a service."""
     result = await container_of(request).verifications.check_destination(
-        principal, service_id=body.service_id, to=body.to, code=body.code,
-        context=body.context, country=body.country,
+        principal,
+        service_id=body.service_id,
+        to=body.to,
+        code=body.code,
+        context=body.context,
+        country=body.country,
     )
     return s.render_check(result)
 
@@ -237,14 +248,17 @@ async def get_verification(
 
 @router.post("/verifications/{verification_id}/resend", tags=["verifications"])
 async def resend_verification(
-    request: Request, principal: Caller, verification_id: str,
+    request: Request,
+    principal: Caller,
+    verification_id: str,
     body: s.ResendVerification | None = None,
 ) -> Response:
     verifications = container_of(request).verifications
 
     async def action() -> tuple[int, Any]:
-        verification = await verifications.resend(principal, verification_id,
-                                                  body.channel if body else None)
+        verification = await verifications.resend(
+            principal, verification_id, body.channel if body else None
+        )
         return 200, s.render_verification(verification, verifications.now())
 
     return await idempotent(request, principal, action)
