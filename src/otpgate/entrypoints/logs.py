@@ -51,5 +51,9 @@ def configure(level: str = "INFO", *, as_json: bool = True) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # Access lines carry full request paths; otpgate logs its own request summary instead.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Access lines carry full request paths (receipt tokens); and database drivers and HTTP
+    # clients log statement parameters and URLs at DEBUG (destinations, sealed codes). They stay
+    # at WARNING whatever level otpgate itself logs at.
+    for name in ("uvicorn.access", "aiosqlite", "asyncpg", "sqlalchemy", "httpx", "httpcore",
+                 "asyncio", "watchfiles"):
+        logging.getLogger(name).setLevel(logging.WARNING)
