@@ -50,8 +50,11 @@ class Server:
 
     def cli(self, *args: str, extra_env: dict[str, str] | None = None) -> str:
         done = subprocess.run(
-            [OTPGATE, *args], env={**self.env, **(extra_env or {})}, capture_output=True,
-            timeout=60, check=False,
+            [OTPGATE, *args],
+            env={**self.env, **(extra_env or {})},
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
         assert done.returncode == 0, done.stderr.decode()
         return done.stdout.decode()
@@ -83,7 +86,9 @@ def server(stub: LabsMobileStub, tmp_path: Path) -> Iterator[Server]:
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         process = subprocess.Popen(
             [OTPGATE, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=err,
+            env=env,
+            stdout=out,
+            stderr=err,
         )
     try:
         deadline = time.monotonic() + 60
@@ -99,12 +104,25 @@ def server(stub: LabsMobileStub, tmp_path: Path) -> Iterator[Server]:
         banner = stderr_path.read_text()
         key = re.search(r"otpgate_[A-Za-z0-9_-]{43}", banner)
         assert key, banner
-        account = httpx.get(f"{url}/v1/account",
-                            headers={"Authorization": f"Bearer {key.group(0)}"}).json()
-        service = httpx.post(f"{url}/v1/services", json={"name": "Acme"},
-                             headers={"Authorization": f"Bearer {key.group(0)}"}).json()
-        yield Server(url, env, data_dir, process, stdout_path, stderr_path, key.group(0),
-                     account["username"], service["id"])
+        account = httpx.get(
+            f"{url}/v1/account", headers={"Authorization": f"Bearer {key.group(0)}"}
+        ).json()
+        service = httpx.post(
+            f"{url}/v1/services",
+            json={"name": "Acme"},
+            headers={"Authorization": f"Bearer {key.group(0)}"},
+        ).json()
+        yield Server(
+            url,
+            env,
+            data_dir,
+            process,
+            stdout_path,
+            stderr_path,
+            key.group(0),
+            account["username"],
+            service["id"],
+        )
     finally:
         process.terminate()
         try:
@@ -117,8 +135,9 @@ def server(stub: LabsMobileStub, tmp_path: Path) -> Iterator[Server]:
 def test_full_flow_through_labsmobile(server: Server, stub: LabsMobileStub) -> None:
     auth = {"Authorization": f"Bearer {server.key}"}
     with httpx.Client(base_url=server.url, headers=auth, timeout=10) as http:
-        started = http.post("/v1/verifications",
-                            json={"service_id": server.service_id, "to": "+34600000001"})
+        started = http.post(
+            "/v1/verifications", json={"service_id": server.service_id, "to": "+34600000001"}
+        )
         assert started.status_code == 201, started.text
         vid = started.json()["id"]
         (request,) = stub.wait_for_messages(1, timeout=10)
@@ -139,32 +158,40 @@ def test_full_flow_through_labsmobile(server: Server, stub: LabsMobileStub) -> N
 
         wrong = code[:-1] + str((int(code[-1]) + 1) % 10)
         first = http.post(f"/v1/verifications/{vid}/check", json={"code": wrong}).json()
-        assert first == {"id": vid, "status": "pending", "valid": False,
-                         "remaining_attempts": 4}
+        assert first == {"id": vid, "status": "pending", "valid": False, "remaining_attempts": 4}
         right = http.post(f"/v1/verifications/{vid}/check", json={"code": code}).json()
         assert right["valid"] is True and right["status"] == "approved"
         again = http.post(f"/v1/verifications/{vid}/check", json={"code": code}).json()
         assert again["valid"] is False
 
         # A new verification's code fails on another verification.
-        other = http.post("/v1/verifications",
-                          json={"service_id": server.service_id, "to": "+34600000002"}).json()
+        other = http.post(
+            "/v1/verifications", json={"service_id": server.service_id, "to": "+34600000002"}
+        ).json()
         stub.wait_for_messages(2, timeout=10)
         other_code = code_in(stub.messages[1].body["message"])
-        third = http.post("/v1/verifications",
-                          json={"service_id": server.service_id, "to": "+34600000003"}).json()
+        third = http.post(
+            "/v1/verifications", json={"service_id": server.service_id, "to": "+34600000003"}
+        ).json()
         stub.wait_for_messages(3, timeout=10)
         if other_code != code_in(stub.messages[2].body["message"]):
-            refused = http.post(f"/v1/verifications/{third['id']}/check",
-                                json={"code": other_code}).json()
+            refused = http.post(
+                f"/v1/verifications/{third['id']}/check", json={"code": other_code}
+            ).json()
             assert refused["valid"] is False
-        assert http.post(f"/v1/verifications/{other['id']}/check",
-                         json={"code": other_code}).json()["valid"] is True
+        assert (
+            http.post(f"/v1/verifications/{other['id']}/check", json={"code": other_code}).json()[
+                "valid"
+            ]
+            is True
+        )
 
         # A delivery report without the receipt token is refused and changes nothing; with it,
         # the message becomes delivered.
-        bare = httpx.get(f"{server.url}/v1/receipts/labsmobile",
-                         params={"subid": body["subid"], "desc": "DELIVRD", "token": "forged"})
+        bare = httpx.get(
+            f"{server.url}/v1/receipts/labsmobile",
+            params={"subid": body["subid"], "desc": "DELIVRD", "token": "forged"},
+        )
         assert bare.status_code == 403
         status = http.get(f"/v1/verifications/{vid}").json()
         assert status["messages"][0]["status"] == "sent"
@@ -188,8 +215,11 @@ def test_full_flow_through_labsmobile(server: Server, stub: LabsMobileStub) -> N
     assert server.key.encode() not in server.stdout_path.read_bytes()
     assert stub.token.encode() not in server.output()
     # Logs are structured and mask destinations.
-    lines = [json.loads(line) for line in server.stderr_path.read_text().splitlines()
-             if line.startswith("{")]
+    lines = [
+        json.loads(line)
+        for line in server.stderr_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
     assert any(line.get("to") == "+34******001" for line in lines)
     assert b"+34600000001" not in server.output()
 
@@ -212,35 +242,64 @@ def test_basic_auth_with_the_account_username(server: Server) -> None:
 
 
 def test_cli_admin_and_client_commands(server: Server, stub: LabsMobileStub) -> None:
-    account = json.loads(server.cli("accounts", "create", "--name", "Shop",
-                                    "--username", "shop@example.com", "--json"))
+    account = json.loads(
+        server.cli(
+            "accounts", "create", "--name", "Shop", "--username", "shop@example.com", "--json"
+        )
+    )
     assert set(account) == {"id", "name", "username"}
     assert account["username"] == "shop@example.com"
-    key = json.loads(server.cli("keys", "create", "--name", "ci", "--account", account["id"],
-                                "--json"))
+    key = json.loads(
+        server.cli("keys", "create", "--name", "ci", "--account", account["id"], "--json")
+    )
     assert set(key) == {"id", "key", "account_id"} and key["account_id"] == account["id"]
     default_key = json.loads(server.cli("keys", "create", "--name", "ops", "--json"))
-    me = httpx.get(f"{server.url}/v1/account",
-                   headers={"Authorization": f"Bearer {default_key['key']}"}).json()
+    me = httpx.get(
+        f"{server.url}/v1/account", headers={"Authorization": f"Bearer {default_key['key']}"}
+    ).json()
     assert default_key["account_id"] == me["id"] and me["is_admin"] is True
-    service = json.loads(server.cli("services", "create", "--name", "Shop", "--account",
-                                    account["id"], "--code-length", "8", "--json"))
+    service = json.loads(
+        server.cli(
+            "services",
+            "create",
+            "--name",
+            "Shop",
+            "--account",
+            account["id"],
+            "--code-length",
+            "8",
+            "--json",
+        )
+    )
     assert service["code_length"] == 8
 
     client_env = {"OTPGATE_URL": server.url, "OTPGATE_API_KEY": key["key"]}
-    started = json.loads(server.cli("verify", "start", "--service", service["id"], "--to",
-                                    "+34600000005", extra_env=client_env))
+    started = json.loads(
+        server.cli(
+            "verify",
+            "start",
+            "--service",
+            service["id"],
+            "--to",
+            "+34600000005",
+            extra_env=client_env,
+        )
+    )
     assert started["status"] == "pending"
     stub.wait_for_messages(1, timeout=10)
     code = code_in(stub.messages[-1].body["message"])
-    checked = json.loads(server.cli("verify", "check", "--id", started["id"], "--code", code,
-                                    extra_env=client_env))
+    checked = json.loads(
+        server.cli("verify", "check", "--id", started["id"], "--code", code, extra_env=client_env)
+    )
     assert checked["valid"] is True
-    status = json.loads(server.cli("verify", "status", "--id", started["id"],
-                                   extra_env=client_env))
+    status = json.loads(server.cli("verify", "status", "--id", started["id"], extra_env=client_env))
     assert status["status"] == "approved"
     refused = subprocess.run(
         [OTPGATE, "verify", "start", "--service", service["id"], "--to", "+34910000000"],
-        env={**server.env, **client_env}, capture_output=True, timeout=60, check=False)
+        env={**server.env, **client_env},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert refused.returncode == 1
     assert b"unsupported_number_type" in refused.stderr

@@ -255,6 +255,8 @@ class LabsMobileStub:
         # Bumped by reset(): an answer still pending from before (a delayed one the client gave
         # up on) is then dropped instead of being recorded into the next test's records.
         self._generation = 0
+        #: Authenticated sends that reached the stub, counted on arrival (before any delay).
+        self.arrivals = 0
         self.app = Starlette(
             routes=[
                 Route("/json/send", self._send, methods=["POST"]),
@@ -314,6 +316,7 @@ class LabsMobileStub:
         """Forget every record and knob: no delay, the initial credits (credentials stay)."""
         with self._cond:
             self._generation += 1
+            self.arrivals = 0
             self._requests.clear()
             self._by_subid.clear()
             self._fail_codes.clear()
@@ -351,6 +354,13 @@ class LabsMobileStub:
     ) -> list[RecordedRequest]:
         """:meth:`wait_for_messages` in a worker thread, so the event loop keeps running."""
         return await asyncio.to_thread(self.wait_for_messages, n, timeout_seconds)
+
+    def wait_for_arrivals(self, n: int, timeout: float = 5.0) -> int:
+        """Block until ``n`` authenticated sends have arrived (answered or not)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.arrivals >= n, timeout=timeout):
+                raise TimeoutError(f"{self.arrivals} of {n} sends arrived within {timeout} s")
+            return self.arrivals
 
     def message_for(self, subid: str) -> RecordedRequest:
         with self._cond:
@@ -550,6 +560,9 @@ class LabsMobileStub:
         if not self._authorized(request):
             self._record(request, raw, None, 401, None, None)
             return self._unauthorized()
+        with self._cond:
+            self.arrivals += 1
+            self._cond.notify_all()
         if not await self._pause():
             return self._gone()
         body, refusal = self._json_body(request, raw)
