@@ -125,20 +125,25 @@ async def _first_start(settings: Settings, host: str, port: int) -> None:
     if issued is None:
         return
     base = f"http://{host}:{port}"
+    auth = '-H "Authorization: Bearer $OTPGATE_API_KEY" -H "Content-Type: application/json"'
     err.print(
         Panel.fit(
             f"Created the default account [bold]{account.id}[/bold] and its admin API key.\n"
-            "This key is shown [bold]once[/bold]; store it now:\n\n"
-            f"  [bold green]{issued.secret}[/bold green]\n\n"
-            "Try it:\n"
-            f"  export OTPGATE_API_KEY={issued.secret}\n"
-            f'  curl -s -X POST {base}/v1/services -H "Authorization: Bearer $OTPGATE_API_KEY" '
-            "-H 'Content-Type: application/json' -d '{\"name\": \"Acme\"}'\n"
-            f'  curl -s -X POST {base}/v1/verifications -H "Authorization: Bearer '
-            "$OTPGATE_API_KEY\" -H 'Content-Type: application/json' "
-            '-d \'{"service_id": "svc_…", "to": "+34600000000"}\'',
+            "The key is shown [bold]once[/bold]; store it now:\n\n"
+            f"  [bold green]{issued.secret}[/bold green]",
             title="otpgate: first start",
         )
+    )
+    # Outside the panel and unwrapped, so the lines paste as they are.
+    err.print(
+        "Try it:\n"
+        f"  export OTPGATE_API_KEY={issued.secret}\n"
+        f'  curl -s -X POST {base}/v1/services {auth} -d \'{{"name": "Acme"}}\'\n'
+        f"  curl -s -X POST {base}/v1/verifications {auth} "
+        '-d \'{"service_id": "svc_...", "to": "+34600000000"}\'\n',
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
     )
 
 

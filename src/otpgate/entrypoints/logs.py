@@ -54,6 +54,14 @@ def configure(level: str = "INFO", *, as_json: bool = True) -> None:
     # Access lines carry full request paths (receipt tokens); and database drivers and HTTP
     # clients log statement parameters and URLs at DEBUG (destinations, sealed codes). They stay
     # at WARNING whatever level otpgate itself logs at.
-    for name in ("uvicorn.access", "aiosqlite", "asyncpg", "sqlalchemy", "httpx", "httpcore",
-                 "asyncio", "watchfiles"):
+    for name in (
+        "uvicorn.access",
+        "aiosqlite",
+        "asyncpg",
+        "sqlalchemy",
+        "httpx",
+        "httpcore",
+        "asyncio",
+        "watchfiles",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
