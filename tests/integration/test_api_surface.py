@@ -10,6 +10,7 @@ import pytest
 
 from otpgate.bootstrap import build
 from otpgate.entrypoints.api.app import create_app
+from otpgate.errors import IdempotencyInProgress
 from otpgate.settings import Settings
 from tests.conftest import TEST_SECRET, Api, RecordingSender
 from tests.integration.test_refusals import assert_problem
@@ -253,3 +254,22 @@ async def test_storage_outage_fails_fast_with_503(tmp_path: Path) -> None:
             assert_problem(start, 503, "unavailable")
             assert "Traceback" not in start.text
             assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_a_key_left_in_progress_by_a_dead_process_is_taken_over(api: Api) -> None:
+    storage = api.container.storage
+    assert await storage.begin(api.account_id, "crashed", "hash-a", api.clock.now()) == (
+        "new",
+        None,
+        None,
+    )
+    with pytest.raises(IdempotencyInProgress):
+        await storage.begin(api.account_id, "crashed", "hash-a", api.clock.now())
+    api.clock.advance(301)  # the request's process died without finishing or abandoning
+    assert await storage.begin(api.account_id, "crashed", "hash-a", api.clock.now()) == (
+        "new",
+        None,
+        None,
+    )
+    api.clock.advance(86_400)
+    assert await storage.forget_idempotency_keys(api.clock.now()) == 1

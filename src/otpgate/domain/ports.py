@@ -283,10 +283,15 @@ class IdempotencyStore(Protocol):
         """Reserve the key. Returns ``("new", None, None)`` when this call owns it,
         ``("done", status, body)`` for a finished request with the same hash, and raises
         ``IdempotencyInProgress`` / ``IdempotencyKeyMismatch`` otherwise. Keys older than
-        24 h count as absent."""
+        24 h count as absent, and so does a key left in progress for 5 minutes (its request's
+        process died)."""
         ...
 
     async def finish(self, account_id: str, key: str, status: int, body: Any) -> None: ...
+
+    async def forget_idempotency_keys(self, now: datetime) -> int:
+        """Delete keys older than 24 h; returns how many."""
+        ...
 
     async def abandon(self, account_id: str, key: str) -> None:
         """Forget a key whose request was refused, so it can be retried."""

@@ -107,7 +107,7 @@ class Dispatcher:
             try:
                 if loop.time() - self._last_housekeeping >= self.HOUSEKEEPING_SECONDS:
                     self._last_housekeeping = loop.time()
-                    await self._storage.expire_due(self._clock.now())
+                    await self._housekeeping()
                 self._wake.clear()
                 if await self.dispatch_due() == 0 or len(self._inflight) >= self._concurrency:
                     await self._sleep()
@@ -119,6 +119,13 @@ class Dispatcher:
             except Exception:  # the loop must outlive any one bad row
                 log.exception("dispatcher loop error")
                 await asyncio.sleep(self._poll_seconds)
+
+    async def _housekeeping(self) -> None:
+        """Close what time has closed: expired verifications lose their sealed codes (S2), and
+        idempotency keys past their 24 hours are forgotten."""
+        now = self._clock.now()
+        await self._storage.expire_due(now)
+        await self._storage.forget_idempotency_keys(now)
 
     async def _sleep(self) -> None:
         with contextlib.suppress(TimeoutError):

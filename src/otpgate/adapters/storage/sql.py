@@ -44,6 +44,9 @@ from otpgate.errors import (
 
 PENDING = VerificationStatus.PENDING.value
 IDEMPOTENCY_TTL = timedelta(hours=24)
+#: A key still "in progress" after this long belongs to a request whose process died; a retry
+#: may take it over instead of getting 409 for a day.
+IDEMPOTENCY_STALE = timedelta(minutes=5)
 
 
 # -------------------------------------------------------------------------------------------
@@ -987,8 +990,11 @@ class SqlStorage:
                 pass
             async with self._tx() as conn:
                 row = (await conn.execute(select(i).where(where))).first()
-                if row is not None and row.created_at <= now - IDEMPOTENCY_TTL:
-                    await conn.execute(delete(i).where(where))
+                if row is not None and (
+                    row.created_at <= now - IDEMPOTENCY_TTL
+                    or (row.state != "done" and row.created_at <= now - IDEMPOTENCY_STALE)
+                ):
+                    await conn.execute(delete(i).where(where, i.c.created_at == row.created_at))
                     continue
             if row is None:
                 continue
@@ -1012,6 +1018,13 @@ class SqlStorage:
                 .where(i.c.account_id == account_id, i.c.key == key)
                 .values(state="done", response_status=status, response_body=body)
             )
+
+    async def forget_idempotency_keys(self, now: datetime) -> int:
+        """Delete keys past their 24 hours; they count as absent already."""
+        i = t.idempotency_keys
+        async with self._tx() as conn:
+            result = await conn.execute(delete(i).where(i.c.created_at <= now - IDEMPOTENCY_TTL))
+        return int(result.rowcount or 0)
 
     async def abandon(self, account_id: str, key: str) -> None:
         i = t.idempotency_keys
