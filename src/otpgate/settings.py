@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _timeout_inside_lease(self) -> Settings:
+        # A send that can outlast its lease could be claimed and sent again while still running.
+        if self.provider_timeout_seconds >= self.delivery_lease_seconds:
+            raise ValueError(
+                "OTPGATE_PROVIDER_TIMEOUT_SECONDS must be shorter than "
+                "OTPGATE_DELIVERY_LEASE_SECONDS"
+            )
+        return self
 
     @property
     def sqlite_path(self) -> Path:

@@ -163,6 +163,7 @@ async def test_deleting_a_service_cancels_its_pending_verifications(api: Api) ->
         ({"name": "A", "templates": {"Not A Locale": "{code}"}}, "templates"),
         ({"name": "A", "default_locale": "english"}, "default_locale"),
         ({"name": "A", "webotp_domain": "https://shop.example"}, "webotp_domain"),
+        ({"name": "A", "webotp_domain": "a" * 60 + ".example" * 7}, "webotp_domain"),
         ({"name": "A", "android_app_hash": "short"}, "android_app_hash"),
         ({"name": "A", "webhook_url": "ftp://x"}, "webhook_url"),
         ({"name": "A", "colour": "red"}, "colour"),

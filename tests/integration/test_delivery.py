@@ -196,8 +196,8 @@ def test_worker_killed_mid_send_resends_the_same_code_once(
         "OTPGATE_LABSMOBILE_URL": stub.url,
         "OTPGATE_LABSMOBILE_USERNAME": stub.username,
         "OTPGATE_LABSMOBILE_TOKEN": stub.token,
-        "OTPGATE_DELIVERY_LEASE_SECONDS": "2",
-        "OTPGATE_PROVIDER_TIMEOUT_SECONDS": "60",
+        "OTPGATE_DELIVERY_LEASE_SECONDS": "3",
+        "OTPGATE_PROVIDER_TIMEOUT_SECONDS": "2",
     }
 
     settings = Settings(

@@ -85,6 +85,7 @@ async def test_malformed_bodies(api: Api) -> None:
         headers={**api.auth(), "content-type": "application/json"},
     )
     assert_problem(raw, 400, "invalid_request")
+    assert "param" not in raw.json()
     missing = await api.http.post(
         "/v1/verifications", json={"to": "+34600000001"}, headers=api.auth()
     )

@@ -177,10 +177,59 @@ async def test_context_binds_the_code_to_the_transaction(api: Api) -> None:
 
 async def test_new_context_supersedes_the_pending_verification(api: Api) -> None:
     first, first_code = await started(api, context={"amount": "1.00 EUR", "payee": "A"})
-    second, _ = await started(api, context={"amount": "2.00 EUR", "payee": "A"})
-    assert first != second
+    api.clock.advance(30)
+    response = await api.start(context={"amount": "2.00 EUR", "payee": "A"})
+    assert response.status_code == 201
+    second = response.json()
+    assert second["id"] != first
+    assert second["send_attempts"] == 2  # the send budget carries over (S9)
     old = (await api.check(first, first_code, context={"amount": "1.00 EUR", "payee": "A"})).json()
     assert old == {"id": first, "status": "canceled", "valid": False, "remaining_attempts": 5}
+
+
+async def test_superseding_cannot_get_around_the_resend_limits(api: Api) -> None:
+    await started(api, custom_code="111111")
+    too_soon = await api.start(custom_code="222222")
+    assert too_soon.status_code == 429 and too_soon.json()["code"] == "resend_too_soon"
+    for n in range(2, 6):
+        api.clock.advance(30)
+        response = await api.start(custom_code=f"{n}{n}{n}{n}{n}{n}")
+        assert response.status_code == 201 and response.json()["send_attempts"] == n
+        await api.deliver()
+    api.clock.advance(30)
+    capped = await api.start(custom_code="999999")
+    assert capped.status_code == 429 and capped.json()["code"] == "max_send_attempts_reached"
+    await api.deliver()
+    assert len(api.sender.sent) == 5
+
+
+async def test_context_that_would_need_two_segments_is_refused(api: Api) -> None:
+    # Cyrillic is outside GSM-7: the message would turn UCS-2 and need two segments.
+    response = await api.start(context={"amount": "1234567890.00 EUR", "payee": "Ж" * 32})
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_request" and response.json()["param"] == "context"
+    await api.deliver()
+    assert api.sender.sent == []
+    listed = await api.http.get("/v1/verifications", headers=api.auth())
+    assert listed.json()["data"] == []
+
+
+async def test_a_pending_code_sealed_under_an_old_key_is_replaced(api: Api) -> None:
+    vid, _ = await started(api)
+    # Simulate a master-key rotation: the stored ciphertext no longer authenticates.
+    async with api.container.storage.engine.begin() as conn:
+        await conn.execute(
+            t.verifications.update()
+            .where(t.verifications.c.id == vid)
+            .values(code_sealed=b"x" * 40)
+        )
+    api.clock.advance(30)
+    resend = await api.http.post(f"/v1/verifications/{vid}/resend", headers=api.auth())
+    assert resend.status_code == 400 and resend.json()["param"] == "id"
+    status = (await api.http.get(f"/v1/verifications/{vid}", headers=api.auth())).json()
+    assert status["status"] == "failed"
+    fresh = await api.start()
+    assert fresh.status_code == 201 and fresh.json()["id"] != vid
 
 
 async def test_check_by_destination_uses_the_latest_verification(api: Api) -> None:

@@ -156,12 +156,12 @@ def _text(key: str, value: Any) -> str:
 def _check_templates(policy: ServicePolicy) -> None:
     """Every template the service may use must fit one SMS segment with the longest values."""
 
-    def fits(template: str, param: str) -> None:
+    def fits(template: str, param: str, brand: str = policy.name) -> None:
         sms.validate_template(
             template,
-            brand=policy.name,
+            brand=brand,
             code_length=policy.code_length,
-            max_minutes=max(1, policy.ttl_seconds // 60),
+            max_minutes=minutes_of(policy),
             webotp_domain=policy.webotp_domain,
             android_app_hash=policy.android_app_hash,
             param=param,
@@ -177,9 +177,12 @@ def _check_templates(policy: ServicePolicy) -> None:
                 " what the code confirms",
                 param="templates",
             )
-    # The built-ins are checked too: a long brand can push them past one segment.
+    # The built-ins are checked too: the autofill lines or a long brand can push them past one
+    # segment; the error names whichever of them does.
+    autofill = "android_app_hash" if policy.android_app_hash else "webotp_domain"
     for locale_templates in sms.BUILTIN_TEMPLATES.values():
         for template in locale_templates.values():
+            fits(template, autofill, brand="")
             fits(template, "name")
 
 

@@ -119,12 +119,17 @@ def serve(
 async def _first_start(settings: Settings, host: str, port: int) -> None:
     container = build(settings)
     try:
-        account, issued = await container.access.ensure_default_account()
+        await _default_account(container, base=f"http://{host}:{port}")
     finally:
         await container.aclose()
+
+
+async def _default_account(container: Container, *, base: str = "http://127.0.0.1:8000") -> Any:
+    """The installation's admin account. When this call creates it (the very first use of the
+    database, by ``serve`` or any admin command), its admin key is shown, once, on stderr."""
+    account, issued = await container.access.ensure_default_account()
     if issued is None:
-        return
-    base = f"http://{host}:{port}"
+        return account
     auth = '-H "Authorization: Bearer $OTPGATE_API_KEY" -H "Content-Type: application/json"'
     err.print(
         Panel.fit(
@@ -145,6 +150,7 @@ async def _first_start(settings: Settings, host: str, port: int) -> None:
         highlight=False,
         markup=False,
     )
+    return account
 
 
 @app.command()
@@ -209,7 +215,7 @@ def keys_create(
     """Create an API key; it is shown once."""
 
     async def action(c: Container) -> Any:
-        account_id = account or (await c.access.ensure_default_account())[0].id
+        account_id = account or (await _default_account(c)).id
         return await c.access.create_key(account_id, name=name)
 
     issued = _run(_with_container(action))
@@ -262,11 +268,7 @@ def services_create(
     async def action(c: Container) -> Any:
         from otpgate.domain.model import Principal
 
-        owner = (
-            await c.access.get_account(account)
-            if account
-            else (await c.access.ensure_default_account())[0]
-        )
+        owner = await c.access.get_account(account) if account else await _default_account(c)
         return await c.catalog.create(Principal(account=owner, key_id="cli"), fields)
 
     service = _run(_with_container(action))
@@ -279,7 +281,14 @@ def lockouts_clear(
     to: Annotated[str, typer.Option(help="Destination in E.164.")],
 ) -> None:
     """Lift a destination's lockout and reset its failure count."""
-    _run(_with_container(lambda c: c.storage.reset_destination_failures(service, to)))
+    from otpgate.domain.phone import parse_phone
+
+    try:
+        e164 = parse_phone(to).e164
+    except OtpgateError as exc:
+        err.print(f"[red]{exc.code}:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
+    _run(_with_container(lambda c: c.storage.reset_destination_failures(service, e164)))
     err.print("lockout cleared")
 
 
@@ -296,14 +305,14 @@ def verify_options(
         str, typer.Option(envvar="OTPGATE_API_KEY", help="API key.", show_default=False)
     ] = "",
 ) -> None:
-    if not api_key:
-        err.print("[red]set OTPGATE_API_KEY[/red] (and OTPGATE_URL if not the default)")
-        raise typer.Exit(2)
     ctx.obj = (url, api_key)
 
 
 def _client_call(ctx: typer.Context, call: Callable[[OtpgateClient], dict[str, Any]]) -> None:
     url, api_key = ctx.obj
+    if not api_key:
+        err.print("[red]set OTPGATE_API_KEY[/red] (and OTPGATE_URL if not the default)")
+        raise typer.Exit(2)
     with OtpgateClient(url, api_key=api_key) as client:
         try:
             document = call(client)

@@ -173,7 +173,11 @@ class Dispatcher:
                     message.id, provider=None, now=now, error="verification expired before sending"
                 )
                 return
-            code = self._vault.unseal(verification.id, verification.code_sealed)
+            try:
+                code = self._vault.unseal(verification.id, verification.code_sealed)
+            except ValueError:  # sealed under another master key: it can never be sent
+                await self._fail(item, provider, "sealed code does not authenticate")
+                return
             text = rules.compose_sms(
                 service.policy, code=code, locale=message.locale, context=verification.context
             )

@@ -127,7 +127,19 @@ class VerificationService:
         #    caller binds a different code or context, which supersedes it.
         pending = await self._storage.expire_and_find_pending(service.id, destination.e164, now)
         if pending is not None and custom_code is None and pending.context == context:
-            return await self._resend(service, pending, channel), False
+            if self._code_of(pending) is not None:
+                return await self._resend(service, pending, channel), False
+            # Its code was sealed under another master key (a rotation): it can never be sent
+            # again, so it fails and a new verification takes its place.
+            await self._storage.close(pending.id, VerificationStatus.FAILED, now)
+            pending = None
+        sends_so_far = 0
+        if pending is not None:
+            # Superseding is a send within the same process of proving this destination: the
+            # resend interval and the send cap carry over, so changing the context or the
+            # custom code is no way around them (S9).
+            rules.refuse_resend(pending, interval_seconds=policy.resend_interval_seconds, now=now)
+            sends_so_far = pending.send_attempts
         verification, message, body_masked = self._new(
             service,
             principal,
@@ -137,6 +149,7 @@ class VerificationService:
             context,
             metadata,
             custom_code,
+            sends_so_far=sends_so_far,
         )
         created = await self._storage.create_verification(
             verification,
@@ -176,6 +189,15 @@ class VerificationService:
         await self._refuse_if_locked(service.id, verification.to)
         return await self._resend(service, verification, chosen)
 
+    def _code_of(self, verification: Verification) -> str | None:
+        """The sealed code, or None when it is erased or sealed under another master key."""
+        if verification.code_sealed is None:
+            return None
+        try:
+            return self._vault.unseal(verification.id, verification.code_sealed)
+        except ValueError:
+            return None
+
     async def _resend(
         self, service: Service, verification: Verification, channel: Channel
     ) -> Verification:
@@ -183,9 +205,14 @@ class VerificationService:
         rules.refuse_resend(
             verification, interval_seconds=service.policy.resend_interval_seconds, now=now
         )
-        if verification.code_sealed is None:  # pragma: no cover - pending rows always have it
-            raise InvalidRequest("verification can no longer be sent", param="id")
-        code = self._vault.unseal(verification.id, verification.code_sealed)
+        code = self._code_of(verification)
+        if code is None:
+            await self._storage.close(verification.id, VerificationStatus.FAILED, now)
+            raise InvalidRequest(
+                "this verification's code can no longer be sent (the secret key changed); "
+                "start a new verification",
+                param="id",
+            )
         message, body_masked = self._message(
             service,
             verification.account_id,
@@ -225,6 +252,8 @@ class VerificationService:
         context: dict[str, str] | None,
         metadata: dict[str, Any],
         custom_code: str | None,
+        *,
+        sends_so_far: int = 0,
     ) -> tuple[Verification, Message, str]:
         policy = service.policy
         now = self._clock.now()
@@ -249,7 +278,7 @@ class VerificationService:
             last_sent_at=now,
             check_attempts=0,
             max_check_attempts=policy.max_check_attempts,
-            send_attempts=1,
+            send_attempts=sends_so_far + 1,
             max_send_attempts=policy.max_send_attempts,
             context=context,
             metadata=metadata,
@@ -272,6 +301,14 @@ class VerificationService:
         part of the answer) and kept only with the code masked."""
         text = rules.compose_sms(service.policy, code=code, locale=locale, context=context)
         shape = sms.measure(text)
+        if shape.segments > 1:
+            # Templates are proven to fit one segment with GSM-7 values; only context values
+            # (characters outside GSM-7 switch the message to UCS-2) can push it past.
+            raise InvalidRequest(
+                f"with this context the message needs {shape.segments} SMS segments; use "
+                "shorter values or GSM-7 characters",
+                param="context",
+            )
         now = self._clock.now()
         message = Message(
             id=new_id("msg"),

@@ -891,7 +891,7 @@ class SqlStorage:
             row = (
                 await conn.execute(
                     update(m)
-                    .where(m.c.id == message_id)
+                    .where(m.c.id == message_id, m.c.status == MessageStatus.QUEUED.value)
                     .values(
                         status=MessageStatus.FAILED.value,
                         provider=provider,

@@ -88,7 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _validation_param(tuple(first.get("loc", ())))
         kind = first.get("type", "")
         if kind == "json_invalid":
-            detail = "the body is not valid JSON"
+            param, detail = None, "the body is not valid JSON"
         elif kind == "extra_forbidden":
             detail = f"unknown field {param!r}"
         elif kind == "missing":
