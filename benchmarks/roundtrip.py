@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ SINK_USER = "bench@example.test"
 SINK_TOKEN = "bench-token-not-a-secret"
 TARGET_RATIO = 0.25
 _PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "ftp_proxy", "ws_proxy", "wss_proxy"}
-_METRIC = re.compile(r"^otpgate_http_request_seconds_(sum|count)\{([^}]*)\} (\S+)$")
+_METRIC = re.compile(r"^otpgate_http_request_seconds_(sum|count)\{(.*)\} (\S+)$")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 Op = Callable[[], Awaitable[tuple[float, ...]]]
@@ -185,20 +185,29 @@ def parse_request_metrics(text: str) -> dict[str, list[float]]:
     return out
 
 
-def make_snapshot(pid: int, metrics_client: Client | None) -> Snapshot:
+def make_snapshot(pid: int, metrics_port: int | None) -> Snapshot:
+    """CPU counters of the server and this process, and (for otpgate) its request-latency
+    histogram, read over a fresh connection each time (a kept-alive one would be closed by
+    uvicorn's keep-alive timeout between the two snapshots of a level)."""
+
     async def snapshot() -> dict[str, Any]:
         taken: dict[str, Any] = {
             "wall": time.perf_counter(),
             "client_cpu": time.process_time(),
             "server_cpu": proc_cpu_seconds(pid),
         }
-        if metrics_client is not None:
+        if metrics_port is not None:
+            client = RawClient(metrics_port, timeout=5.0)
             try:
-                status, body = await metrics_client.get("/metrics")
+                status, body = await client.get("/metrics")
                 if status == 200:
                     taken["metrics"] = parse_request_metrics(body.decode())
-            except (OSError, TimeoutError, HttpError):
-                pass
+                else:
+                    taken["metrics_error"] = f"HTTP {status}"
+            except (OSError, TimeoutError, HttpError) as exc:
+                taken["metrics_error"] = repr(exc)
+            finally:
+                await client.aclose()
         return taken
 
     return snapshot
@@ -211,6 +220,9 @@ def cpu_and_routes(run: LevelRun) -> dict[str, Any]:
         "server_cpu_pct": round(100 * (after["server_cpu"] - before["server_cpu"]) / wall, 1),
         "client_cpu_pct": round(100 * (after["client_cpu"] - before["client_cpu"]) / wall, 1),
     }
+    for snap in (before, after):
+        if "metrics_error" in snap:
+            out.setdefault("metrics_errors", []).append(snap["metrics_error"])
     if "metrics" in before and "metrics" in after:
         routes: dict[str, Any] = {}
         for key, (total, count) in after["metrics"].items():
@@ -376,7 +388,13 @@ async def cli_json(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, 
     return document
 
 
+#: CPUs the servers under test are pinned to (``--pin``); None: wherever the kernel puts them.
+SERVER_CPUS: set[int] | None = None
+
+
 def launch(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    if SERVER_CPUS is not None:
+        cmd = [tool("taskset"), "-c", ",".join(map(str, sorted(SERVER_CPUS))), *cmd]
     with log.open("wb") as handle:
         proc = subprocess.Popen(
             cmd, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -445,9 +463,26 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def bench_otpgate(
-    args: argparse.Namespace, work: Path, numbers: Iterator[int]
-) -> dict[str, Any]:
+@dataclass
+class Target:
+    """A server under test, up and ready: how to load it and where its results go."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    make_op: Callable[[Client], Op]
+    snapshot: Snapshot
+    summarize: Callable[[LevelRun], dict[str, Any]]
+    result: dict[str, Any]
+    unit: str
+
+
+@contextlib.asynccontextmanager
+async def otpgate_target(
+    args: argparse.Namespace, work: Path, numbers: Iterator[int], result: dict[str, Any]
+) -> AsyncIterator[Target]:
+    """The LabsMobile sink, an API key and a service made with the CLI, and ``otpgate serve``
+    on SQLite in a fresh data directory. Stopped (and its log collected) on exit."""
     data_dir = work / "otpgate-data"
     data_dir.mkdir()
     log = work / "otpgate.log"
@@ -466,128 +501,93 @@ async def bench_otpgate(
         }
     )
     otpgate = tool("otpgate")
-    result: dict[str, Any] = {"levels": []}
     proc: subprocess.Popen[bytes] | None = None
     try:
         key = await cli_json([otpgate, "keys", "create", "--name", "bench", "--json"], env, work)
         service = await cli_json(
-            [
-                otpgate,
-                "services",
-                "create",
-                "--name",
-                "Bench",
-                "--max-send-attempts",
-                "10",
-                "--resend-interval-seconds",
-                "0",
-                "--json",
-            ],
-            env,
-            work,
-        )
+            [otpgate, "services", "create", "--name", "Bench", "--max-send-attempts", "10",
+             "--resend-interval-seconds", "0", "--json"],
+            env, work,
+        )  # fmt: skip
         auth = f"Authorization: Bearer {key['key']}\r\n".encode()
         proc = launch([otpgate, "serve", "--host", LOOPBACK, "--port", str(port)], env, work, log)
         await wait_ready(proc, port, log)
         progress(f"otpgate ready on {LOOPBACK}:{port} (pid {proc.pid}); sink on {sink_port}")
-        metrics_client = RawClient(port, timeout=5.0)
-        snapshot = make_snapshot(proc.pid, metrics_client)
-        try:
-            for concurrency in args.levels:
-                client = make_client(
-                    args.client, port, concurrency=concurrency, timeout=args.request_timeout
-                )
-                try:
-                    run = await run_level(
-                        roundtrip_op(
-                            client,
-                            sink,
-                            service_id=service["id"],
-                            auth=auth,
-                            numbers=numbers,
-                            sms_timeout=args.sms_timeout,
-                        ),
-                        concurrency=concurrency,
-                        warmup=args.warmup,
-                        duration=args.duration,
-                        max_ops=args.max_ops,
-                        snapshot=snapshot,
-                    )
-                finally:
-                    await client.aclose()
-                level = summarize_roundtrips(run)
-                result["levels"].append(level)
-                progress(
-                    f"  otpgate c={concurrency:<4} {level['round_trips_per_s']:8.1f} rt/s"
-                    f"  failures={level['failures']['total']}"
-                    f"  server cpu {level['cpu']['server_cpu_pct']}%"
-                    f"  client cpu {level['cpu']['client_cpu_pct']}%"
-                )
-                if proc.poll() is not None:
-                    raise RuntimeError(f"otpgate exited with {proc.returncode} during the run")
-        finally:
-            await metrics_client.aclose()
-    except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        progress(f"otpgate benchmark error: {result['error']}")
+
+        def make_op(client: Client) -> Op:
+            return roundtrip_op(
+                client, sink, service_id=service["id"], auth=auth, numbers=numbers,
+                sms_timeout=args.sms_timeout,
+            )  # fmt: skip
+
+        yield Target(
+            "otpgate", port, proc, make_op, make_snapshot(proc.pid, port),
+            summarize_roundtrips, result, "rt/s",
+        )  # fmt: skip
     finally:
         if proc is not None:
+            # -15 is normal: uvicorn re-raises SIGTERM after its graceful shutdown.
             result["exit_code"] = await stop(proc)
         await sink.aclose()
         result["sink"] = dict(sink.stats)
         server_log = log.read_text(errors="replace") if log.exists() else ""
         result["server_log_lines"] = len(server_log.splitlines())
         result["server_log_tail"] = server_log.splitlines()[-40:]
-    return result
 
 
-async def bench_bare(
-    args: argparse.Namespace, work: Path, numbers: Iterator[int]
-) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def bare_target(
+    args: argparse.Namespace, work: Path, numbers: Iterator[int], result: dict[str, Any]
+) -> AsyncIterator[Target]:
+    """``benchmarks.bare_app`` under uvicorn, as otpgate is served. Stopped on exit."""
     log = work / "bare.log"
     port = free_port()
-    env = clean_env({})
-    result: dict[str, Any] = {"levels": []}
     proc: subprocess.Popen[bytes] | None = None
     auth = b"Authorization: Bearer bench-not-checked\r\n"
     try:
         proc = launch(
-            [sys.executable, "-m", "benchmarks.bare_app", "--port", str(port)], env, REPO, log
-        )
+            [sys.executable, "-m", "benchmarks.bare_app", "--port", str(port)],
+            clean_env({}), REPO, log,
+        )  # fmt: skip
         await wait_ready(proc, port, log)
         progress(f"bare FastAPI ready on {LOOPBACK}:{port} (pid {proc.pid})")
-        snapshot = make_snapshot(proc.pid, None)
-        for concurrency in args.levels:
-            client = make_client(
-                args.client, port, concurrency=concurrency, timeout=args.request_timeout
-            )
-            try:
-                run = await run_level(
-                    bare_op(client, service_id="svc_bare", auth=auth, numbers=numbers),
-                    concurrency=concurrency,
-                    warmup=args.warmup,
-                    duration=args.duration,
-                    max_ops=args.max_ops,
-                    snapshot=snapshot,
-                )
-            finally:
-                await client.aclose()
-            level = summarize_bare(run)
-            result["levels"].append(level)
-            progress(
-                f"  bare    c={concurrency:<4} {level['requests_per_s']:8.1f} req/s"
-                f"  failures={level['failures']['total']}"
-                f"  server cpu {level['cpu']['server_cpu_pct']}%"
-                f"  client cpu {level['cpu']['client_cpu_pct']}%"
-            )
-    except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        progress(f"bare benchmark error: {result['error']}")
+
+        def make_op(client: Client) -> Op:
+            return bare_op(client, service_id="svc_bare", auth=auth, numbers=numbers)
+
+        yield Target(
+            "bare", port, proc, make_op, make_snapshot(proc.pid, None), summarize_bare, result,
+            "req/s",
+        )  # fmt: skip
     finally:
         if proc is not None:
             result["exit_code"] = await stop(proc)
         result["server_log_tail"] = tail(log, 40).splitlines()
-    return result
+
+
+async def measure(target: Target, args: argparse.Namespace, concurrency: int) -> None:
+    """One level on one target; its summary is appended to ``target.result["levels"]``."""
+    client = make_client(
+        args.client, target.port, concurrency=concurrency, timeout=args.request_timeout
+    )
+    try:
+        run = await run_level(
+            target.make_op(client), concurrency=concurrency, warmup=args.warmup,
+            duration=args.duration, max_ops=args.max_ops, snapshot=target.snapshot,
+        )  # fmt: skip
+    finally:
+        await client.aclose()
+    level = target.summarize(run)
+    target.result["levels"].append(level)
+    rate = level.get("round_trips_per_s", level.get("requests_per_s"))
+    progress(
+        f"  {target.name:<8} c={concurrency:<4} {rate:8.1f} {target.unit:<6}"
+        f" failures={level['failures']['total']}"
+        f"  server cpu {level['cpu']['server_cpu_pct']}%"
+        f"  client cpu {level['cpu']['client_cpu_pct']}%"
+    )
+    if target.proc.poll() is not None:
+        raise RuntimeError(f"{target.name} exited with {target.proc.returncode} during the run")
 
 
 def summarize_roundtrips(run: LevelRun) -> dict[str, Any]:
@@ -650,7 +650,7 @@ def machine_info() -> dict[str, Any]:
     ):
         with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
-    commit = ""
+    commit, src_dirty = "", None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -659,12 +659,21 @@ def machine_info() -> dict[str, Any]:
             capture_output=True,
             timeout=10,
         ).stdout.strip()
+        # Read-only: were otpgate's sources edited since that commit when this ran?
+        src_dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "src", "pyproject.toml"],
+                cwd=REPO,
+                text=True,
+                capture_output=True,
+                timeout=10,
+            ).stdout.strip()
+        )
     import sqlite3
 
     return {
         "cpu_model": cpu,
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
+        "nproc": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
@@ -672,6 +681,7 @@ def machine_info() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "packages": versions,
         "git_commit": commit,
+        "git_src_uncommitted_changes": src_dirty,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
@@ -836,6 +846,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="client event loop (default uvloop when installed)",
     )
     parser.add_argument(
+        "--pin",
+        choices=("split", "none"),
+        default="none",
+        help="split: servers on the last CPU, client and sink on the others (needs taskset "
+        "and 2+ CPUs); none: let the kernel place them (default)",
+    )
+    parser.add_argument(
         "--sms-timeout",
         type=float,
         default=15.0,
@@ -883,13 +900,34 @@ async def amain(args: argparse.Namespace, loop_name: str) -> int:
     )
     numbers = itertools.count()
     work = Path(tempfile.mkdtemp(prefix="otpgate-bench-"))
-    otp: dict[str, Any] = {}
-    bare: dict[str, Any] = {}
+    otp: dict[str, Any] = {"levels": []}
+    bare: dict[str, Any] = {"levels": []}
+    factories = {"otpgate": (otpgate_target, otp), "bare": (bare_target, bare)}
     try:
-        if "otpgate" in args.targets:
-            otp = await bench_otpgate(args, work, numbers)
-        if "bare" in args.targets:
-            bare = await bench_bare(args, work, numbers)
+        async with contextlib.AsyncExitStack() as stack:
+            targets: list[Target] = []
+            for name in ("otpgate", "bare"):
+                if name not in args.targets:
+                    continue
+                factory, result = factories[name]
+                try:
+                    targets.append(
+                        await stack.enter_async_context(factory(args, work, numbers, result))
+                    )
+                except Exception as exc:
+                    result["error"] = f"{type(exc).__name__}: {exc}"
+                    progress(f"{name} could not start: {result['error']}")
+            # Level by level, the targets back to back, so that a slow spell of a shared
+            # machine hits both sides of a same-level ratio alike.
+            for concurrency in args.levels:
+                for target in targets:
+                    if "error" in target.result:
+                        continue
+                    try:
+                        await measure(target, args, concurrency)
+                    except Exception as exc:
+                        target.result["error"] = f"{type(exc).__name__}: {exc}"
+                        progress(f"{target.name} error: {target.result['error']}")
     finally:
         if args.keep_data:
             progress(f"data and logs kept in {work}")
@@ -916,6 +954,7 @@ async def amain(args: argparse.Namespace, loop_name: str) -> int:
             "request_timeout_s": args.request_timeout,
             "database": "sqlite (embedded default, WAL)",
             "uvicorn_workers": 1,
+            "pinning": args.pinning,
         },
         "headline": headline,
         "otpgate": otp,
@@ -933,8 +972,23 @@ async def amain(args: argparse.Namespace, loop_name: str) -> int:
     return 1 if failed else 0
 
 
+def pin(mode: str) -> str:
+    """Apply ``--pin``; returns what was done, for the report."""
+    global SERVER_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "none":
+        return "none"
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        progress("--pin split needs 2+ CPUs and taskset; running unpinned")
+        return "none (split unavailable)"
+    SERVER_CPUS = {cpus[-1]}
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    return f"servers on CPU {cpus[-1]}, client and sink on CPU {','.join(map(str, cpus[:-1]))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.pinning = pin(args.pin)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     loop_name = "asyncio"
     if args.loop == "uvloop":
