@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import re
 import secrets
@@ -35,7 +36,9 @@ POSTGRES_URL = os.environ.get(
     "OTPGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 TEST_SECRET = "test-secret-" + "x" * 40
-BACKENDS = ["sqlite", "postgres"]
+#: sqlite: the embedded default (sqlite3 on the loop); sqlite-sa: SQLite through SQLAlchemy's
+#: async engine; postgres: SQLAlchemy's async engine on asyncpg.
+BACKENDS = ["sqlite", "sqlite-sa", "postgres"]
 
 
 class FrozenClock:
@@ -105,15 +108,25 @@ class Database:
     schema: str
     sqlite_path: Path | None
 
+    @contextlib.asynccontextmanager
+    async def sql(self) -> AsyncIterator[Any]:
+        """A SQLAlchemy connection of the test's own, in a transaction, to look behind the API."""
+        engine = create_engine(self.url, schema=self.schema, pool_size=1)
+        try:
+            async with engine.begin() as conn:
+                yield conn
+        finally:
+            await engine.dispose()
+
 
 @pytest.fixture(params=BACKENDS)
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     """A migrated, empty database of each backend."""
-    if request.param == "sqlite":
+    if request.param.startswith("sqlite"):
         path = tmp_path / "otpgate.db"
         url = f"sqlite:///{path}"
         await upgrade(url)
-        yield Database("sqlite", url, "", path)
+        yield Database(request.param, url, "", path)
         return
     schema = request.getfixturevalue("postgres_schema")
     engine = create_engine(POSTGRES_URL, schema=schema, pool_size=1)
@@ -132,6 +145,7 @@ def make_settings(database: Database, tmp_path: Path, **overrides: Any) -> Setti
         "database_schema": database.schema,
         "secret_key": TEST_SECRET,
         "log_json": True,
+        "sqlite_engine": "sqlalchemy" if database.backend == "sqlite-sa" else "native",
     }
     values.update(overrides)
     return Settings(**values)

@@ -22,12 +22,13 @@ from pathlib import Path
 from otpgate.adapters.metrics import PrometheusMetrics
 from otpgate.adapters.providers.console import ConsoleSender
 from otpgate.adapters.providers.labsmobile import LabsMobileSender
-from otpgate.adapters.storage.engine import create_engine, is_sqlite
+from otpgate.adapters.storage.engine import create_engine, is_sqlite, sqlite_file
 from otpgate.adapters.storage.migrate import upgrade
 from otpgate.adapters.storage.sql import SqlStorage
+from otpgate.adapters.storage.sqlite_native import NativeSqliteStorage
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import Channel
-from otpgate.domain.ports import Clock, ReceiptParser, SmsSender
+from otpgate.domain.ports import Clock, ReceiptParser, SmsSender, Storage
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.catalog import ServiceCatalog
@@ -142,12 +143,29 @@ def build_sender(settings: Settings) -> SmsSender:
     )
 
 
+def build_storage(settings: Settings) -> Storage:
+    """SQLite through ``sqlite3`` on the event loop (the embedded default, see
+    ``sqlite_native``), or SQLAlchemy's async engine (PostgreSQL, or SQLite on request)."""
+    url = settings.effective_database_url
+    if is_sqlite(url) and settings.sqlite_engine == "native":
+        path = sqlite_file(url)
+        if path is None:
+            raise ConfigurationError(
+                "OTPGATE_DATABASE_URL: in-memory SQLite keeps nothing; give a file"
+            )
+        return NativeSqliteStorage(path)
+    engine = create_engine(
+        url, schema=settings.database_schema, pool_size=settings.database_pool_size
+    )
+    return SqlStorage(engine)
+
+
 @dataclass
 class Container:
     """Everything a running otpgate needs, built once."""
 
     settings: Settings
-    storage: SqlStorage
+    storage: Storage
     access: AccessService
     catalog: ServiceCatalog
     verifications: VerificationService
@@ -173,11 +191,7 @@ def build(
     clock = clock or SystemClock()
     keys = derive_keys(load_master_secret(settings))
     vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
-    url = settings.effective_database_url
-    engine = create_engine(
-        url, schema=settings.database_schema, pool_size=settings.database_pool_size
-    )
-    storage = SqlStorage(engine)
+    storage = build_storage(settings)
     metrics = PrometheusMetrics()
     chosen = sender or build_sender(settings)
     senders: dict[str, SmsSender] = {chosen.name: chosen}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
     #: PostgreSQL schema to use (``search_path``); empty for the server's default.
     database_schema: str = ""
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    #: How SQLite is driven: ``native`` (``sqlite3`` on the event loop, fast) or
+    #: ``sqlalchemy`` (the async engine over aiosqlite, as for PostgreSQL).
+    sqlite_engine: Literal["native", "sqlalchemy"] = "native"
     #: Master secret (at least 32 bytes of entropy, e.g. ``openssl rand -base64 48``); the
     #: HMAC, encryption and receipt-token keys are derived from it. Required in production.
     secret_key: SecretStr | None = None

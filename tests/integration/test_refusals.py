@@ -13,7 +13,7 @@ from tests.conftest import Api
 
 
 async def counts(api: Api) -> tuple[int, int]:
-    async with api.container.storage.engine.connect() as conn:
+    async with api.database.sql() as conn:
         verifications = (
             await conn.execute(select(func.count()).select_from(t.verifications))
         ).scalar_one()

@@ -217,7 +217,7 @@ async def test_context_that_would_need_two_segments_is_refused(api: Api) -> None
 async def test_a_pending_code_sealed_under_an_old_key_is_replaced(api: Api) -> None:
     vid, _ = await started(api)
     # Simulate a master-key rotation: the stored ciphertext no longer authenticates.
-    async with api.container.storage.engine.begin() as conn:
+    async with api.database.sql() as conn:
         await conn.execute(
             t.verifications.update()
             .where(t.verifications.c.id == vid)
@@ -350,7 +350,7 @@ async def test_a_success_resets_the_consecutive_failure_count(api: Api) -> None:
     vid, code = await started(api)
     await api.check(vid, wrong(code))
     await api.check(vid, code)
-    async with api.container.storage.engine.connect() as conn:
+    async with api.database.sql() as conn:
         rows = await conn.execute(select(func.count()).select_from(t.destination_failures))
         assert rows.scalar_one() == 0
 

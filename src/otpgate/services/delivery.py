@@ -82,6 +82,7 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._last_housekeeping = 0.0
+        self._stopping = False
 
     def notify(self) -> None:
         """Something was queued: look now instead of at the next poll."""
@@ -93,6 +94,7 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """Stop claiming and wait for the sends in flight to finish."""
+        self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,7 +105,7 @@ class Dispatcher:
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             try:
                 if loop.time() - self._last_housekeeping >= self.HOUSEKEEPING_SECONDS:
                     self._last_housekeeping = loop.time()
@@ -128,8 +130,11 @@ class Dispatcher:
         await self._storage.forget_idempotency_keys(now)
 
     async def _sleep(self) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the wake-up event fires, and the dispatcher would never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
+            async with asyncio.timeout(self._poll_seconds):
+                await self._wake.wait()
 
     async def dispatch_due(self) -> int:
         """Claim what is due (within the free concurrency) and start sending it; returns how

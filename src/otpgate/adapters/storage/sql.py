@@ -96,7 +96,7 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
     )
 
 
-def _account(row: Any) -> Account:
+def account_from_row(row: Any) -> Account:
     return Account(
         id=row.id,
         name=row.name,
@@ -106,7 +106,7 @@ def _account(row: Any) -> Account:
     )
 
 
-def _service(row: Any) -> Service:
+def service_from_row(row: Any) -> Service:
     return Service(
         id=row.id,
         account_id=row.account_id,
@@ -116,7 +116,7 @@ def _service(row: Any) -> Service:
     )
 
 
-def _message(row: Any) -> Message:
+def message_from_row(row: Any) -> Message:
     return Message(
         id=row.id,
         account_id=row.account_id,
@@ -137,7 +137,7 @@ def _message(row: Any) -> Message:
     )
 
 
-def _verification(row: Any, messages: Sequence[Message] = ()) -> Verification:
+def verification_from_row(row: Any, messages: Sequence[Message] = ()) -> Verification:
     return Verification(
         id=row.id,
         account_id=row.account_id,
@@ -162,7 +162,7 @@ def _verification(row: Any, messages: Sequence[Message] = ()) -> Verification:
     )
 
 
-def _verification_values(v: Verification) -> dict[str, Any]:
+def verification_values(v: Verification) -> dict[str, Any]:
     return {
         "id": v.id,
         "account_id": v.account_id,
@@ -186,7 +186,7 @@ def _verification_values(v: Verification) -> dict[str, Any]:
     }
 
 
-def _message_values(m: Message, body_masked: str) -> dict[str, Any]:
+def message_values(m: Message, body_masked: str) -> dict[str, Any]:
     return {
         "id": m.id,
         "account_id": m.account_id,
@@ -286,14 +286,14 @@ class SqlStorage:
             row = (
                 await conn.execute(select(t.accounts).where(t.accounts.c.id == account_id))
             ).first()
-        return None if row is None else _account(row)
+        return None if row is None else account_from_row(row)
 
     async def get_account_by_username(self, username: str) -> Account | None:
         async with self._tx() as conn:
             row = (
                 await conn.execute(select(t.accounts).where(t.accounts.c.username == username))
             ).first()
-        return None if row is None else _account(row)
+        return None if row is None else account_from_row(row)
 
     async def first_admin_account(self) -> Account | None:
         async with self._tx() as conn:
@@ -305,12 +305,12 @@ class SqlStorage:
                     .limit(1)
                 )
             ).first()
-        return None if row is None else _account(row)
+        return None if row is None else account_from_row(row)
 
     async def list_accounts(self, *, limit: int, cursor: str | None) -> Page[Account]:
         query = select(t.accounts)
         rows = await self._page(query, t.accounts, limit=limit, cursor=cursor)
-        return Page([_account(r) for r in rows[:limit]], self._next(rows, limit))
+        return Page([account_from_row(r) for r in rows[:limit]], self._next(rows, limit))
 
     async def create_key(self, key: ApiKey) -> None:
         async with self._tx() as conn:
@@ -424,7 +424,7 @@ class SqlStorage:
                     self._live_service(account_id).where(t.services.c.id == service_id)
                 )
             ).first()
-        return None if row is None else _service(row)
+        return None if row is None else service_from_row(row)
 
     async def get_service_by_name(self, account_id: str, name: str) -> Service | None:
         async with self._tx() as conn:
@@ -436,7 +436,7 @@ class SqlStorage:
                     .limit(1)
                 )
             ).first()
-        return None if row is None else _service(row)
+        return None if row is None else service_from_row(row)
 
     async def list_services(
         self, account_id: str, *, limit: int, cursor: str | None
@@ -444,7 +444,7 @@ class SqlStorage:
         rows = await self._page(
             self._live_service(account_id), t.services, limit=limit, cursor=cursor
         )
-        return Page([_service(r) for r in rows[:limit]], self._next(rows, limit))
+        return Page([service_from_row(r) for r in rows[:limit]], self._next(rows, limit))
 
     async def update_service(
         self, account_id: str, service_id: str, policy: ServicePolicy, now: datetime
@@ -461,7 +461,7 @@ class SqlStorage:
                     .returning(*s.c)
                 )
             ).first()
-        return None if row is None else _service(row)
+        return None if row is None else service_from_row(row)
 
     async def delete_service(self, account_id: str, service_id: str, now: datetime) -> bool:
         s, v = t.services, t.verifications
@@ -498,7 +498,7 @@ class SqlStorage:
             )
         ).all()
         for row in rows:
-            found[row.verification_id].append(_message(row))
+            found[row.verification_id].append(message_from_row(row))
         return found
 
     async def _load_verification(self, conn: AsyncConnection, where: Any) -> Verification | None:
@@ -506,7 +506,7 @@ class SqlStorage:
         if row is None:
             return None
         messages = await self._messages_for(conn, [row.id])
-        return _verification(row, messages[row.id])
+        return verification_from_row(row, messages[row.id])
 
     async def expire_and_find_pending(
         self, service_id: str, to: str, now: datetime
@@ -548,9 +548,9 @@ class SqlStorage:
                             updated_at=verification.created_at,
                         )
                     )
-                await conn.execute(insert(v).values(**_verification_values(verification)))
+                await conn.execute(insert(v).values(**verification_values(verification)))
                 await conn.execute(
-                    insert(t.messages).values(**_message_values(message, body_masked))
+                    insert(t.messages).values(**message_values(message, body_masked))
                 )
         except IntegrityError:
             return False
@@ -583,7 +583,7 @@ class SqlStorage:
             ).first()
             if counted is None:
                 return None
-            await conn.execute(insert(t.messages).values(**_message_values(message, body_masked)))
+            await conn.execute(insert(t.messages).values(**message_values(message, body_masked)))
             return await self._load_verification(conn, v.c.id == verification_id)
 
     async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
@@ -609,7 +609,7 @@ class SqlStorage:
             if row is None:
                 return None
             messages = await self._messages_for(conn, [row.id])
-        return _verification(row, messages[row.id])
+        return verification_from_row(row, messages[row.id])
 
     async def list_verifications(
         self,
@@ -640,7 +640,7 @@ class SqlStorage:
         async with self._tx() as conn:
             rows = await self._page(query, v, limit=limit, cursor=cursor, conn=conn)
             messages = await self._messages_for(conn, [r.id for r in rows[:limit]])
-        items = [_verification(r, messages[r.id]) for r in rows[:limit]]
+        items = [verification_from_row(r, messages[r.id]) for r in rows[:limit]]
         return Page(items, self._next(rows, limit))
 
     async def _page(
@@ -832,9 +832,9 @@ class SqlStorage:
             svc = svc_rows.get(ver.service_id) if ver is not None else None
             claimed.append(
                 ClaimedMessage(
-                    message=_message(row),
-                    verification=None if ver is None else _verification(ver),
-                    service=None if svc is None else _service(svc),
+                    message=message_from_row(row),
+                    verification=None if ver is None else verification_from_row(ver),
+                    service=None if svc is None else service_from_row(svc),
                 )
             )
         return claimed
