@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -213,10 +212,10 @@ def build(
             max_attempts=settings.delivery_max_attempts,
             backoff_seconds=settings.delivery_backoff_seconds,
             lease_seconds=settings.delivery_lease_seconds,
+            send_timeout_seconds=settings.provider_timeout_seconds,
         ),
         receipt_urls=receipt_urls,
     )
-    notify: Callable[[], None] = dispatcher.notify
     verifications = VerificationService(
         storage=storage,
         vault=vault,
@@ -226,7 +225,7 @@ def build(
         lockout=LockoutPolicy(
             threshold=settings.lockout_threshold, seconds=settings.lockout_seconds
         ),
-        on_queued=notify,
+        outbox=dispatcher,
     )
     return Container(
         settings=settings,

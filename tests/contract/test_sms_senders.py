@@ -2,22 +2,27 @@
 LabsMobile adapter's own behaviour against the loopback LabsMobile stub.
 
 Everything stays on 127.0.0.1: the stub serves LabsMobile's JSON API there, and the few answers
-the stub cannot produce (an integer result code, a body that is not JSON) come from an
-``httpx.MockTransport``, which never opens a socket.
+the stub cannot produce (an integer result code, a body that is not JSON, a redirect) come from
+a bare ``aiohttp`` server started by the test itself, which also shows the raw request.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -273,16 +278,17 @@ async def test_own_client_is_closed_by_aclose_and_a_given_one_is_not(stub: LabsM
     with pytest.raises(TransientDeliveryError):  # a closed client cannot send any more
         await own.send(make_sms())
 
-    async with httpx.AsyncClient() as client:
+    async with aiohttp.ClientSession() as client:
         given = LabsMobileSender(
             username=stub.username, token=stub.token, base_url=stub.url, client=client
         )
         receipt = await given.send(make_sms())
         await given.aclose()
-        assert not client.is_closed
-        still_usable = await client.get(f"{stub.url}/json/balance")
+        assert not client.closed
+        async with client.get(f"{stub.url}/json/balance") as still_usable:
+            status = still_usable.status
     assert receipt.provider_ref == subid_for(MESSAGE_ID)
-    assert still_usable.status_code == 401  # answered: the client was left open
+    assert status == 401  # answered: the client was left open
 
 
 def test_it_implements_the_ports() -> None:
@@ -454,13 +460,13 @@ async def test_a_timeout_is_transient(stub: LabsMobileStub) -> None:
         with pytest.raises(TransientDeliveryError, match="timeout") as info:
             await sender.send(make_sms())
 
-    assert isinstance(info.value.__cause__, httpx.TimeoutException)
+    assert isinstance(info.value.__cause__, TimeoutError)
     assert_no_secret(info.value, stub.token)
 
 
 async def test_the_timeout_also_applies_to_a_given_client(stub: LabsMobileStub) -> None:
     stub.delay_seconds = 2.0
-    async with httpx.AsyncClient(timeout=30.0) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as client:
         sender = LabsMobileSender(
             username=stub.username,
             token=stub.token,
@@ -485,13 +491,29 @@ async def test_connection_refused_is_transient(refused_url: str) -> None:
         with pytest.raises(TransientDeliveryError, match="transport error") as info:
             await sender.send(make_sms())
 
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectionError)
     assert_no_secret(info.value, "tok-xyz")
 
 
-def _mock_sender(handler: Callable[[httpx.Request], httpx.Response]) -> LabsMobileSender:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return LabsMobileSender(username="u", token="t", base_url="http://127.0.0.1", client=client)
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def _answering(
+    handler: Handler, *, auth: tuple[str, str] = ("u", "t")
+) -> AsyncIterator[LabsMobileSender]:
+    """A sender whose requests reach ``handler`` on a bare loopback aiohttp server."""
+    async with RawTestServer(handler, host="127.0.0.1") as server:
+        base_url = str(server.make_url("/"))
+        async with LabsMobileSender(username=auth[0], token=auth[1], base_url=base_url) as sender:
+            yield sender
+
+
+def _always(response: Callable[[], web.StreamResponse]) -> Handler:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return response()
+
+    return handler
 
 
 @pytest.mark.parametrize(
@@ -507,59 +529,94 @@ def _mock_sender(handler: Callable[[httpx.Request], httpx.Response]) -> LabsMobi
     ],
 )
 async def test_result_code_spellings(answer: Any, outcome: type[DeliveryError] | None) -> None:
-    sender = _mock_sender(lambda request: httpx.Response(200, json=answer))
-    try:
+    async with _answering(_always(lambda: web.json_response(answer))) as sender:
         if outcome is None:
             assert await sender.send(make_sms()) == SendReceipt(provider_ref=subid_for(MESSAGE_ID))
         else:
             with pytest.raises(outcome):
                 await sender.send(make_sms())
-    finally:
-        await sender._client.aclose()
 
 
 async def test_a_body_that_is_not_json_is_transient() -> None:
-    sender = _mock_sender(lambda request: httpx.Response(200, text="<html>oops</html>"))
-    try:
+    page = _always(lambda: web.Response(text="<html>oops</html>", content_type="text/html"))
+    async with _answering(page) as sender:
         with pytest.raises(TransientDeliveryError, match="unreadable"):
             await sender.send(make_sms())
-    finally:
-        await sender._client.aclose()
 
 
 @pytest.mark.parametrize("echoed", [TEXT, f"near {CODE}", f"in '{CODE}.'"])
 async def test_an_echoed_text_or_code_is_scrubbed_from_the_error(echoed: str) -> None:
-    def echo(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"code": "27", "message": f"Invalid: {echoed}"})
-
-    sender = _mock_sender(echo)
-    try:
+    echo = _always(lambda: web.json_response({"code": "27", "message": f"Invalid: {echoed}"}))
+    async with _answering(echo) as sender:
         with pytest.raises(PermanentDeliveryError, match="labsmobile code 27: Invalid") as info:
             await sender.send(make_sms())
-    finally:
-        await sender._client.aclose()
     assert_no_secret(info.value)
 
 
 async def test_http_400_carries_the_result_code_when_there_is_one() -> None:
-    sender = _mock_sender(
-        lambda request: httpx.Response(400, json={"code": "11", "message": "Badly formed"})
+    refusal = _always(
+        lambda: web.json_response({"code": "11", "message": "Badly formed"}, status=400)
     )
-    try:
+    async with _answering(refusal) as sender:
         with pytest.raises(PermanentDeliveryError, match=r"labsmobile code 11: Badly formed"):
             await sender.send(make_sms())
-    finally:
-        await sender._client.aclose()
 
 
 async def test_429_passes_retry_after_on() -> None:
-    sender = _mock_sender(lambda request: httpx.Response(429, headers={"Retry-After": "7"}))
-    try:
+    throttled = _always(lambda: web.Response(status=429, headers={"Retry-After": "7"}))
+    async with _answering(throttled) as sender:
         with pytest.raises(TransientDeliveryError) as info:
             await sender.send(make_sms())
-    finally:
-        await sender._client.aclose()
     assert info.value.retry_after == 7
+
+
+async def test_a_redirect_is_not_followed() -> None:
+    requests: list[str] = []
+
+    async def moved(request: web.BaseRequest) -> web.StreamResponse:
+        requests.append(request.path)
+        return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+    async with _answering(moved) as sender:
+        with pytest.raises(TransientDeliveryError, match=r"unexpected answer \(HTTP 302\)"):
+            await sender.send(make_sms())
+    assert requests == ["/json/send"]
+
+
+async def test_the_request_on_the_wire() -> None:
+    """Basic credentials in UTF-8, a compact UTF-8 JSON body (as httpx's ``json=`` wrote it),
+    and no Content-Type on the body-less balance request."""
+    seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    async def record(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append((request.method, request.path, dict(request.headers), await request.read()))
+        return web.json_response({"code": "0", "credits": "1"})
+
+    async with _answering(record, auth=("ñu@example.com", "tök")) as sender:
+        await sender.send(make_sms(text="Código 845201 €"))
+        await sender.balance()
+
+    (post, get) = seen
+    method, path, headers, body = post
+    assert (method, path) == ("POST", "/json/send")
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(
+        "ñu@example.com:tök".encode()
+    ).decode("ascii")
+    assert body == json.dumps(
+        {
+            "recipient": [{"msisdn": "34600000000"}],
+            "message": "Código 845201 €",
+            "subid": subid_for(MESSAGE_ID),
+            "tpoa": "Acme",
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode("utf-8")
+    method, path, headers, body = get
+    assert (method, path, body) == ("GET", "/json/balance", b"")
+    assert "Content-Type" not in headers
+    assert headers["Authorization"] == post[2]["Authorization"]
 
 
 # --------------------------------------------------------------------------------------------

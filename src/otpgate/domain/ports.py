@@ -86,6 +86,8 @@ class ClaimedMessage:
     message: Message
     verification: Verification | None
     service: Service | None
+    #: Until when this dispatcher holds the message (no other may claim it before).
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +159,13 @@ class VerificationStore(Protocol):
         *,
         body_masked: str,
         supersede: str | None = None,
+        lease_until: datetime | None = None,
     ) -> bool:
         """In one transaction: cancel ``supersede`` if it is still pending, insert the
         verification and its first outbox message (kept with ``body_masked``, the text with
-        the code masked). False (nothing written) when another verification for the same
-        (service, to) is pending already."""
+        the code masked). With ``lease_until`` the message is inserted already claimed (one
+        attempt counted) by the caller's own dispatcher. False (nothing written) when another
+        verification for the same (service, to) is pending already."""
         ...
 
     async def record_resend(
@@ -172,10 +176,12 @@ class VerificationStore(Protocol):
         body_masked: str,
         now: datetime,
         interval_seconds: int,
+        lease_until: datetime | None = None,
     ) -> Verification | None:
         """In one transaction, if the verification is pending, unexpired, below its send cap
         and its last send is at least ``interval_seconds`` old: count the send and queue
-        ``message``. Returns the updated verification, or ``None`` when a condition failed
+        ``message`` (claimed until ``lease_until``, as in ``create_verification``). Returns
+        the updated verification, or ``None`` when a condition failed
         (the caller re-reads to tell which)."""
         ...
 

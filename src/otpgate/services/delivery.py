@@ -12,12 +12,13 @@ at once (S23, DESIGN.md habit 5).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
@@ -39,6 +40,9 @@ class RetryPolicy:
     max_attempts: int = 5
     backoff_seconds: float = 2.0
     lease_seconds: int = 30
+    #: The longest a provider call may take; a handed-off message is sent only while its lease
+    #: has at least this long to run, so no lease can lapse during its send.
+    send_timeout_seconds: float = 10.0
 
     def delay(self, attempt: int) -> float:
         """Exponential backoff with up to 25 % jitter, so retries of a burst spread out."""
@@ -83,10 +87,46 @@ class Dispatcher:
         self._runner: asyncio.Task[None] | None = None
         self._last_housekeeping = 0.0
         self._stopping = False
+        self._handoffs: collections.deque[ClaimedMessage] = collections.deque()
 
     def notify(self) -> None:
         """Something was queued: look now instead of at the next poll."""
         self._wake.set()
+
+    # The handoff: a request that queues a message in this process gives it to this dispatcher
+    # directly, already leased, so the SMS leaves right after the commit without a claim round
+    # trip to storage. Should the process die first, the lease lapses and any dispatcher claims
+    # the row as usual (S22).
+
+    def lease_until(self, now: datetime) -> datetime | None:
+        """The lease to write with a message queued now, when this dispatcher runs and will send
+        it itself; None when it does not (scale mode: a worker process claims the row)."""
+        if self._runner is None or self._stopping:
+            return None
+        return now + timedelta(seconds=self._retry.lease_seconds)
+
+    def queued(self, item: ClaimedMessage | None = None) -> None:
+        """A message was committed: send ``item`` (leased by :meth:`lease_until`) now, or with
+        no item, wake the claim loop."""
+        if item is None or item.lease_until is None:
+            self._wake.set()
+            return
+        self._handoffs.append(item)
+        self._pump()
+
+    def _pump(self) -> None:
+        now = self._clock.now()
+        margin = timedelta(seconds=self._retry.send_timeout_seconds)
+        while self._handoffs and len(self._inflight) < self._concurrency:
+            item = self._handoffs.popleft()
+            if item.lease_until is None or item.lease_until - now <= margin:
+                continue  # waited too long here: its lease lapses and the claim loop takes it
+            self._spawn(item)
+
+    def _spawn(self, item: ClaimedMessage) -> None:
+        task = asyncio.create_task(self.deliver(item))
+        self._inflight.add(task)
+        task.add_done_callback(self._finished)
 
     def start(self) -> None:
         if self._runner is None:
@@ -146,14 +186,15 @@ class Dispatcher:
             now=self._clock.now(), lease_seconds=self._retry.lease_seconds, limit=free
         )
         for item in claimed:
-            task = asyncio.create_task(self.deliver(item))
-            self._inflight.add(task)
-            task.add_done_callback(self._finished)
+            self._spawn(item)
         return len(claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._wake.set()  # capacity is free again
+        if self._handoffs and not self._stopping:
+            self._pump()
+        else:
+            self._wake.set()  # capacity is free again
 
     async def drain(self) -> None:
         """Send everything due now and wait for it (for tests and the one-shot worker)."""

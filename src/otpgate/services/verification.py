@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Protocol
 
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
@@ -38,7 +39,7 @@ from otpgate.domain.phone import (
     require_allowed_country,
     require_sms_capable,
 )
-from otpgate.domain.ports import Clock, Metrics, Page, Storage
+from otpgate.domain.ports import ClaimedMessage, Clock, Metrics, Page, Storage
 from otpgate.errors import (
     ChannelNotAllowed,
     DestinationBlocked,
@@ -63,6 +64,19 @@ class StartRequest:
     country: str | None = None
 
 
+class Outbox(Protocol):
+    """Where committed messages are announced (the delivery dispatcher)."""
+
+    def lease_until(self, now: datetime) -> datetime | None:
+        """A lease to write with a message queued now, if the caller's process will send it
+        itself; None to leave it for whichever dispatcher claims it."""
+        ...
+
+    def queued(self, item: ClaimedMessage | None = None) -> None:
+        """A message was committed: ``item`` (leased) to send now, or None to wake a claimer."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LockoutPolicy:
     """S8: ``threshold`` consecutive failed checks lock a destination for ``seconds``."""
@@ -81,7 +95,7 @@ class VerificationService:
         metrics: Metrics,
         channels_available: frozenset[Channel],
         lockout: LockoutPolicy,
-        on_queued: Callable[[], None],
+        outbox: Outbox,
     ) -> None:
         self._storage = storage
         self._vault = vault
@@ -89,7 +103,7 @@ class VerificationService:
         self._metrics = metrics
         self._channels_available = channels_available
         self._lockout = lockout
-        self._on_queued = on_queued
+        self._outbox = outbox
 
     # --- start and resend --------------------------------------------------------------------
 
@@ -151,11 +165,13 @@ class VerificationService:
             custom_code,
             sends_so_far=sends_so_far,
         )
+        lease_until = self._outbox.lease_until(now)
         created = await self._storage.create_verification(
             verification,
             message,
             body_masked=body_masked,
             supersede=None if pending is None else pending.id,
+            lease_until=lease_until,
         )
         if not created:
             # A concurrent start won the race for this destination; ours becomes a resend.
@@ -165,7 +181,7 @@ class VerificationService:
                     "another start for this destination is in progress", retry_after=1
                 )
             return await self._resend(service, pending, channel), False
-        self._on_queued()
+        self._hand_over(message, verification, service, lease_until)
         self._metrics.count("verification_started", channel=channel.value)
         log.info(
             "verification started",
@@ -188,6 +204,20 @@ class VerificationService:
             )
         await self._refuse_if_locked(service.id, verification.to)
         return await self._resend(service, verification, chosen)
+
+    def _hand_over(
+        self,
+        message: Message,
+        verification: Verification,
+        service: Service,
+        lease_until: datetime | None,
+    ) -> None:
+        """Announce a committed message; with a lease, hand it over to be sent right away."""
+        if lease_until is None:
+            self._outbox.queued()
+            return
+        claimed = replace(message, attempts=message.attempts + 1)  # as the row now says
+        self._outbox.queued(ClaimedMessage(claimed, verification, service, lease_until))
 
     def _code_of(self, verification: Verification) -> str | None:
         """The sealed code, or None when it is erased or sealed under another master key."""
@@ -223,12 +253,14 @@ class VerificationService:
             code,
             verification.context,
         )
+        lease_until = self._outbox.lease_until(now)
         updated = await self._storage.record_resend(
             verification.id,
             message,
             body_masked=body_masked,
             now=now,
             interval_seconds=service.policy.resend_interval_seconds,
+            lease_until=lease_until,
         )
         if updated is None:
             # Another request changed it between our read and our write: re-read and explain.
@@ -238,7 +270,7 @@ class VerificationService:
                     current, interval_seconds=service.policy.resend_interval_seconds, now=now
                 )
             raise MaxSendAttemptsReached("this verification can no longer be sent")
-        self._on_queued()
+        self._hand_over(message, updated, service, lease_until)
         self._metrics.count("verification_resent", channel=channel.value)
         return updated
 

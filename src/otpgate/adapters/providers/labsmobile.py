@@ -26,16 +26,28 @@ route's credentials are wrong: fail over and alert rather than fail the message)
 permanent, 429, 5xx, any other unexpected status, timeouts and transport errors are transient.
 A 2xx answer that cannot be read is transient too: the worker may then send once more, which is
 better than losing a code. No exception or repr ever carries the message text or the token.
+
+HTTP client: an ``aiohttp.ClientSession``. The send is on the hot path of every verification,
+and aiohttp takes several times less CPU per request than httpx did, with the same wire
+behaviour: the body is encoded as httpx encodes ``json=`` (compact UTF-8, no NaN), credentials
+go in a prebuilt ``Authorization`` header, redirects are not followed, HTTPS verifies against
+certifi's CA bundle as httpx does, and proxy settings of the environment are ignored.
+``timeout_seconds`` bounds each request as a whole (connection, upload and answer), so a send
+does not outlast it by more than aiohttp's rounding of long timeouts up to a whole second.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import re
+import ssl
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-import httpx
+import aiohttp
+import certifi
 
 from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
 from otpgate.domain.ports import DeliveryReport
@@ -68,6 +80,17 @@ _MAX_PROVIDER_MESSAGE: Final = 200
 # messages before they are put in an exception, in case a provider ever echoes it.
 _TEXT_TOKEN: Final = re.compile(r"\w*\d\w*")
 
+# The body as httpx's ``json=`` writes it: compact, UTF-8, no NaN or infinities.
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+class _Answer(NamedTuple):
+    """What the sender keeps of an HTTP answer (read whole before the connection goes back)."""
+
+    status: int
+    content: bytes
+    retry_after: str
+
 
 def subid_for(message_id: str) -> str:
     """The ``subid`` (provider reference) of a message: the first 20 characters after the
@@ -85,8 +108,8 @@ def subid_for(message_id: str) -> str:
 class LabsMobileSender:
     """``SmsSender`` and ``ReceiptParser`` for LabsMobile's SMS JSON API.
 
-    The sender owns (and ``aclose`` closes) its ``httpx.AsyncClient`` unless one is passed in;
-    ``timeout_seconds`` applies to every request either way. After ``aclose`` every request
+    The sender owns (and ``aclose`` closes) its ``aiohttp.ClientSession`` unless one is passed
+    in; ``timeout_seconds`` applies to every request either way. After ``aclose`` every request
     raises ``TransientDeliveryError``.
     """
 
@@ -99,7 +122,7 @@ class LabsMobileSender:
         token: str,
         base_url: str = DEFAULT_BASE_URL,
         timeout_seconds: float = 10.0,
-        client: httpx.AsyncClient | None = None,
+        client: aiohttp.ClientSession | None = None,
     ) -> None:
         if not username:
             raise ConfigurationError("labsmobile: username (the account e-mail) is required")
@@ -110,12 +133,14 @@ class LabsMobileSender:
         if timeout_seconds <= 0:
             raise ConfigurationError("labsmobile: timeout_seconds must be positive")
         self._username = username
-        # The token lives only inside the auth header builder; nothing here prints it.
-        self._auth = httpx.BasicAuth(username, token)
+        credentials = base64.b64encode(f"{username}:{token}".encode()).decode("ascii")
+        # The token lives only inside these headers; nothing here prints them.
+        self._headers = {"Authorization": f"Basic {credentials}"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._base_url = base_url.rstrip("/")
-        self._timeout = httpx.Timeout(timeout_seconds)
-        # Our own client is made on first use, so a sender built only to parse receipts (or
-        # never used) holds no connection pool.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        # Our own session is made on first use (inside the event loop, as aiohttp wants), so a
+        # sender built only to parse receipts (or never used) holds no connection pool.
         self._client = client
         self._owns_client = client is None
         self._closed = False
@@ -135,8 +160,8 @@ class LabsMobileSender:
     async def send(self, sms: OutboundSms) -> SendReceipt:
         """POST the message to ``/json/send``; the receipt's ``provider_ref`` is the ``subid``."""
         subid = subid_for(sms.message_id)
-        response = await self._request("POST", "/json/send", body=self._payload(sms, subid))
-        payload = self._answer(response, text=sms.text)
+        answer = await self._request("POST", "/json/send", body=self._payload(sms, subid))
+        payload = self._answer(answer, text=sms.text)
         self._raise_for_code(payload, text=sms.text)
         return SendReceipt(provider_ref=subid)
 
@@ -144,7 +169,7 @@ class LabsMobileSender:
         """Close the client this sender made; a client passed in stays open (its owner's)."""
         self._closed = True
         if self._owns_client and self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
 
     # ----------------------------------------------------------------------------------------
     # ReceiptParser
@@ -176,8 +201,8 @@ class LabsMobileSender:
         """The account's remaining credits as LabsMobile writes them (``"123.45"``).
 
         Raises the same ``DeliveryError`` subclasses as ``send`` for the same causes."""
-        response = await self._request("GET", "/json/balance")
-        payload = self._answer(response, text="")
+        answer = await self._request("GET", "/json/balance")
+        payload = self._answer(answer, text="")
         self._raise_for_code(payload, text="")
         credits = payload.get("credits")
         if isinstance(credits, bool) or not isinstance(credits, str | int | float):
@@ -206,31 +231,36 @@ class LabsMobileSender:
 
     async def _request(
         self, method: str, path: str, *, body: dict[str, Any] | None = None
-    ) -> httpx.Response:
+    ) -> _Answer:
         if self._closed:
             raise TransientDeliveryError("labsmobile: the sender is closed")
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
+            self._client = _new_session(https=self._base_url.startswith("https://"))
+        data = None if body is None else _JSON.encode(body).encode()
         try:
-            return await self._client.request(
+            async with self._client.request(
                 method,
                 f"{self._base_url}{path}",
-                json=body,
-                auth=self._auth,
+                data=data,
+                headers=self._headers if data is None else self._json_headers,
+                allow_redirects=False,
+                raise_for_status=False,
                 timeout=self._timeout,
-            )
-        except httpx.TimeoutException as exc:
+            ) as response:
+                content = await response.read()
+                return _Answer(response.status, content, response.headers.get("retry-after", ""))
+        except TimeoutError as exc:  # before ClientError: aiohttp's timeouts are both
             raise TransientDeliveryError("labsmobile: no answer within the timeout") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise TransientDeliveryError(
                 f"labsmobile: transport error ({type(exc).__name__})"
             ) from exc
 
-    def _answer(self, response: httpx.Response, *, text: str) -> dict[str, Any]:
+    def _answer(self, answer: _Answer, *, text: str) -> dict[str, Any]:
         """The JSON object of a 2xx answer; other statuses become delivery errors."""
-        status = response.status_code
+        status = answer.status
         if 200 <= status < 300:
-            payload = _json_object(response)
+            payload = _json_object(answer.content)
             if payload is None:
                 raise TransientDeliveryError(f"labsmobile: unreadable answer (HTTP {status})")
             return payload
@@ -239,14 +269,14 @@ class LabsMobileSender:
                 f"labsmobile: credentials refused (HTTP {status}); check username and token"
             )
         if status == 400:
-            payload = _json_object(response) or {}
+            payload = _json_object(answer.content) or {}
             code = _parse_code(payload.get("code"))
             if code is not None:
                 raise PermanentDeliveryError(f"{_code_detail(code, payload, text)} (HTTP 400)")
             raise PermanentDeliveryError("labsmobile: request refused (HTTP 400)")
         if status == 429:
             raise TransientDeliveryError(
-                "labsmobile: throttled (HTTP 429)", retry_after=_retry_after(response)
+                "labsmobile: throttled (HTTP 429)", retry_after=_retry_after(answer.retry_after)
             )
         if status >= 500:
             raise TransientDeliveryError(f"labsmobile: server error (HTTP {status})")
@@ -269,9 +299,25 @@ class LabsMobileSender:
         raise error
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+def _new_session(*, https: bool) -> aiohttp.ClientSession:
+    """The sender's own session: certifi's CA bundle for HTTPS, nothing taken from the
+    environment (proxies, ``.netrc``), aiohttp's default pool of 100 connections."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=_tls_context() if https else True),
+        trust_env=False,
+    )
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=certifi.where())
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
     try:
-        payload = json.loads(response.content)
+        payload = json.loads(content)
     except (ValueError, UnicodeDecodeError):
         return None
     return payload if isinstance(payload, dict) else None
@@ -310,6 +356,6 @@ def _provider_message(payload: Mapping[str, Any], text: str) -> str:
     return message
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "").strip()
+def _retry_after(header: str) -> float | None:
+    value = header.strip()
     return float(value) if value.isdecimal() else None

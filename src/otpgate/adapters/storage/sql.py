@@ -186,7 +186,9 @@ def verification_values(v: Verification) -> dict[str, Any]:
     }
 
 
-def message_values(m: Message, body_masked: str) -> dict[str, Any]:
+def message_values(
+    m: Message, body_masked: str, lease_until: datetime | None = None
+) -> dict[str, Any]:
     return {
         "id": m.id,
         "account_id": m.account_id,
@@ -202,9 +204,9 @@ def message_values(m: Message, body_masked: str) -> dict[str, Any]:
         "provider_ref": m.provider_ref,
         "price": m.price,
         "error": m.error,
-        "attempts": m.attempts,
+        "attempts": m.attempts if lease_until is None else m.attempts + 1,
         "next_attempt_at": m.created_at,
-        "lease_until": None,
+        "lease_until": lease_until,
         "created_at": m.created_at,
         "updated_at": m.updated_at,
     }
@@ -534,6 +536,7 @@ class SqlStorage:
         *,
         body_masked: str,
         supersede: str | None = None,
+        lease_until: datetime | None = None,
     ) -> bool:
         v = t.verifications
         try:
@@ -550,7 +553,7 @@ class SqlStorage:
                     )
                 await conn.execute(insert(v).values(**verification_values(verification)))
                 await conn.execute(
-                    insert(t.messages).values(**message_values(message, body_masked))
+                    insert(t.messages).values(**message_values(message, body_masked, lease_until))
                 )
         except IntegrityError:
             return False
@@ -564,6 +567,7 @@ class SqlStorage:
         body_masked: str,
         now: datetime,
         interval_seconds: int,
+        lease_until: datetime | None = None,
     ) -> Verification | None:
         v = t.verifications
         async with self._tx() as conn:
@@ -583,7 +587,9 @@ class SqlStorage:
             ).first()
             if counted is None:
                 return None
-            await conn.execute(insert(t.messages).values(**message_values(message, body_masked)))
+            await conn.execute(
+                insert(t.messages).values(**message_values(message, body_masked, lease_until))
+            )
             return await self._load_verification(conn, v.c.id == verification_id)
 
     async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:

@@ -390,7 +390,9 @@ class NativeSqliteStorage:
         )
 
     @staticmethod
-    def _insert_message(db: sqlite3.Connection, m: Message, body_masked: str) -> None:
+    def _insert_message(
+        db: sqlite3.Connection, m: Message, body_masked: str, lease_until: datetime | None
+    ) -> None:
         db.execute(
             'INSERT INTO messages (id, account_id, verification_id, channel, "to", status, '
             "locale, body_masked, segments, encoding, provider, provider_ref, price, error, "
@@ -425,6 +427,7 @@ class NativeSqliteStorage:
         *,
         body_masked: str,
         supersede: str | None = None,
+        lease_until: datetime | None = None,
     ) -> bool:
         try:
             with self._tx() as db:
@@ -435,7 +438,7 @@ class NativeSqliteStorage:
                         (stamp(verification.created_at), supersede),
                     )
                 self._insert_verification(db, verification)
-                self._insert_message(db, message, body_masked)
+                self._insert_message(db, message, body_masked, lease_until)
         except sqlite3.IntegrityError:
             return False
         return True
@@ -448,6 +451,7 @@ class NativeSqliteStorage:
         body_masked: str,
         now: datetime,
         interval_seconds: int,
+        lease_until: datetime | None = None,
     ) -> Verification | None:
         with self._tx() as db:
             counted = db.execute(
@@ -464,7 +468,7 @@ class NativeSqliteStorage:
             ).fetchone()
             if counted is None:
                 return None
-            self._insert_message(db, message, body_masked)
+            self._insert_message(db, message, body_masked, lease_until)
             return self._load(db, "id = ?", (verification_id,))
 
     async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
