@@ -205,9 +205,17 @@ class VerificationStore(Protocol):
         now: datetime,
     ) -> Page[Verification]: ...
 
+    async def verification_for_check(
+        self, account_id: str, verification_id: str, now: datetime
+    ) -> tuple[Verification | None, datetime | None]:
+        """The account's verification (its ``messages`` left empty) and, when its
+        destination is locked out (S8), the time the lock ends; read together."""
+        ...
+
     async def approve(self, verification_id: str, now: datetime) -> bool:
         """Atomically move a pending, unexpired verification with attempts left to
-        ``approved`` and erase its sealed code. True for exactly one caller, however many race."""
+        ``approved``, erase its sealed code and clear its destination's consecutive-failure
+        count. True for exactly one caller, however many race."""
         ...
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:

@@ -368,8 +368,13 @@ class VerificationService:
     ) -> CheckResult:
         """Check a code (API.md §4.3). A wrong code is an answer, not an error."""
         presented = self._presented(code)
-        verification = await self._verification(principal, verification_id)
-        return await self._check(verification, presented, rules.validate_context(context))
+        checked_context = rules.validate_context(context)
+        verification, locked_until = await self._storage.verification_for_check(
+            principal.account.id, verification_id, self._clock.now()
+        )
+        if verification is None:
+            raise NotFound("no such verification")
+        return await self._check(verification, presented, checked_context, locked_until)
 
     async def check_destination(
         self,
@@ -391,7 +396,10 @@ class VerificationService:
         )
         if verification is None:
             raise NotFound("no verification for this destination in this service")
-        return await self._check(verification, presented, checked_context)
+        locked_until = await self._storage.destination_lock(
+            service.id, destination.e164, self._clock.now()
+        )
+        return await self._check(verification, presented, checked_context, locked_until)
 
     @staticmethod
     def _presented(code: Any) -> str:
@@ -404,7 +412,11 @@ class VerificationService:
         return code
 
     async def _check(
-        self, verification: Verification, presented: str, context: dict[str, str] | None
+        self,
+        verification: Verification,
+        presented: str,
+        context: dict[str, str] | None,
+        locked_until: datetime | None,
     ) -> CheckResult:
         now = self._clock.now()
         # 1. Closed verifications answer with their status and never look at the code, so a
@@ -414,7 +426,7 @@ class VerificationService:
             self._metrics.count("check", result="closed")
             return self._result(verification, status, valid=False)
         # 2. A locked destination (S8) gets no more guesses, for this or any verification.
-        if await self._storage.destination_lock(verification.service_id, verification.to, now):
+        if locked_until is not None:
             self._metrics.count("check", result="locked")
             return self._result(verification, status, valid=False)
         # 3. Constant-time comparison of keyed digests; the context is part of the digest,
@@ -422,11 +434,9 @@ class VerificationService:
         # Upper-casing is harmless for numeric codes, so no service lookup is needed here.
         normalized = normalize_code(presented, CodeType.ALPHANUMERIC)
         if self._vault.matches(verification.code_digest, verification.id, normalized, context):
-            # 4. Exactly one concurrent check can move pending → approved (S4).
+            # 4. Exactly one concurrent check can move pending → approved (S4); the same
+            #    write clears the destination's consecutive failures.
             if await self._storage.approve(verification.id, now):
-                await self._storage.reset_destination_failures(
-                    verification.service_id, verification.to
-                )
                 self._metrics.count("check", result="approved")
                 log.info("verification approved", extra={"verification_id": verification.id})
                 return CheckResult(

@@ -675,8 +675,25 @@ class SqlStorage:
         last = rows[limit - 1]
         return encode_cursor(last.created_at, last.id)
 
+    async def verification_for_check(
+        self, account_id: str, verification_id: str, now: datetime
+    ) -> tuple[Verification | None, datetime | None]:
+        v, d = t.verifications, t.destination_failures
+        query = (
+            select(v, d.c.locked_until)
+            .outerjoin(
+                d, and_(d.c.service_id == v.c.service_id, d.c.to == v.c.to, d.c.locked_until > now)
+            )
+            .where(v.c.id == verification_id, v.c.account_id == account_id)
+        )
+        async with self._tx() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None, None
+        return verification_from_row(row), row.locked_until
+
     async def approve(self, verification_id: str, now: datetime) -> bool:
-        v = t.verifications
+        v, d = t.verifications, t.destination_failures
         async with self._tx() as conn:
             row = (
                 await conn.execute(
@@ -690,9 +707,13 @@ class SqlStorage:
                     .values(
                         status=VerificationStatus.APPROVED.value, code_sealed=None, updated_at=now
                     )
-                    .returning(v.c.id)
+                    .returning(v.c.service_id, v.c.to)
                 )
             ).first()
+            if row is not None:
+                await conn.execute(
+                    delete(d).where(d.c.service_id == row.service_id, d.c.to == row.to)
+                )
         return row is not None
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:

@@ -135,13 +135,20 @@ class NativeSqliteStorage:
             db.execute("ROLLBACK")
             raise Unavailable("storage could not commit; retry shortly", retry_after=1) from exc
 
-    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        with self._tx() as db:
-            return db.execute(sql, params).fetchone()
-
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        with self._tx() as db:
-            return db.execute(sql, params).fetchall()
+        """One statement on its own: SQLite makes a single statement atomic without an explicit
+        transaction, which saves the BEGIN and COMMIT round trips. Every row is fetched so the
+        statement (and any write lock it took) is finished before this returns."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(
+                "storage is busy or unavailable; retry shortly", retry_after=1
+            ) from exc
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
 
     async def ping(self) -> None:
         try:
@@ -553,13 +560,32 @@ class NativeSqliteStorage:
         last = rows[limit - 1]
         return encode_cursor(last.created_at, last.id)
 
-    async def approve(self, verification_id: str, now: datetime) -> bool:
+    async def verification_for_check(
+        self, account_id: str, verification_id: str, now: datetime
+    ) -> tuple[Verification | None, datetime | None]:
         row = self._one(
-            "UPDATE verifications SET status = 'approved', code_sealed = NULL, updated_at = ? "
-            "WHERE id = ? AND status = 'pending' AND expires_at > ? "
-            "AND check_attempts < max_check_attempts RETURNING id",
-            (stamp(now), verification_id, stamp(now)),
+            "SELECT v.*, d.locked_until AS locked_until FROM verifications v "
+            'LEFT JOIN destination_failures d ON d.service_id = v.service_id AND d."to" = v."to" '
+            "AND d.locked_until > ? WHERE v.id = ? AND v.account_id = ?",
+            (stamp(now), verification_id, account_id),
         )
+        if row is None:
+            return None, None
+        return verification_from_row(row), row.locked_until
+
+    async def approve(self, verification_id: str, now: datetime) -> bool:
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE verifications SET status = 'approved', code_sealed = NULL, updated_at = ? "
+                "WHERE id = ? AND status = 'pending' AND expires_at > ? "
+                'AND check_attempts < max_check_attempts RETURNING service_id, "to"',
+                (stamp(now), verification_id, stamp(now)),
+            ).fetchone()
+            if row is not None:
+                db.execute(
+                    'DELETE FROM destination_failures WHERE service_id = ? AND "to" = ?',
+                    (row.service_id, row.to),
+                )
         return row is not None
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
