@@ -88,6 +88,9 @@ class Dispatcher:
         self._last_housekeeping = 0.0
         self._stopping = False
         self._handoffs: collections.deque[ClaimedMessage] = collections.deque()
+        # Set when a claim filled every free slot, so rows may still be waiting: a finished
+        # send must then wake the claim loop. Otherwise finishing sends wake nothing.
+        self._claims_waiting = False
 
     def notify(self) -> None:
         """Something was queued: look now instead of at the next poll."""
@@ -185,6 +188,7 @@ class Dispatcher:
         claimed = await self._storage.claim_due(
             now=self._clock.now(), lease_seconds=self._retry.lease_seconds, limit=free
         )
+        self._claims_waiting = len(claimed) == free
         for item in claimed:
             self._spawn(item)
         return len(claimed)
@@ -193,8 +197,8 @@ class Dispatcher:
         self._inflight.discard(task)
         if self._handoffs and not self._stopping:
             self._pump()
-        else:
-            self._wake.set()  # capacity is free again
+        elif self._claims_waiting:
+            self._wake.set()  # capacity is free again for rows the last claim had to leave
 
     async def drain(self) -> None:
         """Send everything due now and wait for it (for tests and the one-shot worker)."""

@@ -60,7 +60,6 @@ from otpgate.errors import (
 
 BUSY_TIMEOUT_MS = 2_000
 _JSON_COLUMNS = frozenset({"policy", "context", "metadata", "response_body"})
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 PENDING = VerificationStatus.PENDING.value
 QUEUED = MessageStatus.QUEUED.value
@@ -69,12 +68,15 @@ _LIVE_MESSAGES = (QUEUED, SENT, MessageStatus.DELIVERED.value)
 
 
 def stamp(value: datetime | None) -> str | None:
-    """A timezone-aware datetime as SQLAlchemy's SQLite dialect stores it (naive UTC text)."""
+    """A timezone-aware datetime as SQLAlchemy's SQLite dialect stores it: naive UTC text with
+    six fraction digits, so that text order is time order."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _parse_time(value: str) -> datetime:
