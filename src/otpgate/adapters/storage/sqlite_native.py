@@ -358,15 +358,23 @@ class NativeSqliteStorage:
     async def expire_and_find_pending(
         self, service_id: str, to: str, now: datetime
     ) -> Verification | None:
-        with self._tx() as db:
-            db.execute(
+        # At most one row is pending per (service, to) (a partial unique index), so one read
+        # answers the common case, and the rare expired one is closed by a write of its own.
+        row = self._one(
+            "SELECT * FROM verifications WHERE service_id = ? AND \"to\" = ? "
+            "AND status = 'pending'",
+            (service_id, to),
+        )
+        if row is None:
+            return None
+        if row.expires_at <= now:
+            self._all(
                 "UPDATE verifications SET status = 'expired', code_sealed = NULL, updated_at = ? "
-                "WHERE service_id = ? AND \"to\" = ? AND status = 'pending' AND expires_at <= ?",
-                (stamp(now), service_id, to, stamp(now)),
+                "WHERE id = ? AND status = 'pending'",
+                (stamp(now), row.id),
             )
-            return self._load(
-                db, "service_id = ? AND \"to\" = ? AND status = 'pending'", (service_id, to)
-            )
+            return None
+        return verification_from_row(row, self._messages_for(self._db, [row.id])[row.id])
 
     @staticmethod
     def _insert_verification(db: sqlite3.Connection, v: Verification) -> None:
@@ -720,13 +728,12 @@ class NativeSqliteStorage:
     async def mark_sent(
         self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
     ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE messages SET status = 'sent', provider = ?, provider_ref = ?, price = ?, "
-                "error = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ? "
-                "WHERE id = ? AND status = 'queued'",
-                (provider, receipt.provider_ref, receipt.price, stamp(now), message_id),
-            )
+        self._all(
+            "UPDATE messages SET status = 'sent', provider = ?, provider_ref = ?, price = ?, "
+            "error = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ? "
+            "WHERE id = ? AND status = 'queued'",
+            (provider, receipt.provider_ref, receipt.price, stamp(now), message_id),
+        )
 
     async def mark_retry(
         self,

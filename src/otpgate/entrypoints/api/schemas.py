@@ -87,7 +87,7 @@ def timestamp(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with a ``Z`` suffix."""
     if value is None:
         return None
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.replace(tzinfo=None, microsecond=0).isoformat() + "Z"
 
 
 def render_message(m: Message) -> dict[str, Any]:
