@@ -30,6 +30,7 @@ from otpgate.domain.model import Channel
 from otpgate.domain.ports import Clock, ReceiptParser, SmsSender, Storage
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
+from otpgate.services.cache import TtlCache
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
@@ -216,8 +217,12 @@ def build(
         ),
         receipt_urls=receipt_urls,
     )
+    catalog = ServiceCatalog(
+        storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
+    )
     verifications = VerificationService(
         storage=storage,
+        catalog=catalog,
         vault=vault,
         clock=clock,
         metrics=metrics,
@@ -230,8 +235,10 @@ def build(
     return Container(
         settings=settings,
         storage=storage,
-        access=AccessService(storage=storage, clock=clock),
-        catalog=ServiceCatalog(storage=storage, clock=clock),
+        access=AccessService(
+            storage=storage, clock=clock, key_cache=TtlCache(settings.lookup_cache_seconds)
+        ),
+        catalog=catalog,
         verifications=verifications,
         dispatcher=dispatcher,
         receipts=ReceiptService(storage=storage, clock=clock, metrics=metrics),

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     lockout_threshold: int = Field(default=100, ge=1, le=10_000)
     lockout_seconds: int = Field(default=86_400, ge=60)
 
+    #: API keys and services read on every request are cached this long per process; a change
+    #: made through another process (or node) takes effect within it. 0 turns caching off.
+    lookup_cache_seconds: float = Field(default=2.0, ge=0, le=60)
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from otpgate.domain.model import Account, ApiKey, Principal, new_id
 from otpgate.domain.ports import Clock, Page, Storage
 from otpgate.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from otpgate.services.cache import TtlCache
 
 KEY_PREFIX = "otpgate_"
 DEFAULT_ACCOUNT_NAME = "default"
@@ -38,9 +39,18 @@ class IssuedKey:
 
 
 class AccessService:
-    def __init__(self, *, storage: Storage, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        clock: Clock,
+        key_cache: TtlCache[tuple[ApiKey, Account]] | None = None,
+    ) -> None:
         self._storage = storage
         self._clock = clock
+        # Keys are looked up on every request; a revocation through this process drops the
+        # cache at once, one through another process is seen within the cache's lifetime.
+        self._key_cache = key_cache or TtlCache(0)
 
     # --- authentication ---------------------------------------------------------------------
 
@@ -48,7 +58,8 @@ class AccessService:
         """The principal of a Bearer key; ``Unauthorized`` for a missing, wrong or revoked key."""
         if not secret.startswith(KEY_PREFIX) or len(secret) > 128:
             raise Unauthorized("invalid API key")
-        found = await self._storage.get_key_by_hash(hash_key(secret))
+        key_hash = hash_key(secret)
+        found = await self._key_cache.get(key_hash, lambda: self._storage.get_key_by_hash(key_hash))
         if found is None:
             raise Unauthorized("invalid API key")
         key, account = found
@@ -136,3 +147,4 @@ class AccessService:
     async def revoke_key(self, principal: Principal, key_id: str) -> None:
         if not await self._storage.revoke_key(principal.account.id, key_id, self._clock.now()):
             raise NotFound("no such API key")
+        self._key_cache.forget()

@@ -9,12 +9,22 @@ from otpgate.domain import policy as rules
 from otpgate.domain.model import Principal, Service, new_id
 from otpgate.domain.ports import Clock, Page, Storage
 from otpgate.errors import InvalidRequest, NotFound
+from otpgate.services.cache import TtlCache
 
 
 class ServiceCatalog:
-    def __init__(self, *, storage: Storage, clock: Clock) -> None:
+    def __init__(
+        self, *, storage: Storage, clock: Clock, cache: TtlCache[Service] | None = None
+    ) -> None:
         self._storage = storage
         self._clock = clock
+        self._cache = cache or TtlCache(0)
+
+    async def lookup(self, account_id: str, service_id: str) -> Service | None:
+        """The account's live service, through the shared cache (every start reads it)."""
+        return await self._cache.get(
+            (account_id, service_id), lambda: self._storage.get_service(account_id, service_id)
+        )
 
     async def create(self, principal: Principal, fields: Mapping[str, Any]) -> Service:
         policy = rules.build_policy(fields)
@@ -50,6 +60,7 @@ class ServiceCatalog:
         )
         if updated is None:
             raise NotFound("no such service")
+        self._cache.forget((principal.account.id, service_id))
         return updated
 
     async def delete(self, principal: Principal, service_id: str) -> None:
@@ -58,3 +69,4 @@ class ServiceCatalog:
             principal.account.id, service_id, self._clock.now()
         ):
             raise NotFound("no such service")
+        self._cache.forget((principal.account.id, service_id))

@@ -48,6 +48,7 @@ from otpgate.errors import (
     NotFound,
     ResendTooSoon,
 )
+from otpgate.services.catalog import ServiceCatalog
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class VerificationService:
         self,
         *,
         storage: Storage,
+        catalog: ServiceCatalog,
         vault: CodeVault,
         clock: Clock,
         metrics: Metrics,
@@ -98,6 +100,7 @@ class VerificationService:
         outbox: Outbox,
     ) -> None:
         self._storage = storage
+        self._catalog = catalog
         self._vault = vault
         self._clock = clock
         self._metrics = metrics
@@ -525,7 +528,7 @@ class VerificationService:
     # --- helpers ----------------------------------------------------------------------------
 
     async def _service(self, principal: Principal, service_id: str) -> Service:
-        service = await self._storage.get_service(principal.account.id, service_id)
+        service = await self._catalog.lookup(principal.account.id, service_id)
         if service is None:
             raise NotFound("no such service", param="service_id")
         return service

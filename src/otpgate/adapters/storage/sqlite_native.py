@@ -361,7 +361,7 @@ class NativeSqliteStorage:
         # At most one row is pending per (service, to) (a partial unique index), so one read
         # answers the common case, and the rare expired one is closed by a write of its own.
         row = self._one(
-            "SELECT * FROM verifications WHERE service_id = ? AND \"to\" = ? "
+            'SELECT * FROM verifications WHERE service_id = ? AND "to" = ? '
             "AND status = 'pending'",
             (service_id, to),
         )
