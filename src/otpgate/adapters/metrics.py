@@ -3,6 +3,8 @@ several apps in one process (tests) never collide."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -33,10 +35,25 @@ class PrometheusMetrics:
             ("method", "route", "status"),
             registry=self.registry,
         )
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._request_children: dict[tuple[str, str, str], Any] = {}
 
     def count(self, event: str, **labels: str) -> None:
-        counter = self._counters[event]
-        (counter.labels(**labels) if labels else counter).inc()
+        key = (event, *labels.values())
+        child = self._children.get(key)
+        if child is None:  # labels() is a lock and a dict walk: resolve each series once
+            counter = self._counters[event]
+            child = counter.labels(**labels) if labels else counter
+            self._children[key] = child
+        child.inc()
+
+    def observe_request(self, method: str, route: str, status: str, seconds: float) -> None:
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.request_seconds.labels(method, route, status)
+            self._request_children[key] = child
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

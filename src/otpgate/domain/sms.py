@@ -18,6 +18,7 @@ Everything here is pure: no I/O, no clock, no settings.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -213,12 +214,18 @@ def _tokens(template: str) -> Iterator[tuple[str, str | None]]:
         yield template[position:], None
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed(template: str) -> tuple[tuple[str, str | None], ...]:
+    # Templates are few and rendered for every message: tokenise each once.
+    return tuple(_tokens(template))
+
+
 def _substitute(template: str, values: Mapping[str, str]) -> str:
     # One pass: values are never re-read as template text, so a brand or payee with braces
     # cannot inject placeholders.
     return "".join(
         piece if name is None or name not in values else values[name]
-        for piece, name in _tokens(template)
+        for piece, name in _parsed(template)
     )
 
 

@@ -151,9 +151,9 @@ class RequestContext:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            self.container.metrics.request_seconds.labels(
-                scope["method"], template, f"{status // 100}xx"
-            ).observe(time.perf_counter() - started)
+            self.container.metrics.observe_request(
+                scope["method"], template, f"{status // 100}xx", time.perf_counter() - started
+            )
             logs.request_id.reset(token)
 
 
