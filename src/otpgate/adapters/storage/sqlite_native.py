@@ -584,19 +584,21 @@ class NativeSqliteStorage:
         return verification_from_row(row), row.locked_until
 
     async def approve(self, verification_id: str, now: datetime) -> bool:
-        with self._tx() as db:
-            row = db.execute(
-                "UPDATE verifications SET status = 'approved', code_sealed = NULL, updated_at = ? "
-                "WHERE id = ? AND status = 'pending' AND expires_at > ? "
-                'AND check_attempts < max_check_attempts RETURNING service_id, "to"',
-                (stamp(now), verification_id, stamp(now)),
-            ).fetchone()
-            if row is not None:
-                db.execute(
-                    'DELETE FROM destination_failures WHERE service_id = ? AND "to" = ?',
-                    (row.service_id, row.to),
-                )
-        return row is not None
+        # Two single statements rather than one transaction: the approval is the atomic part;
+        # should the process stop between them, the failure count merely stays as it was.
+        row = self._one(
+            "UPDATE verifications SET status = 'approved', code_sealed = NULL, updated_at = ? "
+            "WHERE id = ? AND status = 'pending' AND expires_at > ? "
+            'AND check_attempts < max_check_attempts RETURNING service_id, "to"',
+            (stamp(now), verification_id, stamp(now)),
+        )
+        if row is None:
+            return False
+        self._all(
+            'DELETE FROM destination_failures WHERE service_id = ? AND "to" = ?',
+            (row.service_id, row.to),
+        )
+        return True
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
         row = self._one(
