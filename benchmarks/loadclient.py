@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Protocol
 
 LOOPBACK = "127.0.0.1"
@@ -37,12 +38,20 @@ def _require_loopback(host: str) -> None:
         raise ValueError(f"the benchmark only talks to {LOOPBACK}, not {host!r}")
 
 
+#: A kept-alive connection idle longer than this is closed instead of reused: uvicorn closes
+#: idle connections after 5 s, and a request sent just as it does would fail for no fault of
+#: the server (the keep-alive race every HTTP client guards against, as httpx's
+#: keepalive_expiry does).
+IDLE_EXPIRY_SECONDS = 4.0
+
+
 class _Connection:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = 0.0
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -109,6 +118,9 @@ class RawClient:
 
     async def _request(self, request: bytes) -> tuple[int, bytes]:
         conn = self._idle.pop() if self._idle else None
+        while conn is not None and time.monotonic() - conn.idle_since > IDLE_EXPIRY_SECONDS:
+            conn.close()
+            conn = self._idle.pop() if self._idle else None
         try:
             async with asyncio.timeout(self._timeout):
                 if conn is None:
@@ -120,6 +132,7 @@ class RawClient:
                 conn.close()
             raise
         if keep_alive:
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
