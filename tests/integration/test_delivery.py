@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -16,7 +18,7 @@ import pytest
 
 from otpgate.adapters.providers.labsmobile import LabsMobileSender
 from otpgate.bootstrap import build, prepare_database
-from otpgate.domain.model import Principal
+from otpgate.domain.model import Principal, new_id
 from otpgate.entrypoints.api.app import create_app
 from otpgate.services.verification import StartRequest
 from otpgate.settings import Settings
@@ -255,3 +257,60 @@ def test_worker_killed_mid_send_resends_the_same_code_once(
             await container.aclose()
 
     assert asyncio.run(check()) is True  # the code the user got is the verification's code
+
+
+async def test_a_leased_message_is_not_claimed_until_the_lease_lapses(lm_api: Api) -> None:
+    """What a start writes when it hands its message to the in-process dispatcher."""
+    storage, clock = lm_api.container.storage, lm_api.clock
+    vid = (await lm_api.start()).json()["id"]
+    stored = await storage.get_verification(lm_api.account_id, vid)
+    assert stored is not None
+    message = replace(stored.messages[0], id=new_id("msg"))
+    leased = await storage.record_resend(
+        vid,
+        message,
+        body_masked="masked",
+        now=clock.now(),
+        interval_seconds=0,
+        lease_until=clock.now() + timedelta(seconds=30),
+    )
+    assert leased is not None
+    claimed = await storage.claim_due(now=clock.now(), lease_seconds=30, limit=10)
+    assert message.id not in [c.message.id for c in claimed]  # held by its sender
+    clock.advance(31)  # the sender died: the lease lapses
+    again = await storage.claim_due(now=clock.now(), lease_seconds=30, limit=10)
+    (taken,) = [c for c in again if c.message.id == message.id]
+    assert taken.message.attempts == 2  # the handed-over attempt counted
+
+
+async def test_handed_over_messages_are_sent_once(
+    database: Database, tmp_path: Path, stub: LabsMobileStub
+) -> None:
+    """A running dispatcher with a slow provider: the claim loop polls meanwhile and must not
+    send the handed-over message a second time."""
+    stub.reset()
+    stub.delay_seconds = 1.5
+    sender = LabsMobileSender(username=stub.username, token=stub.token, base_url=stub.url)
+    container = build(make_settings(database, tmp_path), sender=sender)
+    container.dispatcher._poll_seconds = 0.1  # claim as often as possible meanwhile
+    app = create_app(container)  # the embedded dispatcher runs
+    async with app.router.lifespan_context(app):
+        _, issued = await container.access.ensure_default_account()
+        assert issued is not None
+        headers = {"Authorization": f"Bearer {issued.secret}"}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            service = (await http.post("/v1/services", json={"name": "A"}, headers=headers)).json()
+            started = await http.post(
+                "/v1/verifications",
+                json={"service_id": service["id"], "to": "+34600000001"},
+                headers=headers,
+            )
+            assert started.status_code == 201
+            await asyncio.to_thread(stub.wait_for_messages, 1, 10)
+            await asyncio.sleep(1.0)  # several claim polls after the send
+            assert stub.arrivals == 1
+            status = await http.get(f"/v1/verifications/{started.json()['id']}", headers=headers)
+            message = status.json()["messages"][0]
+            assert message["status"] == "sent"
+    stub.reset()

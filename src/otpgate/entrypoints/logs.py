@@ -61,6 +61,7 @@ def configure(level: str = "INFO", *, as_json: bool = True) -> None:
         "sqlalchemy",
         "httpx",
         "httpcore",
+        "aiohttp",
         "asyncio",
         "watchfiles",
     ):

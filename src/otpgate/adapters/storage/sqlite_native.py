@@ -414,7 +414,7 @@ class NativeSqliteStorage:
             'INSERT INTO messages (id, account_id, verification_id, channel, "to", status, '
             "locale, body_masked, segments, encoding, provider, provider_ref, price, error, "
             "attempts, next_attempt_at, lease_until, created_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,?)",
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 m.id,
                 m.account_id,
@@ -430,8 +430,9 @@ class NativeSqliteStorage:
                 m.provider_ref,
                 m.price,
                 m.error,
-                m.attempts,
+                m.attempts if lease_until is None else m.attempts + 1,
                 stamp(m.created_at),
+                stamp(lease_until),
                 stamp(m.created_at),
                 stamp(m.updated_at),
             ),
