@@ -106,6 +106,25 @@ def account_from_row(row: Any) -> Account:
     )
 
 
+def key_and_account_from_row(row: Any) -> tuple[ApiKey, Account]:
+    """A key joined with its account (account columns prefixed ``account_`` where they clash)."""
+    key = ApiKey(
+        id=row.id,
+        account_id=row.account_id,
+        name=row.name,
+        key_hash=row.key_hash,
+        created_at=row.created_at,
+    )
+    account = Account(
+        id=row.account_id,
+        name=row.account_name,
+        username=row.username,
+        is_admin=bool(row.is_admin),
+        created_at=row.account_created_at,
+    )
+    return key, account
+
+
 def service_from_row(row: Any) -> Service:
     return Service(
         id=row.id,
@@ -349,21 +368,7 @@ class SqlStorage:
             ).first()
         if row is None:
             return None
-        key = ApiKey(
-            id=row.id,
-            account_id=row.account_id,
-            name=row.name,
-            key_hash=row.key_hash,
-            created_at=row.created_at,
-        )
-        account = Account(
-            id=row.account_id,
-            name=row.account_name,
-            username=row.username,
-            is_admin=bool(row.is_admin),
-            created_at=row.account_created_at,
-        )
-        return key, account
+        return key_and_account_from_row(row)
 
     async def list_keys(self, account_id: str) -> Sequence[ApiKey]:
         async with self._tx() as conn:

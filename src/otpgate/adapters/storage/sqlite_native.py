@@ -34,6 +34,7 @@ from otpgate.adapters.storage.sql import (
     account_from_row,
     decode_cursor,
     encode_cursor,
+    key_and_account_from_row,
     message_from_row,
     policy_to_json,
     service_from_row,
@@ -214,21 +215,7 @@ class NativeSqliteStorage:
         )
         if row is None:
             return None
-        key = ApiKey(
-            id=row.id,
-            account_id=row.account_id,
-            name=row.name,
-            key_hash=row.key_hash,
-            created_at=row.created_at,
-        )
-        account = Account(
-            id=row.account_id,
-            name=row.account_name,
-            username=row.username,
-            is_admin=bool(row.is_admin),
-            created_at=row.account_created_at,
-        )
-        return key, account
+        return key_and_account_from_row(row)
 
     async def list_keys(self, account_id: str) -> Sequence[ApiKey]:
         rows = self._all(
