@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
@@ -35,6 +35,8 @@ class Destination:
 
     e164: str
     country: str
+    #: The parsed number, kept so that the type check does not parse it again.
+    number: phonenumbers.PhoneNumber | None = field(default=None, compare=False, repr=False)
 
     @property
     def msisdn(self) -> str:
@@ -65,13 +67,16 @@ def parse_phone(raw: str, country: str | None = None) -> Destination:
     if not phonenumbers.is_valid_number(number):
         raise InvalidPhoneNumber("not a valid, assigned phone number", param="to")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    return Destination(e164=e164, country=phonenumbers.region_code_for_number(number) or "ZZ")
+    return Destination(
+        e164=e164, country=phonenumbers.region_code_for_number(number) or "ZZ", number=number
+    )
 
 
 def require_sms_capable(destination: Destination, *, allow_voip: bool = False) -> None:
     """Refuse numbers that cannot (or should not) receive an SMS code: fixed lines, premium
     rate, shared cost, toll free, UAN, pager, voicemail; VoIP only when ``allow_voip``."""
-    number_type = phonenumbers.number_type(phonenumbers.parse(destination.e164))
+    number = destination.number or phonenumbers.parse(destination.e164)
+    number_type = phonenumbers.number_type(number)
     if number_type in SMS_CAPABLE_TYPES or (allow_voip and number_type == PhoneNumberType.VOIP):
         return
     kind = _TYPE_NAMES.get(number_type, "unsupported type")
