@@ -73,108 +73,7 @@ def page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]
     return {"data": items, "next_cursor": next_cursor}
 
 
-# --- account and keys -----------------------------------------------------------------------
-
-
-@router.get("/account", tags=["accounts"])
-async def get_account(principal: Caller) -> dict[str, Any]:
-    """The calling key's account."""
-    return s.render_account(principal.account)
-
-
-@router.get("/accounts", tags=["accounts"])
-async def list_accounts(
-    request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
-) -> dict[str, Any]:
-    """Admin only: every account."""
-    result = await container_of(request).access.list_accounts(principal, limit=limit, cursor=cursor)
-    return page([s.render_account(a) for a in result.items], result.next_cursor)
-
-
-@router.post("/accounts", tags=["accounts"], status_code=201)
-async def create_account(request: Request, principal: Caller, body: s.CreateAccount) -> Response:
-    """Admin only: a new account (its username defaults to its id)."""
-    access = container_of(request).access
-    access.require_admin(principal)
-
-    async def action() -> tuple[int, Any]:
-        account = await access.create_account(body.name, username=body.username)
-        return 201, s.render_account(account)
-
-    return await idempotent(request, principal, action)
-
-
-@router.post("/keys", tags=["accounts"], status_code=201)
-async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> Response:
-    """A new API key; ``key`` is in this response only."""
-    access = container_of(request).access
-    account_id = body.account_id or principal.account.id
-    if account_id != principal.account.id:
-        access.require_admin(principal)
-
-    async def action() -> tuple[int, Any]:
-        issued = await access.create_key(account_id, name=body.name)
-        return 201, s.render_key(issued.key, issued.secret)
-
-    return await idempotent(request, principal, action)
-
-
-@router.get("/keys", tags=["accounts"])
-async def list_keys(request: Request, principal: Caller) -> dict[str, Any]:
-    keys = await container_of(request).access.list_keys(principal)
-    return page([s.render_key(k) for k in keys], None)
-
-
-@router.delete("/keys/{key_id}", tags=["accounts"], status_code=204)
-async def revoke_key(request: Request, principal: Caller, key_id: str) -> Response:
-    await container_of(request).access.revoke_key(principal, key_id)
-    return Response(status_code=204)
-
-
-# --- services --------------------------------------------------------------------------------
-
-
-@router.post("/services", tags=["services"], status_code=201)
-async def create_service(request: Request, principal: Caller, body: s.ServiceFields) -> Response:
-    catalog = container_of(request).catalog
-
-    async def action() -> tuple[int, Any]:
-        service = await catalog.create(principal, body.model_dump(exclude_unset=True))
-        return 201, s.render_service(service)
-
-    return await idempotent(request, principal, action)
-
-
-@router.get("/services", tags=["services"])
-async def list_services(
-    request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
-) -> dict[str, Any]:
-    result = await container_of(request).catalog.list(principal, limit=limit, cursor=cursor)
-    return page([s.render_service(x) for x in result.items], result.next_cursor)
-
-
-@router.get("/services/{service_id}", tags=["services"])
-async def get_service(request: Request, principal: Caller, service_id: str) -> dict[str, Any]:
-    return s.render_service(await container_of(request).catalog.get(principal, service_id))
-
-
-@router.patch("/services/{service_id}", tags=["services"])
-async def update_service(
-    request: Request, principal: Caller, service_id: str, body: s.ServiceFields
-) -> dict[str, Any]:
-    service = await container_of(request).catalog.update(
-        principal, service_id, body.model_dump(exclude_unset=True)
-    )
-    return s.render_service(service)
-
-
-@router.delete("/services/{service_id}", tags=["services"], status_code=204)
-async def delete_service(request: Request, principal: Caller, service_id: str) -> Response:
-    await container_of(request).catalog.delete(principal, service_id)
-    return Response(status_code=204)
-
-
-# --- verifications ---------------------------------------------------------------------------
+# --- verifications (first, so the busiest routes are matched first) ---------------------
 
 
 @router.post("/verifications", tags=["verifications"], status_code=201)
@@ -283,3 +182,104 @@ async def cancel_verification(
     verifications = container_of(request).verifications
     verification = await verifications.cancel(principal, verification_id)
     return s.render_verification(verification, verifications.now())
+
+
+# --- account and keys -----------------------------------------------------------------------
+
+
+@router.get("/account", tags=["accounts"])
+async def get_account(principal: Caller) -> dict[str, Any]:
+    """The calling key's account."""
+    return s.render_account(principal.account)
+
+
+@router.get("/accounts", tags=["accounts"])
+async def list_accounts(
+    request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
+) -> dict[str, Any]:
+    """Admin only: every account."""
+    result = await container_of(request).access.list_accounts(principal, limit=limit, cursor=cursor)
+    return page([s.render_account(a) for a in result.items], result.next_cursor)
+
+
+@router.post("/accounts", tags=["accounts"], status_code=201)
+async def create_account(request: Request, principal: Caller, body: s.CreateAccount) -> Response:
+    """Admin only: a new account (its username defaults to its id)."""
+    access = container_of(request).access
+    access.require_admin(principal)
+
+    async def action() -> tuple[int, Any]:
+        account = await access.create_account(body.name, username=body.username)
+        return 201, s.render_account(account)
+
+    return await idempotent(request, principal, action)
+
+
+@router.post("/keys", tags=["accounts"], status_code=201)
+async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> Response:
+    """A new API key; ``key`` is in this response only."""
+    access = container_of(request).access
+    account_id = body.account_id or principal.account.id
+    if account_id != principal.account.id:
+        access.require_admin(principal)
+
+    async def action() -> tuple[int, Any]:
+        issued = await access.create_key(account_id, name=body.name)
+        return 201, s.render_key(issued.key, issued.secret)
+
+    return await idempotent(request, principal, action)
+
+
+@router.get("/keys", tags=["accounts"])
+async def list_keys(request: Request, principal: Caller) -> dict[str, Any]:
+    keys = await container_of(request).access.list_keys(principal)
+    return page([s.render_key(k) for k in keys], None)
+
+
+@router.delete("/keys/{key_id}", tags=["accounts"], status_code=204)
+async def revoke_key(request: Request, principal: Caller, key_id: str) -> Response:
+    await container_of(request).access.revoke_key(principal, key_id)
+    return Response(status_code=204)
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+@router.post("/services", tags=["services"], status_code=201)
+async def create_service(request: Request, principal: Caller, body: s.ServiceFields) -> Response:
+    catalog = container_of(request).catalog
+
+    async def action() -> tuple[int, Any]:
+        service = await catalog.create(principal, body.model_dump(exclude_unset=True))
+        return 201, s.render_service(service)
+
+    return await idempotent(request, principal, action)
+
+
+@router.get("/services", tags=["services"])
+async def list_services(
+    request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
+) -> dict[str, Any]:
+    result = await container_of(request).catalog.list(principal, limit=limit, cursor=cursor)
+    return page([s.render_service(x) for x in result.items], result.next_cursor)
+
+
+@router.get("/services/{service_id}", tags=["services"])
+async def get_service(request: Request, principal: Caller, service_id: str) -> dict[str, Any]:
+    return s.render_service(await container_of(request).catalog.get(principal, service_id))
+
+
+@router.patch("/services/{service_id}", tags=["services"])
+async def update_service(
+    request: Request, principal: Caller, service_id: str, body: s.ServiceFields
+) -> dict[str, Any]:
+    service = await container_of(request).catalog.update(
+        principal, service_id, body.model_dump(exclude_unset=True)
+    )
+    return s.render_service(service)
+
+
+@router.delete("/services/{service_id}", tags=["services"], status_code=204)
+async def delete_service(request: Request, principal: Caller, service_id: str) -> Response:
+    await container_of(request).catalog.delete(principal, service_id)
+    return Response(status_code=204)
