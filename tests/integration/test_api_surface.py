@@ -216,6 +216,10 @@ async def test_health_readiness_metrics_openapi(api: Api) -> None:
     assert metrics.status_code == 200
     assert 'otpgate_verification_started_total{channel="sms"} 1.0' in metrics.text
     spec = (await api.http.get("/openapi.json")).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearer"]["scheme"] == "bearer" and schemes["basic"]["scheme"] == "basic"
+    assert spec["paths"]["/v1/verifications"]["post"]["security"] == [{"bearer": []}, {"basic": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
     for path in (
         "/v1/verifications",
         "/v1/verifications/{verification_id}/check",

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -219,7 +220,32 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
         )
 
     app.add_middleware(RequestContext, container=container)
+    app.openapi = lambda: _openapi_with_security(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_with_security(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the authentication every ``/v1`` route takes (the header is
+    read by hand on the hot path, so FastAPI cannot infer it)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+        "basic": {
+            "type": "http",
+            "scheme": "basic",
+            "description": "the account's username and an API key",
+        },
+    }
+    for path, operations in schema["paths"].items():
+        if path.startswith("/v1/") and not path.startswith("/v1/receipts/"):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}, {"basic": []}]
+    app.openapi_schema = schema
+    return schema
 
 
 def create_app_from_env() -> FastAPI:
