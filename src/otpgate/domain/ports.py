@@ -103,8 +103,6 @@ class AccountStore(Protocol):
 
     async def get_account(self, account_id: str) -> Account | None: ...
 
-    async def get_account_by_username(self, username: str) -> Account | None: ...
-
     async def first_admin_account(self) -> Account | None:
         """The oldest admin account, or ``None`` on a fresh installation."""
         ...
@@ -130,8 +128,6 @@ class ServiceStore(Protocol):
     async def get_service(self, account_id: str, service_id: str) -> Service | None:
         """The service if it exists, belongs to the account and is not deleted."""
         ...
-
-    async def get_service_by_name(self, account_id: str, name: str) -> Service | None: ...
 
     async def list_services(
         self, account_id: str, *, limit: int, cursor: str | None
@@ -283,10 +279,6 @@ class MessageStore(Protocol):
     async def apply_report(self, provider: str, report: DeliveryReport, now: datetime) -> bool:
         """Apply a delivery report to the message with this provider and reference; False when
         no such message exists (the receipt is then acknowledged and ignored)."""
-        ...
-
-    async def next_due_at(self) -> datetime | None:
-        """When the earliest queued message becomes due, for the dispatcher's sleep."""
         ...
 
 

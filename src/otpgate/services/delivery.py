@@ -1,7 +1,8 @@
 """Delivery: the dispatcher that drains the outbox, and delivery receipts.
 
 A request never waits for a provider. It commits the verification and its outbox row in one
-transaction and calls :meth:`Dispatcher.notify`; the dispatcher claims due rows with a lease,
+transaction and hands it to :meth:`Dispatcher.queued`, already leased; a claim loop takes the rest
+(retries, scale mode, leases left by a dead process) with a lease of its own,
 renders each text from the sealed code and hands it to the route's sender. If the process dies
 between claim and answer, the lease lapses and another dispatcher sends the row again: at most
 once more, with the same code, because the code lives with the verification, not the message
@@ -91,10 +92,6 @@ class Dispatcher:
         # Set when a claim filled every free slot, so rows may still be waiting: a finished
         # send must then wake the claim loop. Otherwise finishing sends wake nothing.
         self._claims_waiting = False
-
-    def notify(self) -> None:
-        """Something was queued: look now instead of at the next poll."""
-        self._wake.set()
 
     # The handoff: a request that queues a message in this process gives it to this dispatcher
     # directly, already leased, so the SMS leaves right after the commit without a claim round

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from alembic import command
@@ -37,7 +36,3 @@ def _upgrade_sync(connection: Connection, revision: str) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
-
-
-def upgrade_blocking(url: str, *, schema: str = "") -> None:
-    asyncio.run(upgrade(url, schema=schema))

@@ -231,6 +231,25 @@ def message_values(
     }
 
 
+def claimed_from_rows(
+    rows: Sequence[Any], verifications: Mapping[str, Any], services: Mapping[str, Any]
+) -> list[ClaimedMessage]:
+    """Claimed outbox rows with their verification and service rows, as the dispatcher wants
+    them (a row whose verification or service is gone gets ``None``)."""
+    claimed = []
+    for row in rows:
+        ver = verifications.get(row.verification_id)
+        svc = services.get(ver.service_id) if ver is not None else None
+        claimed.append(
+            ClaimedMessage(
+                message=message_from_row(row),
+                verification=None if ver is None else verification_from_row(ver),
+                service=None if svc is None else service_from_row(svc),
+            )
+        )
+    return claimed
+
+
 def encode_cursor(created_at: datetime, row_id: str) -> str:
     raw = json.dumps([created_at.isoformat(), row_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -306,13 +325,6 @@ class SqlStorage:
         async with self._tx() as conn:
             row = (
                 await conn.execute(select(t.accounts).where(t.accounts.c.id == account_id))
-            ).first()
-        return None if row is None else account_from_row(row)
-
-    async def get_account_by_username(self, username: str) -> Account | None:
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(select(t.accounts).where(t.accounts.c.username == username))
             ).first()
         return None if row is None else account_from_row(row)
 
@@ -429,18 +441,6 @@ class SqlStorage:
             row = (
                 await conn.execute(
                     self._live_service(account_id).where(t.services.c.id == service_id)
-                )
-            ).first()
-        return None if row is None else service_from_row(row)
-
-    async def get_service_by_name(self, account_id: str, name: str) -> Service | None:
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    self._live_service(account_id)
-                    .where(t.services.c.name == name)
-                    .order_by(t.services.c.created_at)
-                    .limit(1)
                 )
             ).first()
         return None if row is None else service_from_row(row)
@@ -858,18 +858,7 @@ class SqlStorage:
                 if svc_ids
                 else {}
             )
-        claimed = []
-        for row in rows:
-            ver = ver_rows.get(row.verification_id)
-            svc = svc_rows.get(ver.service_id) if ver is not None else None
-            claimed.append(
-                ClaimedMessage(
-                    message=message_from_row(row),
-                    verification=None if ver is None else verification_from_row(ver),
-                    service=None if svc is None else service_from_row(svc),
-                )
-            )
-        return claimed
+        return claimed_from_rows(rows, ver_rows, svc_rows)
 
     async def mark_sent(
         self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
@@ -985,18 +974,6 @@ class SqlStorage:
                     )
                 )
         return True
-
-    async def next_due_at(self) -> datetime | None:
-        m = t.messages
-        async with self._tx() as conn:
-            value = (
-                await conn.execute(
-                    select(func.min(m.c.next_attempt_at)).where(
-                        m.c.status == MessageStatus.QUEUED.value
-                    )
-                )
-            ).scalar_one_or_none()
-        return t.UTCDateTime().process_result_value(value, self._engine.dialect)
 
     # --- idempotency ---------------------------------------------------------------------
 

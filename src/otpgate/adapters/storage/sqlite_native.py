@@ -32,6 +32,7 @@ from otpgate.adapters.storage.sql import (
     IDEMPOTENCY_STALE,
     IDEMPOTENCY_TTL,
     account_from_row,
+    claimed_from_rows,
     decode_cursor,
     encode_cursor,
     key_and_account_from_row,
@@ -185,10 +186,6 @@ class NativeSqliteStorage:
         row = self._one("SELECT * FROM accounts WHERE id = ?", (account_id,))
         return None if row is None else account_from_row(row)
 
-    async def get_account_by_username(self, username: str) -> Account | None:
-        row = self._one("SELECT * FROM accounts WHERE username = ?", (username,))
-        return None if row is None else account_from_row(row)
-
     async def first_admin_account(self) -> Account | None:
         row = self._one("SELECT * FROM accounts WHERE is_admin = 1 ORDER BY created_at LIMIT 1")
         return None if row is None else account_from_row(row)
@@ -263,14 +260,6 @@ class NativeSqliteStorage:
         row = self._one(
             "SELECT * FROM services WHERE id = ? AND account_id = ? AND deleted_at IS NULL",
             (service_id, account_id),
-        )
-        return None if row is None else service_from_row(row)
-
-    async def get_service_by_name(self, account_id: str, name: str) -> Service | None:
-        row = self._one(
-            "SELECT * FROM services WHERE account_id = ? AND name = ? AND deleted_at IS NULL "
-            "ORDER BY created_at LIMIT 1",
-            (account_id, name),
         )
         return None if row is None else service_from_row(row)
 
@@ -702,18 +691,7 @@ class NativeSqliteStorage:
                 if svc_ids
                 else {}
             )
-        claimed = []
-        for row in rows:
-            ver = verifications.get(row.verification_id)
-            svc = services.get(ver.service_id) if ver is not None else None
-            claimed.append(
-                ClaimedMessage(
-                    message=message_from_row(row),
-                    verification=None if ver is None else verification_from_row(ver),
-                    service=None if svc is None else service_from_row(svc),
-                )
-            )
-        return claimed
+        return claimed_from_rows(rows, verifications, services)
 
     async def mark_sent(
         self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
@@ -796,12 +774,6 @@ class NativeSqliteStorage:
                     ),
                 )
         return True
-
-    async def next_due_at(self) -> datetime | None:
-        row = self._one(
-            "SELECT min(next_attempt_at) AS next_attempt_at FROM messages WHERE status = 'queued'"
-        )
-        return None if row is None else row.next_attempt_at
 
     # --- idempotency -------------------------------------------------------------------------
 
