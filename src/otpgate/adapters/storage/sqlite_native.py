@@ -114,6 +114,8 @@ class NativeSqliteStorage:
         self._db.row_factory = _row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA cache_size=-65536")
+        self._db.execute("PRAGMA mmap_size=268435456")
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self.path = path

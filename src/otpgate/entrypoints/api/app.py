@@ -180,11 +180,13 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
         description="Self-hosted one-time-code verification: SMS OTP, validation, fraud "
         "defence. Errors are application/problem+json with a stable `code`.",
         lifespan=lifespan,
+        # The API's routes are given flat and first: Starlette tries routes in order, and an
+        # included router (FastAPI >= 0.160) matches every request twice, once to choose the
+        # router and once inside it. The documentation routes FastAPI adds come after these.
+        routes=[*v1.router.routes, *receipts.router.routes],
     )
     app.state.container = container
     install_error_handlers(app)
-    app.include_router(v1.router)
-    app.include_router(receipts.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

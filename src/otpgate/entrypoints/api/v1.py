@@ -102,6 +102,18 @@ async def start_verification(
     return await idempotent(request, principal, action)
 
 
+@router.post("/verifications/{verification_id}/check", tags=["verifications"])
+async def check_verification(
+    request: Request, principal: Caller, verification_id: str, body: s.CheckCode
+) -> Response:
+    """Always 200 when the verification exists; a wrong code is ``valid: false``."""
+    result = await container_of(request).verifications.check(
+        principal, verification_id, body.code, body.context
+    )
+    # A response object skips FastAPI's generic encoder: this is the busiest endpoint.
+    return JSONResponse(s.render_check(result))
+
+
 @router.get("/verifications", tags=["verifications"])
 async def list_verifications(
     request: Request,
@@ -161,18 +173,6 @@ async def resend_verification(
         return 200, s.render_verification(verification, verifications.now())
 
     return await idempotent(request, principal, action)
-
-
-@router.post("/verifications/{verification_id}/check", tags=["verifications"])
-async def check_verification(
-    request: Request, principal: Caller, verification_id: str, body: s.CheckCode
-) -> Response:
-    """Always 200 when the verification exists; a wrong code is ``valid: false``."""
-    result = await container_of(request).verifications.check(
-        principal, verification_id, body.code, body.context
-    )
-    # A response object skips FastAPI's generic encoder: this is the busiest endpoint.
-    return JSONResponse(s.render_check(result))
 
 
 @router.post("/verifications/{verification_id}/cancel", tags=["verifications"])
