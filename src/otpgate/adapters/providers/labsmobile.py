@@ -48,6 +48,7 @@ from typing import Any, Final, NamedTuple
 
 import aiohttp
 import certifi
+import yarl
 
 from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
 from otpgate.domain.ports import DeliveryReport
@@ -138,6 +139,10 @@ class LabsMobileSender:
         self._headers = {"Authorization": f"Basic {credentials}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._base_url = base_url.rstrip("/")
+        # Parsed once: aiohttp would otherwise parse the URL text on every request.
+        self._urls = {
+            path: yarl.URL(f"{self._base_url}{path}") for path in ("/json/send", "/json/balance")
+        }
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         # Our own session is made on first use (inside the event loop, as aiohttp wants), so a
         # sender built only to parse receipts (or never used) holds no connection pool.
@@ -240,7 +245,7 @@ class LabsMobileSender:
         try:
             async with self._client.request(
                 method,
-                f"{self._base_url}{path}",
+                self._urls[path],
                 data=data,
                 headers=self._headers if data is None else self._json_headers,
                 allow_redirects=False,
@@ -301,10 +306,13 @@ class LabsMobileSender:
 
 def _new_session(*, https: bool) -> aiohttp.ClientSession:
     """The sender's own session: certifi's CA bundle for HTTPS, nothing taken from the
-    environment (proxies, ``.netrc``), aiohttp's default pool of 100 connections."""
+    environment (proxies, ``.netrc``), aiohttp's default pool of 100 connections. Answers are
+    small JSON, so no compression is asked for and none is undone."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=_tls_context() if https else True),
         trust_env=False,
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding",),
     )
 
 

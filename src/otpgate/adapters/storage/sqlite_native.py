@@ -19,6 +19,7 @@ both adapters read each other's rows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -61,6 +62,14 @@ from otpgate.errors import (
 )
 
 BUSY_TIMEOUT_MS = 2_000
+#: Longest a sent-mark waits for a write transaction to ride along with before it is committed
+#: on its own (see ``NativeSqliteStorage.mark_sent``).
+SENT_MARK_DELAY_SECONDS = 0.005
+_MARK_SENT = (
+    "UPDATE messages SET status = 'sent', provider = ?, provider_ref = ?, price = ?, "
+    "error = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ? "
+    "WHERE id = ? AND status = 'queued'"
+)
 _JSON_COLUMNS = frozenset({"policy", "context", "metadata", "response_body"})
 
 PENDING = VerificationStatus.PENDING.value
@@ -115,10 +124,12 @@ class NativeSqliteStorage:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA cache_size=-65536")
-        self._db.execute("PRAGMA mmap_size=268435456")
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self.path = path
+        # Sent-marks waiting for a commit: (statement parameters, the waiter's future).
+        self._sent_marks: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._sent_flush: asyncio.TimerHandle | None = None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -130,16 +141,59 @@ class NativeSqliteStorage:
             raise Unavailable(
                 "storage is busy or unavailable; retry shortly", retry_after=1
             ) from exc
+        # Pending sent-marks ride along: one commit instead of one each.
+        marks, self._sent_marks = self._sent_marks, []
         try:
+            if marks:
+                db.executemany(_MARK_SENT, [params for params, _ in marks])
             yield db
         except BaseException:
             db.execute("ROLLBACK")
+            self._keep_sent_marks(marks)
             raise
         try:
             db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             db.execute("ROLLBACK")
+            self._keep_sent_marks(marks)
             raise Unavailable("storage could not commit; retry shortly", retry_after=1) from exc
+        for _, waiter in marks:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _keep_sent_marks(self, marks: list[tuple[tuple[Any, ...], asyncio.Future[None]]]) -> None:
+        """Marks whose carrying transaction rolled back wait for the next one (or the timer)."""
+        if marks:
+            self._sent_marks[:0] = marks
+            self._schedule_sent_flush()
+
+    def _schedule_sent_flush(self) -> None:
+        if self._sent_flush is None:
+            self._sent_flush = asyncio.get_running_loop().call_later(
+                SENT_MARK_DELAY_SECONDS, self._flush_sent_marks
+            )
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One write statement: on its own (SQLite makes it atomic) unless sent-marks are
+        waiting, which then share its transaction and its commit."""
+        if not self._sent_marks:
+            return self._all(sql, params)
+        with self._tx() as db:
+            return db.execute(sql, params).fetchall()
+
+    def _flush_sent_marks(self) -> None:
+        """Commit the sent-marks no write transaction took along (the timer's callback)."""
+        self._sent_flush = None
+        if not self._sent_marks:
+            return
+        try:
+            with self._tx():
+                pass
+        except Unavailable as exc:
+            marks, self._sent_marks = self._sent_marks, []
+            for _, waiter in marks:
+                if not waiter.done():
+                    waiter.set_exception(exc)
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """One statement on its own: SQLite makes a single statement atomic without an explicit
@@ -156,6 +210,10 @@ class NativeSqliteStorage:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
+    def _write_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = self._write(sql, params)
+        return rows[0] if rows else None
+
     async def ping(self) -> None:
         try:
             self._db.execute("SELECT 1").fetchone()
@@ -163,6 +221,9 @@ class NativeSqliteStorage:
             raise Unavailable("storage is unavailable", retry_after=1) from exc
 
     async def aclose(self) -> None:
+        if self._sent_flush is not None:
+            self._sent_flush.cancel()
+        self._flush_sent_marks()
         self._db.close()
 
     # --- accounts and keys -------------------------------------------------------------------
@@ -563,24 +624,24 @@ class NativeSqliteStorage:
         return verification_from_row(row), row.locked_until
 
     async def approve(self, verification_id: str, now: datetime) -> bool:
-        # Two single statements rather than one transaction: the approval is the atomic part;
-        # should the process stop between them, the failure count merely stays as it was.
-        row = self._one(
-            "UPDATE verifications SET status = 'approved', code_sealed = NULL, updated_at = ? "
-            "WHERE id = ? AND status = 'pending' AND expires_at > ? "
-            'AND check_attempts < max_check_attempts RETURNING service_id, "to"',
-            (stamp(now), verification_id, stamp(now)),
-        )
-        if row is None:
-            return False
-        self._all(
-            'DELETE FROM destination_failures WHERE service_id = ? AND "to" = ?',
-            (row.service_id, row.to),
-        )
+        # One transaction (one lock and one commit) for the approval and the failure reset.
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE verifications SET status = 'approved', code_sealed = NULL, "
+                "updated_at = ? WHERE id = ? AND status = 'pending' AND expires_at > ? "
+                'AND check_attempts < max_check_attempts RETURNING service_id, "to"',
+                (stamp(now), verification_id, stamp(now)),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                'DELETE FROM destination_failures WHERE service_id = ? AND "to" = ?',
+                (row.service_id, row.to),
+            )
         return True
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
-        row = self._one(
+        row = self._write_one(
             "UPDATE verifications SET check_attempts = check_attempts + 1, "
             "status = CASE WHEN check_attempts + 1 >= max_check_attempts "
             "THEN 'max_attempts_reached' ELSE 'pending' END, "
@@ -698,12 +759,16 @@ class NativeSqliteStorage:
     async def mark_sent(
         self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
     ) -> None:
-        self._all(
-            "UPDATE messages SET status = 'sent', provider = ?, provider_ref = ?, price = ?, "
-            "error = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ? "
-            "WHERE id = ? AND status = 'queued'",
-            (provider, receipt.provider_ref, receipt.price, stamp(now), message_id),
+        """Group commit: the update joins the next write transaction of this process (a start,
+        an approval...), or is committed on its own after ``SENT_MARK_DELAY_SECONDS``; either
+        way this returns only once it is committed. Under load a commit carries many marks."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._sent_marks.append(
+            ((provider, receipt.provider_ref, receipt.price, stamp(now), message_id), waiter)
         )
+        self._schedule_sent_flush()
+        await waiter
 
     async def mark_retry(
         self,
