@@ -115,7 +115,13 @@ def _json(value: Any) -> str | None:
 class NativeSqliteStorage:
     """Implements ``otpgate.domain.ports.Storage`` on one ``sqlite3`` connection."""
 
-    def __init__(self, path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        sent_mark_delay_seconds: float = SENT_MARK_DELAY_SECONDS,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # check_same_thread is off only so that tests may close the store from another
         # thread; otpgate itself uses it from the event-loop thread alone.
@@ -130,6 +136,7 @@ class NativeSqliteStorage:
         # Sent-marks waiting for a commit: (statement parameters, the waiter's future).
         self._sent_marks: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._sent_flush: asyncio.TimerHandle | None = None
+        self._sent_mark_delay = sent_mark_delay_seconds
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -170,7 +177,7 @@ class NativeSqliteStorage:
     def _schedule_sent_flush(self) -> None:
         if self._sent_flush is None:
             self._sent_flush = asyncio.get_running_loop().call_later(
-                SENT_MARK_DELAY_SECONDS, self._flush_sent_marks
+                self._sent_mark_delay, self._flush_sent_marks
             )
 
     def _write(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
