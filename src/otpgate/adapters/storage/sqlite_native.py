@@ -12,10 +12,12 @@ Each method runs one short transaction synchronously on the event-loop thread: a
 database answers in microseconds, and a transaction that never spans an ``await`` can never
 interleave with another coroutine's. The one method that awaits is ``mark_sent``: its update
 waits (a few milliseconds at most) to be committed together with the next write transaction,
-a group commit that saves one commit per message sent. ``BEGIN IMMEDIATE`` takes the write lock up front, so a
-second process on the same file (``otpgate worker``, the CLI) waits at most ``busy_timeout``
-and then gets ``Unavailable`` rather than a half-done transaction. Values are stored exactly as
-SQLAlchemy stores them (timestamps as ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, JSON as text), so
+a group commit that saves one commit per message sent.
+
+``BEGIN IMMEDIATE`` takes the write lock up front, so a second process on the same file
+(``otpgate worker``, the CLI) waits at most ``busy_timeout`` and then gets ``Unavailable``
+rather than a half-done transaction. Values are stored exactly as SQLAlchemy stores them
+(timestamps as ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, JSON as text), so
 both adapters read each other's rows.
 """
 
