@@ -368,6 +368,15 @@ def tool(name: str) -> str:
 
 
 async def cli_json(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    lines = (await cli_run(cmd, env, cwd)).strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{' '.join(cmd)} printed nothing on stdout")
+    document: dict[str, Any] = json.loads(lines[-1])
+    return document
+
+
+async def cli_run(cmd: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run an otpgate command to completion; its standard output."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -381,11 +390,7 @@ async def cli_json(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, 
         raise RuntimeError(
             f"{' '.join(cmd)} exited with {proc.returncode}: {err.decode(errors='replace')[-2000:]}"
         )
-    lines = out.decode().strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"{' '.join(cmd)} printed nothing on stdout")
-    document: dict[str, Any] = json.loads(lines[-1])
-    return document
+    return out.decode()
 
 
 #: CPUs the servers under test are pinned to (``--pin``); None: wherever the kernel puts them.
@@ -489,20 +494,27 @@ async def otpgate_target(
     sink = LabsMobileSink(SINK_USER, SINK_TOKEN)
     sink_port = await sink.start()
     port = free_port()
-    env = clean_env(
-        {
-            "OTPGATE_DATA_DIR": str(data_dir),
-            "OTPGATE_SMS_PROVIDER": "labsmobile",
-            "OTPGATE_LABSMOBILE_URL": f"http://{LOOPBACK}:{sink_port}",
-            "OTPGATE_LABSMOBILE_USERNAME": SINK_USER,
-            "OTPGATE_LABSMOBILE_TOKEN": SINK_TOKEN,
-            "OTPGATE_PUBLIC_URL": f"http://{LOOPBACK}:{port}",
-            "OTPGATE_LOG_LEVEL": "WARNING",
-        }
-    )
+    settings = {
+        "OTPGATE_DATA_DIR": str(data_dir),
+        "OTPGATE_SMS_PROVIDER": "labsmobile",
+        "OTPGATE_LABSMOBILE_URL": f"http://{LOOPBACK}:{sink_port}",
+        "OTPGATE_LABSMOBILE_USERNAME": SINK_USER,
+        "OTPGATE_LABSMOBILE_TOKEN": SINK_TOKEN,
+        "OTPGATE_PUBLIC_URL": f"http://{LOOPBACK}:{port}",
+        "OTPGATE_LOG_LEVEL": "WARNING",
+    }
+    schema = None
+    if args.database == "postgres":
+        # A schema of its own on the given server, dropped at the end.
+        schema = "otpgate_bench_" + os.urandom(4).hex()
+        settings["OTPGATE_DATABASE_URL"] = args.postgres_url
+        settings["OTPGATE_DATABASE_SCHEMA"] = schema
+    env = clean_env(settings)
     otpgate = tool("otpgate")
     proc: subprocess.Popen[bytes] | None = None
     try:
+        if schema is not None:
+            await cli_run([otpgate, "db", "upgrade"], env, work)
         key = await cli_json([otpgate, "keys", "create", "--name", "bench", "--json"], env, work)
         service = await cli_json(
             [otpgate, "services", "create", "--name", "Bench", "--max-send-attempts", "10",
@@ -533,6 +545,18 @@ async def otpgate_target(
         server_log = log.read_text(errors="replace") if log.exists() else ""
         result["server_log_lines"] = len(server_log.splitlines())
         result["server_log_tail"] = server_log.splitlines()[-40:]
+        if schema is not None:
+            await drop_schema(args.postgres_url, schema)
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 @contextlib.asynccontextmanager
@@ -834,6 +858,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="which targets to run: otpgate, bare or both (default both)",
     )
     parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="otpgate's storage: the embedded SQLite (default) or PostgreSQL at --postgres-url",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL for --database postgres; a fresh schema is made and dropped "
+        "(default postgresql://postgres@127.0.0.1:5432/test)",
+    )
+    parser.add_argument(
         "--client",
         choices=("raw", "httpx"),
         default="raw",
@@ -952,7 +988,11 @@ async def amain(args: argparse.Namespace, loop_name: str) -> int:
             "client_loop": loop_name,
             "sms_timeout_s": args.sms_timeout,
             "request_timeout_s": args.request_timeout,
-            "database": "sqlite (embedded default, WAL)",
+            "database": (
+                "sqlite (embedded default, WAL)"
+                if args.database == "sqlite"
+                else f"postgresql ({args.postgres_url})"
+            ),
             "uvicorn_workers": 1,
             "pinning": args.pinning,
         },

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -312,6 +314,24 @@ async def test_list_with_cursor_and_filters(api: Api) -> None:
     assert bad.status_code == 400 and bad.json()["param"] == "limit"
     bad = await api.http.get("/v1/verifications", params={"cursor": "nope"}, headers=api.auth())
     assert bad.status_code == 400 and bad.json()["param"] == "cursor"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["2026-11-27T12:00:00", "ver_x"],  # no time zone
+        ["2026-11-27", "ver_x"],  # a date only
+        ["2026-11-27T12:00:00+00:00", 7],  # an id that is not a string
+        [17, "ver_x"],
+        {"a": 1},
+    ],
+)
+async def test_forged_cursors_are_refused_not_500(api: Api, fields: object) -> None:
+    forged = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
+    for path in ("/v1/verifications", "/v1/services", "/v1/accounts"):
+        bad = await api.http.get(path, params={"cursor": forged}, headers=api.auth())
+        assert bad.status_code == 400, (path, bad.text)
+        assert bad.json()["param"] == "cursor"
 
 
 async def test_hundred_consecutive_failures_lock_the_destination(api: Api) -> None:

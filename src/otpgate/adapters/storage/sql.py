@@ -256,11 +256,19 @@ def encode_cursor(created_at: datetime, row_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor from :func:`encode_cursor` names; ``InvalidRequest`` for anything
+    else, including a well-formed one whose time has no zone (or no time at all): comparing it
+    with stored times would otherwise fail deep inside a query."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         stamp, row_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(stamp), str(row_id)
-    except (ValueError, TypeError) as exc:
+        if not isinstance(stamp, str) or not isinstance(row_id, str):
+            raise TypeError("cursor fields are not strings")
+        created_at = datetime.fromisoformat(stamp)
+        if created_at.tzinfo is None or "T" not in stamp:
+            raise ValueError("cursor time without a zone")
+        return created_at, row_id
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
 
 
