@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import event
 
 from otpgate.bootstrap import build, prepare_database
 from otpgate.domain.model import OutboundSms, Principal, SendReceipt
@@ -99,15 +98,8 @@ async def run(round_trips: int) -> None:
     def _count(sql: str) -> None:
         tally.statements[sql.split(None, 1)[0].upper()] += 1
 
-    engine = getattr(container.storage, "engine", None)
-    if engine is not None:  # the SQLAlchemy path (OTPGATE_SQLITE_ENGINE=sqlalchemy)
-
-        @event.listens_for(engine.sync_engine, "before_cursor_execute")
-        def _statement(*args: Any) -> None:
-            _count(args[2])
-
-    else:  # the native sqlite3 path: SQLite reports every statement it runs
-        container.storage._db.set_trace_callback(_count)  # type: ignore[attr-defined]
+    # SQLite reports every statement it runs on the executor's connection.
+    container.storage.executor._db.set_trace_callback(_count)  # type: ignore[attr-defined]
 
     account, _ = await container.access.ensure_default_account()
     issued = await container.access.create_key(account.id, name="statements")

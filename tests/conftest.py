@@ -36,9 +36,8 @@ POSTGRES_URL = os.environ.get(
     "OTPGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 TEST_SECRET = "test-secret-" + "x" * 40
-#: sqlite: the embedded default (sqlite3 on the loop); sqlite-sa: SQLite through SQLAlchemy's
-#: async engine; postgres: SQLAlchemy's async engine on asyncpg.
-BACKENDS = ["sqlite", "sqlite-sa", "postgres"]
+#: sqlite: the embedded default (sqlite3 on the event loop); postgres: asyncpg.
+BACKENDS = ["sqlite", "postgres"]
 
 
 class FrozenClock:
@@ -122,7 +121,7 @@ class Database:
 @pytest.fixture(params=BACKENDS)
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     """A migrated, empty database of each backend."""
-    if request.param.startswith("sqlite"):
+    if request.param == "sqlite":
         path = tmp_path / "otpgate.db"
         url = f"sqlite:///{path}"
         await upgrade(url)
@@ -145,7 +144,6 @@ def make_settings(database: Database, tmp_path: Path, **overrides: Any) -> Setti
         "database_schema": database.schema,
         "secret_key": TEST_SECRET,
         "log_json": True,
-        "sqlite_engine": "sqlalchemy" if database.backend == "sqlite-sa" else "native",
     }
     values.update(overrides)
     return Settings(**values)

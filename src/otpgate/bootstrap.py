@@ -21,10 +21,12 @@ from pathlib import Path
 from otpgate.adapters.metrics import PrometheusMetrics
 from otpgate.adapters.providers.console import ConsoleSender
 from otpgate.adapters.providers.labsmobile import LabsMobileSender
-from otpgate.adapters.storage.engine import create_engine, is_sqlite, sqlite_file
+from otpgate.adapters.storage.engine import is_sqlite, sqlite_file
+from otpgate.adapters.storage.executor import Executor
 from otpgate.adapters.storage.migrate import upgrade
-from otpgate.adapters.storage.sql import SqlStorage
-from otpgate.adapters.storage.sqlite_native import NativeSqliteStorage
+from otpgate.adapters.storage.postgres import PostgresExecutor
+from otpgate.adapters.storage.sqlite import SqliteExecutor
+from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import Channel
 from otpgate.domain.ports import Clock, ReceiptParser, SmsSender, Storage
@@ -143,21 +145,27 @@ def build_sender(settings: Settings) -> SmsSender:
     )
 
 
-def build_storage(settings: Settings) -> Storage:
-    """SQLite through ``sqlite3`` on the event loop (the embedded default, see
-    ``sqlite_native``), or SQLAlchemy's async engine (PostgreSQL, or SQLite on request)."""
+def build_executor(settings: Settings) -> Executor:
+    """SQLite through ``sqlite3`` on the event loop (the embedded default), or PostgreSQL
+    through asyncpg; both run the same compiled statements (``adapters/storage``)."""
     url = settings.effective_database_url
-    if is_sqlite(url) and settings.sqlite_engine == "native":
+    if is_sqlite(url):
         path = sqlite_file(url)
         if path is None:
             raise ConfigurationError(
                 "OTPGATE_DATABASE_URL: in-memory SQLite keeps nothing; give a file"
             )
-        return NativeSqliteStorage(path)
-    engine = create_engine(
-        url, schema=settings.database_schema, pool_size=settings.database_pool_size
+        return SqliteExecutor(path, lock_timeout_seconds=settings.database_timeout_seconds)
+    return PostgresExecutor(
+        url,
+        schema=settings.database_schema,
+        pool_size=settings.database_pool_size,
+        timeout_seconds=settings.database_timeout_seconds,
     )
-    return SqlStorage(engine)
+
+
+def build_storage(settings: Settings) -> Storage:
+    return SqlStore(build_executor(settings))
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,9 +31,9 @@ class Settings(BaseSettings):
     #: PostgreSQL schema to use (``search_path``); empty for the server's default.
     database_schema: str = ""
     database_pool_size: int = Field(default=10, ge=1, le=200)
-    #: How SQLite is driven: ``native`` (``sqlite3`` on the event loop, fast) or
-    #: ``sqlalchemy`` (the async engine over aiosqlite, as for PostgreSQL).
-    sqlite_engine: Literal["native", "sqlalchemy"] = "native"
+    #: The longest a request waits for storage: a SQLite write lock held by another process,
+    #: a PostgreSQL connection or answer. Past it the request fails with 503 unavailable.
+    database_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
     #: Master secret (at least 32 bytes of entropy, e.g. ``openssl rand -base64 48``); the
     #: HMAC, encryption and receipt-token keys are derived from it. Required in production.
     secret_key: SecretStr | None = None

@@ -1,4 +1,4 @@
-"""The native SQLite adapter's group commit of sent-marks, on a real SQLite file.
+"""The SQLite executor's group commit of sent-marks, on a real SQLite file.
 
 ``mark_sent`` must return only once its update is committed, must ride along with the next
 write transaction of the process (one commit for many), must survive a carrying transaction
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from otpgate.adapters.storage.migrate import upgrade
-from otpgate.adapters.storage.sqlite_native import NativeSqliteStorage
+from otpgate.adapters.storage.sqlite import SqliteExecutor
+from otpgate.adapters.storage.store import SqlStore
 from otpgate.bootstrap import Container, build
 from otpgate.domain.model import Account, SendReceipt
 from otpgate.errors import InvalidRequest, Unavailable
@@ -41,8 +42,8 @@ class World:
         with sqlite3.connect(self.path) as other:
             return dict(other.execute("SELECT id, status FROM messages").fetchall())
 
-    def store(self, **options: float) -> NativeSqliteStorage:
-        return NativeSqliteStorage(self.path, **options)  # type: ignore[arg-type]
+    def store(self, **options: float) -> SqlStore:
+        return SqlStore(SqliteExecutor(self.path, **options))
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await container.aclose()
 
 
-def mark(store: NativeSqliteStorage, world: World, index: int) -> asyncio.Task[None]:
+def mark(store: SqlStore, world: World, index: int) -> asyncio.Task[None]:
     return asyncio.create_task(
         store.mark_sent(
             world.message_ids[index],
@@ -96,7 +97,7 @@ async def settle() -> None:
 
 
 async def test_marks_wait_for_a_commit_and_ride_along_with_the_next_write(world: World) -> None:
-    store = world.store(sent_mark_delay_seconds=NEVER)
+    store = world.store(defer_seconds=NEVER)
     try:
         first, second = mark(store, world, 0), mark(store, world, 1)
         await settle()
@@ -118,7 +119,7 @@ async def test_marks_wait_for_a_commit_and_ride_along_with_the_next_write(world:
 
 
 async def test_a_mark_alone_is_committed_after_the_delay(world: World) -> None:
-    store = world.store(sent_mark_delay_seconds=0.01)
+    store = world.store(defer_seconds=0.01)
     try:
         await asyncio.wait_for(mark(store, world, 0), timeout=5)
         assert world.statuses()[world.message_ids[0]] == "sent"
@@ -127,7 +128,7 @@ async def test_a_mark_alone_is_committed_after_the_delay(world: World) -> None:
 
 
 async def test_marks_survive_a_carrying_transaction_that_rolls_back(world: World) -> None:
-    store = world.store(sent_mark_delay_seconds=NEVER)
+    store = world.store(defer_seconds=NEVER)
     try:
         waiting = mark(store, world, 0)
         await settle()
@@ -148,7 +149,7 @@ async def test_marks_survive_a_carrying_transaction_that_rolls_back(world: World
 
 
 async def test_a_mark_that_cannot_be_committed_raises_unavailable(world: World) -> None:
-    store = world.store(sent_mark_delay_seconds=0.01, busy_timeout_ms=50)
+    store = world.store(defer_seconds=0.01, lock_timeout_seconds=0.05)
     blocker = sqlite3.connect(world.path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -156,8 +157,10 @@ async def test_a_mark_that_cannot_be_committed_raises_unavailable(world: World) 
             await asyncio.wait_for(mark(store, world, 0), timeout=5)
         blocker.execute("ROLLBACK")
         assert world.statuses()[world.message_ids[0]] == "queued"
-        # Nothing is left waiting: a later mark of the same message commits normally.
-        await asyncio.wait_for(mark(store, world, 0), timeout=5)
+        # The mark stays queued: the next write of the process commits it first, so a claim
+        # can never see the message as unsent again.
+        claimed = await store.claim_due(now=world.clock.now(), lease_seconds=30, limit=10)
+        assert world.message_ids[0] not in {c.message.id for c in claimed}
         assert world.statuses()[world.message_ids[0]] == "sent"
     finally:
         blocker.close()
@@ -165,7 +168,7 @@ async def test_a_mark_that_cannot_be_committed_raises_unavailable(world: World) 
 
 
 async def test_closing_the_store_commits_waiting_marks(world: World) -> None:
-    store = world.store(sent_mark_delay_seconds=NEVER)
+    store = world.store(defer_seconds=NEVER)
     waiting = mark(store, world, 0)
     await settle()
     await store.aclose()

@@ -224,10 +224,9 @@ class VerificationStore(Protocol):
         """Move a pending verification to a terminal ``status`` and erase its sealed code."""
         ...
 
-    async def expire_due(self, now: datetime) -> int:
-        """Write ``expired`` on every pending verification past its time, erasing its sealed
-        code; returns how many."""
-        ...
+
+class LockoutStore(Protocol):
+    """Consecutive failed checks per (service, destination), across verifications."""
 
     async def destination_lock(self, service_id: str, to: str, now: datetime) -> datetime | None:
         """When the (service, destination) lockout (S8) is in force, the time it ends."""
@@ -295,21 +294,53 @@ class IdempotencyStore(Protocol):
 
     async def finish(self, account_id: str, key: str, status: int, body: Any) -> None: ...
 
-    async def forget_idempotency_keys(self, now: datetime) -> int:
-        """Delete keys older than 24 h; returns how many."""
-        ...
-
     async def abandon(self, account_id: str, key: str) -> None:
         """Forget a key whose request was refused, so it can be retried."""
         ...
 
 
-class Storage(
-    AccountStore, ServiceStore, VerificationStore, MessageStore, IdempotencyStore, Protocol
-):
-    """Everything otpgate keeps. ``ping`` raises ``Unavailable`` when storage is down."""
+class HousekeepingStore(Protocol):
+    """What time closes: run now and then by the dispatcher."""
 
-    async def ping(self) -> None: ...
+    async def expire_due(self, now: datetime) -> int:
+        """Write ``expired`` on every pending verification past its time, erasing its sealed
+        code; returns how many."""
+        ...
+
+    async def forget_idempotency_keys(self, now: datetime) -> int:
+        """Delete idempotency keys older than 24 h; returns how many."""
+        ...
+
+
+class VerificationStorage(VerificationStore, LockoutStore, Protocol):
+    """What the verification use cases need."""
+
+
+class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
+    """What the delivery dispatcher needs: the outbox, closing a verification whose time is up
+    before its message goes out, and housekeeping."""
+
+    async def close(self, verification_id: str, status: VerificationStatus, now: datetime) -> bool:
+        """Move a pending verification to a terminal ``status`` and erase its sealed code."""
+        ...
+
+
+class Storage(
+    AccountStore,
+    ServiceStore,
+    VerificationStore,
+    LockoutStore,
+    MessageStore,
+    IdempotencyStore,
+    HousekeepingStore,
+    Protocol,
+):
+    """Everything otpgate keeps, as the one object bootstrap builds. Services never take this
+    whole: each depends on the small Protocols above that it uses."""
+
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` unless storage can read and write now."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from otpgate.domain.model import Account, ApiKey, Principal, new_id
-from otpgate.domain.ports import Clock, Page, Storage
+from otpgate.domain.ports import AccountStore, Clock, Page
 from otpgate.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from otpgate.services.cache import TtlCache
 
@@ -42,7 +42,7 @@ class AccessService:
     def __init__(
         self,
         *,
-        storage: Storage,
+        storage: AccountStore,
         clock: Clock,
         key_cache: TtlCache[tuple[ApiKey, Account]] | None = None,
     ) -> None:

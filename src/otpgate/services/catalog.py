@@ -7,14 +7,14 @@ from typing import Any
 
 from otpgate.domain import policy as rules
 from otpgate.domain.model import Principal, Service, new_id
-from otpgate.domain.ports import Clock, Page, Storage
+from otpgate.domain.ports import Clock, Page, ServiceStore
 from otpgate.errors import InvalidRequest, NotFound
 from otpgate.services.cache import TtlCache
 
 
 class ServiceCatalog:
     def __init__(
-        self, *, storage: Storage, clock: Clock, cache: TtlCache[Service] | None = None
+        self, *, storage: ServiceStore, clock: Clock, cache: TtlCache[Service] | None = None
     ) -> None:
         self._storage = storage
         self._clock = clock

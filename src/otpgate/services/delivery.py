@@ -26,7 +26,15 @@ from otpgate.domain import sms
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import OutboundSms, VerificationStatus
 from otpgate.domain.phone import mask
-from otpgate.domain.ports import ClaimedMessage, Clock, DeliveryReport, Metrics, SmsSender, Storage
+from otpgate.domain.ports import (
+    ClaimedMessage,
+    Clock,
+    DeliveryReport,
+    DeliveryStorage,
+    MessageStore,
+    Metrics,
+    SmsSender,
+)
 from otpgate.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
@@ -60,7 +68,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        storage: Storage,
+        storage: DeliveryStorage,
         senders: Mapping[str, SmsSender],
         route: tuple[str, ...],
         vault: CodeVault,
@@ -300,7 +308,7 @@ class Dispatcher:
 class ReceiptService:
     """Applies authenticated delivery reports to messages (API.md §6)."""
 
-    def __init__(self, *, storage: Storage, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, *, storage: MessageStore, clock: Clock, metrics: Metrics) -> None:
         self._storage = storage
         self._clock = clock
         self._metrics = metrics

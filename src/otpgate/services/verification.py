@@ -39,7 +39,7 @@ from otpgate.domain.phone import (
     require_allowed_country,
     require_sms_capable,
 )
-from otpgate.domain.ports import ClaimedMessage, Clock, Metrics, Page, Storage
+from otpgate.domain.ports import ClaimedMessage, Clock, Metrics, Page, VerificationStorage
 from otpgate.errors import (
     ChannelNotAllowed,
     DestinationBlocked,
@@ -90,7 +90,7 @@ class VerificationService:
     def __init__(
         self,
         *,
-        storage: Storage,
+        storage: VerificationStorage,
         catalog: ServiceCatalog,
         vault: CodeVault,
         clock: Clock,

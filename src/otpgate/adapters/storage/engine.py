@@ -59,7 +59,11 @@ def create_engine(url: str, *, schema: str = "", pool_size: int = 10) -> AsyncEn
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            async_url(url), pool_size=1, max_overflow=0, pool_timeout=POOL_TIMEOUT_SECONDS
+            async_url(url),
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=POOL_TIMEOUT_SECONDS,
+            hide_parameters=True,
         )
         _configure_sqlite(engine)
         return engine
@@ -76,6 +80,8 @@ def create_engine(url: str, *, schema: str = "", pool_size: int = 10) -> AsyncEn
         pool_timeout=POOL_TIMEOUT_SECONDS,
         pool_pre_ping=True,
         connect_args=connect_args,
+        # Statement errors otherwise quote their parameters (numbers, digests) in logs.
+        hide_parameters=True,
     )
 
 

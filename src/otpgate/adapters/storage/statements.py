@@ -1,0 +1,479 @@
+"""Every statement otpgate runs, defined once, in SQLAlchemy Core.
+
+The executors (``sqlite.py``, ``postgres.py``) compile each statement for their dialect and run
+it through their driver; ``store.py`` decides which to run, in which transaction. A security
+predicate that guards a code is written here once and used by every statement that needs it:
+
+* :func:`checkable` -- a check may act on the verification: pending, unexpired, attempts left
+  (single use and the attempt cap hold because approval and failure counting are conditional
+  ``UPDATE``\\ s with this predicate, so the database decides which of many concurrent checks
+  wins, on SQLite and PostgreSQL alike);
+* :func:`resendable` -- a send may be counted: pending, unexpired, below the send cap, the
+  resend interval passed;
+* :func:`claimable` -- an outbox row may be leased: queued, due, no live lease.
+
+Parameters are named bind parameters with the column's type (``p``); the executor refuses a
+parameter without one, so a value is encoded the same way on both backends. Statements whose
+shape depends on the call (list filters, a cursor, how many ids) come from cached builders, so
+each shape is compiled once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Integer,
+    String,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy import bindparam as _bindparam
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import ColumnElement, Select
+from sqlalchemy.sql.elements import BindParameter
+
+from otpgate.adapters.storage import tables as t
+from otpgate.adapters.storage.tables import UTCDateTime
+from otpgate.domain.model import MessageStatus, VerificationStatus
+
+accounts, api_keys, services = t.accounts, t.api_keys, t.services
+verifications, messages = t.verifications, t.messages
+failures, idempotency = t.destination_failures, t.idempotency_keys
+v, m = verifications, messages
+
+
+def p(name: str, type_: Any = String) -> BindParameter[Any]:
+    """A named parameter of the given type (text unless told)."""
+    return _bindparam(name, type_=type_)
+
+
+def now() -> BindParameter[Any]:
+    return p("now", UTCDateTime)
+
+
+def const(value: str) -> ColumnElement[str]:
+    """A fixed word (a status) written into the SQL text rather than bound, so that the
+    PostgreSQL planner sees it (partial indexes, selectivity) in prepared statements too."""
+    if not value.replace("_", "").isalnum():
+        raise ValueError("only plain words are inlined")
+    return literal_column(f"'{value}'", String)
+
+
+PENDING = const(VerificationStatus.PENDING.value)
+QUEUED = const(MessageStatus.QUEUED.value)
+SENT = const(MessageStatus.SENT.value)
+
+
+# --- the security predicates ----------------------------------------------------------------
+
+
+def checkable() -> ColumnElement[bool]:
+    """A check may act on this verification: pending, not expired, attempts left."""
+    return and_(
+        v.c.status == PENDING,
+        v.c.expires_at > now(),
+        v.c.check_attempts < v.c.max_check_attempts,
+    )
+
+
+def resendable() -> ColumnElement[bool]:
+    """One more send may be counted: pending, not expired, below the send cap, and the last
+    send at least the resend interval ago (``sent_before`` = now − interval)."""
+    return and_(
+        v.c.status == PENDING,
+        v.c.expires_at > now(),
+        v.c.send_attempts < v.c.max_send_attempts,
+        v.c.last_sent_at <= p("sent_before", UTCDateTime),
+    )
+
+
+def claimable() -> ColumnElement[bool]:
+    """An outbox row a dispatcher may lease: queued, due, and no other dispatcher's lease
+    still running."""
+    return and_(
+        m.c.status == QUEUED,
+        m.c.next_attempt_at <= now(),
+        or_(m.c.lease_until.is_(None), m.c.lease_until < now()),
+    )
+
+
+# --- accounts and keys -----------------------------------------------------------------------
+
+INSERT_ACCOUNT = insert(accounts)
+ACCOUNT = select(accounts).where(accounts.c.id == p("id"))
+FIRST_ADMIN = (
+    select(accounts)
+    .where(accounts.c.is_admin.is_(True))
+    .order_by(accounts.c.created_at, accounts.c.id)
+    .limit(1)
+)
+
+INSERT_KEY = insert(api_keys)
+LIVE_KEY_WITH_ACCOUNT = (
+    select(
+        api_keys.c.id,
+        api_keys.c.account_id,
+        api_keys.c.name,
+        api_keys.c.key_hash,
+        api_keys.c.created_at,
+        accounts.c.name.label("account_name"),
+        accounts.c.username,
+        accounts.c.is_admin,
+        accounts.c.created_at.label("account_created_at"),
+    )
+    .join_from(api_keys, accounts, accounts.c.id == api_keys.c.account_id)
+    .where(api_keys.c.key_hash == p("key_hash"), api_keys.c.revoked_at.is_(None))
+)
+KEYS_OF_ACCOUNT = (
+    select(api_keys)
+    .where(api_keys.c.account_id == p("account_id"))
+    .order_by(api_keys.c.created_at, api_keys.c.id)
+)
+REVOKE_KEY = (
+    update(api_keys)
+    .where(
+        api_keys.c.id == p("key_id"),
+        api_keys.c.account_id == p("account_id"),
+        api_keys.c.revoked_at.is_(None),
+    )
+    .values(revoked_at=now())
+)
+
+# --- services --------------------------------------------------------------------------------
+
+
+def _live_service() -> ColumnElement[bool]:
+    return and_(services.c.account_id == p("account_id"), services.c.deleted_at.is_(None))
+
+
+INSERT_SERVICE = insert(services)
+SERVICE = select(services).where(services.c.id == p("service_id"), _live_service())
+UPDATE_SERVICE = (
+    update(services)
+    .where(services.c.id == p("service_id"), _live_service())
+    .values(name=p("name"), policy=p("policy", JSON), updated_at=now())
+    .returning(*services.c)
+)
+DELETE_SERVICE = (
+    update(services)
+    .where(services.c.id == p("service_id"), _live_service())
+    .values(deleted_at=now(), updated_at=now())
+)
+#: A deleted service's codes must not stay usable or recoverable.
+CANCEL_PENDING_OF_SERVICE = (
+    update(v)
+    .where(v.c.service_id == p("service_id"), v.c.status == PENDING)
+    .values(status=const(VerificationStatus.CANCELED.value), code_sealed=null(), updated_at=now())
+)
+
+# --- verifications ---------------------------------------------------------------------------
+
+INSERT_VERIFICATION = insert(v)
+INSERT_MESSAGE = insert(m)
+PENDING_FOR_DESTINATION = select(v).where(
+    v.c.service_id == p("service_id"), v.c.to == p("to"), v.c.status == PENDING
+)
+VERIFICATION = select(v).where(v.c.id == p("id"))
+VERIFICATION_OF_ACCOUNT = select(v).where(v.c.id == p("id"), v.c.account_id == p("account_id"))
+LATEST_FOR_DESTINATION = (
+    select(v)
+    .where(v.c.account_id == p("account_id"), v.c.service_id == p("service_id"), v.c.to == p("to"))
+    .order_by(v.c.created_at.desc(), v.c.id.desc())
+    .limit(1)
+)
+#: Move a pending verification to a terminal ``status`` and erase its sealed code (no
+#: recoverable code outlives ``pending``).
+CLOSE = (
+    update(v)
+    .where(v.c.id == p("id"), v.c.status == PENDING)
+    .values(status=p("status"), code_sealed=null(), updated_at=now())
+    .returning(v.c.id)
+)
+EXPIRE_DUE = (
+    update(v)
+    .where(v.c.status == PENDING, v.c.expires_at <= now())
+    .values(status=const(VerificationStatus.EXPIRED.value), code_sealed=null(), updated_at=now())
+)
+COUNT_RESEND = (
+    update(v)
+    .where(v.c.id == p("id"), resendable())
+    .values(send_attempts=v.c.send_attempts + 1, last_sent_at=now(), updated_at=now())
+    .returning(v.c.id)
+)
+#: The verification with the end of its destination's lockout, if one is in force.
+FOR_CHECK = (
+    select(v, failures.c.locked_until)
+    .outerjoin(
+        failures,
+        and_(
+            failures.c.service_id == v.c.service_id,
+            failures.c.to == v.c.to,
+            failures.c.locked_until > now(),
+        ),
+    )
+    .where(v.c.id == p("id"), v.c.account_id == p("account_id"))
+)
+APPROVE = (
+    update(v)
+    .where(v.c.id == p("id"), checkable())
+    .values(status=const(VerificationStatus.APPROVED.value), code_sealed=null(), updated_at=now())
+    .returning(v.c.service_id, v.c.to)
+)
+_LAST_ATTEMPT = v.c.check_attempts + 1 >= v.c.max_check_attempts
+COUNT_FAILED_CHECK = (
+    update(v)
+    .where(v.c.id == p("id"), checkable())
+    .values(
+        check_attempts=v.c.check_attempts + 1,
+        status=case(
+            (_LAST_ATTEMPT, const(VerificationStatus.MAX_ATTEMPTS_REACHED.value)), else_=PENDING
+        ),
+        code_sealed=case((_LAST_ATTEMPT, None), else_=v.c.code_sealed),
+        updated_at=now(),
+    )
+    .returning(v.c.check_attempts)
+)
+DESTINATION_LOCK = select(failures.c.locked_until).where(
+    failures.c.service_id == p("service_id"),
+    failures.c.to == p("to"),
+    failures.c.locked_until > now(),
+)
+CLEAR_DESTINATION_FAILURES = delete(failures).where(
+    failures.c.service_id == p("service_id"), failures.c.to == p("to")
+)
+
+
+@functools.cache
+def record_destination_failure(dialect: str) -> Any:
+    """Count one more consecutive failure of a destination; the one that reaches
+    ``threshold`` resets the count to 0 and locks the destination until ``lock_until``.
+    Returns the new count and lock (count 0 with a lock: this failure locked it)."""
+    insert_ = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(failures)
+    threshold = p("threshold", Integer)
+    first_locks = literal(1, Integer) >= threshold
+    reached = failures.c.consecutive_failures + 1 >= threshold
+    return (
+        insert_.values(
+            service_id=p("service_id"),
+            to=p("to"),
+            consecutive_failures=case((first_locks, 0), else_=1),
+            locked_until=case((first_locks, p("lock_until", UTCDateTime)), else_=None),
+        )
+        .on_conflict_do_update(
+            index_elements=[failures.c.service_id, failures.c.to],
+            set_={
+                "consecutive_failures": case(
+                    (reached, 0), else_=failures.c.consecutive_failures + 1
+                ),
+                "locked_until": case(
+                    (reached, p("lock_until", UTCDateTime)), else_=failures.c.locked_until
+                ),
+            },
+        )
+        .returning(failures.c.consecutive_failures, failures.c.locked_until)
+    )
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+def _paged(query: Select[Any], table: Any, with_cursor: bool) -> Select[Any]:
+    """Newest first; the caller asks for one row more than it shows to learn whether there is
+    a next page. The cursor is the (created_at, id) of the last row shown."""
+    if with_cursor:
+        query = query.where(
+            tuple_(table.c.created_at, table.c.id)
+            < tuple_(p("cursor_at", UTCDateTime), p("cursor_id"))
+        )
+    return query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(p("limit", Integer))
+
+
+@functools.cache
+def accounts_page(with_cursor: bool) -> Select[Any]:
+    return _paged(select(accounts), accounts, with_cursor)
+
+
+@functools.cache
+def services_page(with_cursor: bool) -> Select[Any]:
+    return _paged(select(services).where(_live_service()), services, with_cursor)
+
+
+@functools.cache
+def verifications_page(
+    *, by_service: bool, by_to: bool, status: str | None, with_cursor: bool
+) -> Select[Any]:
+    """``status`` is the *reported* status: a pending row past its expiry is ``expired``."""
+    query = select(v).where(v.c.account_id == p("account_id"))
+    if by_service:
+        query = query.where(v.c.service_id == p("service_id"))
+    if by_to:
+        query = query.where(v.c.to == p("to"))
+    if status == VerificationStatus.EXPIRED.value:
+        query = query.where(
+            or_(
+                v.c.status == const(VerificationStatus.EXPIRED.value),
+                and_(v.c.status == PENDING, v.c.expires_at <= now()),
+            )
+        )
+    elif status == VerificationStatus.PENDING.value:
+        query = query.where(v.c.status == PENDING, v.c.expires_at > now())
+    elif status is not None:
+        query = query.where(v.c.status == p("status"))
+    return _paged(query, v, with_cursor)
+
+
+def _ids(count: int) -> list[BindParameter[Any]]:
+    return [p(f"id{index}") for index in range(count)]
+
+
+def id_params(ids: list[str]) -> dict[str, str]:
+    """The parameters of a statement built for ``len(ids)`` ids."""
+    return {f"id{index}": value for index, value in enumerate(ids)}
+
+
+@functools.cache
+def messages_of(count: int) -> Select[Any]:
+    """The messages of ``count`` verifications (parameters from :func:`id_params`)."""
+    return select(m).where(m.c.verification_id.in_(_ids(count))).order_by(m.c.created_at, m.c.id)
+
+
+@functools.cache
+def verifications_by_id(count: int) -> Select[Any]:
+    return select(v).where(v.c.id.in_(_ids(count)))
+
+
+@functools.cache
+def services_by_id(count: int) -> Select[Any]:
+    return select(services).where(services.c.id.in_(_ids(count)))
+
+
+# --- the outbox ------------------------------------------------------------------------------
+
+CLAIM = (
+    update(m)
+    .where(
+        m.c.id.in_(
+            select(m.c.id)
+            .where(claimable())
+            .order_by(m.c.next_attempt_at)
+            .limit(p("limit", Integer))
+            # PostgreSQL: concurrent dispatchers skip each other's rows instead of waiting.
+            # SQLite has one writer at a time and ignores it.
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(
+        lease_until=p("lease_until", UTCDateTime),
+        attempts=m.c.attempts + 1,
+        updated_at=now(),
+    )
+    .returning(*m.c)
+)
+MARK_SENT = (
+    update(m)
+    .where(m.c.id == p("id"), m.c.status == QUEUED)
+    .values(
+        status=SENT,
+        provider=p("provider"),
+        provider_ref=p("provider_ref"),
+        price=p("price"),
+        error=null(),
+        lease_until=null(),
+        next_attempt_at=null(),
+        updated_at=now(),
+    )
+)
+MARK_RETRY = (
+    update(m)
+    .where(m.c.id == p("id"), m.c.status == QUEUED)
+    .values(
+        provider=p("provider"),
+        error=p("error"),
+        lease_until=null(),
+        next_attempt_at=p("next_attempt_at", UTCDateTime),
+        updated_at=now(),
+    )
+)
+MARK_FAILED = (
+    update(m)
+    .where(m.c.id == p("id"), m.c.status == QUEUED)
+    .values(
+        status=const(MessageStatus.FAILED.value),
+        provider=p("provider"),
+        error=p("error"),
+        lease_until=null(),
+        next_attempt_at=null(),
+        updated_at=now(),
+    )
+    .returning(m.c.verification_id)
+)
+#: Messages of a verification, other than one, that may still reach the phone.
+OTHER_LIVE_MESSAGES = (
+    select(func.count().label("n"))
+    .select_from(m)
+    .where(
+        m.c.verification_id == p("verification_id"),
+        m.c.id != p("id"),
+        or_(
+            m.c.status == QUEUED,
+            m.c.status == SENT,
+            m.c.status == const(MessageStatus.DELIVERED.value),
+        ),
+    )
+)
+APPLY_REPORT = (
+    update(m)
+    .where(
+        m.c.provider == p("provider"),
+        m.c.provider_ref == p("provider_ref"),
+        or_(m.c.status == QUEUED, m.c.status == SENT),
+    )
+    .values(status=p("status"), error=p("error"), updated_at=now())
+    .returning(m.c.id)
+)
+MESSAGE_BY_REFERENCE = (
+    select(m.c.id)
+    .where(m.c.provider == p("provider"), m.c.provider_ref == p("provider_ref"))
+    .limit(1)
+)
+
+# --- idempotency keys ------------------------------------------------------------------------
+
+
+def _idempotency_key() -> ColumnElement[bool]:
+    return and_(idempotency.c.account_id == p("account_id"), idempotency.c.key == p("key"))
+
+
+INSERT_IDEMPOTENCY_KEY = insert(idempotency)
+IDEMPOTENCY_KEY = select(idempotency).where(_idempotency_key())
+#: Take over a stale key: delete exactly the row that was read, not a newer one.
+DELETE_STALE_IDEMPOTENCY_KEY = delete(idempotency).where(
+    _idempotency_key(), idempotency.c.created_at == p("created_at", UTCDateTime)
+)
+FINISH_IDEMPOTENCY_KEY = (
+    update(idempotency)
+    .where(_idempotency_key())
+    .values(
+        state=const("done"),
+        response_status=p("response_status", Integer),
+        response_body=p("response_body", JSON),
+    )
+)
+ABANDON_IDEMPOTENCY_KEY = delete(idempotency).where(_idempotency_key())
+FORGET_IDEMPOTENCY_KEYS = delete(idempotency).where(
+    idempotency.c.created_at <= p("before", UTCDateTime)
+)

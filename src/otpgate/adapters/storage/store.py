@@ -1,0 +1,744 @@
+"""The storage ports, implemented once over an executor (``sqlite.py`` or ``postgres.py``).
+
+Each method says which statements of ``statements.py`` run and which of them share a
+transaction; the executor runs them on its driver. Nothing here depends on the backend, so
+every backend keeps exactly the same contract, checked by ``tests/contract/test_storage.py``.
+This class stores whatever masked message body it is given and never sees a plain code.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from otpgate.adapters.storage import statements as q
+from otpgate.adapters.storage.executor import Conflict, Executor, Row, Session
+from otpgate.domain.model import (
+    Account,
+    ApiKey,
+    Channel,
+    CodeType,
+    Message,
+    MessageStatus,
+    SendReceipt,
+    Service,
+    ServicePolicy,
+    Verification,
+    VerificationStatus,
+)
+from otpgate.domain.ports import ClaimedMessage, DeliveryReport, Page
+from otpgate.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    InvalidRequest,
+)
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+#: A key still "in progress" after this long belongs to a request whose process died; a retry
+#: may take it over instead of getting 409 for a day.
+IDEMPOTENCY_STALE = timedelta(minutes=5)
+_ERROR_LENGTH = 500
+
+# --- rows to the domain ----------------------------------------------------------------------
+
+
+def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
+    return {
+        "name": policy.name,
+        "code_length": policy.code_length,
+        "code_type": policy.code_type.value,
+        "ttl_seconds": policy.ttl_seconds,
+        "max_check_attempts": policy.max_check_attempts,
+        "max_send_attempts": policy.max_send_attempts,
+        "resend_interval_seconds": policy.resend_interval_seconds,
+        "channels": [c.value for c in policy.channels],
+        "allowed_countries": (
+            None if policy.allowed_countries is None else list(policy.allowed_countries)
+        ),
+        "sender_id": policy.sender_id,
+        "templates": dict(policy.templates),
+        "default_locale": policy.default_locale,
+        "webotp_domain": policy.webotp_domain,
+        "android_app_hash": policy.android_app_hash,
+        "webhook_url": policy.webhook_url,
+    }
+
+
+def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
+    countries = data.get("allowed_countries")
+    return ServicePolicy(
+        name=data["name"],
+        code_length=data["code_length"],
+        code_type=CodeType(data["code_type"]),
+        ttl_seconds=data["ttl_seconds"],
+        max_check_attempts=data["max_check_attempts"],
+        max_send_attempts=data["max_send_attempts"],
+        resend_interval_seconds=data["resend_interval_seconds"],
+        channels=tuple(Channel(c) for c in data["channels"]),
+        allowed_countries=None if countries is None else tuple(countries),
+        sender_id=data.get("sender_id"),
+        templates=dict(data.get("templates") or {}),
+        default_locale=data.get("default_locale", "en"),
+        webotp_domain=data.get("webotp_domain"),
+        android_app_hash=data.get("android_app_hash"),
+        webhook_url=data.get("webhook_url"),
+    )
+
+
+def account_from_row(row: Row) -> Account:
+    return Account(
+        id=row["id"],
+        name=row["name"],
+        username=row["username"],
+        is_admin=bool(row["is_admin"]),
+        created_at=row["created_at"],
+    )
+
+
+def key_from_row(row: Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        account_id=row["account_id"],
+        name=row["name"],
+        key_hash=row["key_hash"],
+        created_at=row["created_at"],
+        revoked_at=row.get("revoked_at"),
+    )
+
+
+def service_from_row(row: Row) -> Service:
+    return Service(
+        id=row["id"],
+        account_id=row["account_id"],
+        policy=policy_from_json(row["policy"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def message_from_row(row: Row) -> Message:
+    return Message(
+        id=row["id"],
+        account_id=row["account_id"],
+        verification_id=row["verification_id"],
+        channel=Channel(row["channel"]),
+        to=row["to"],
+        status=MessageStatus(row["status"]),
+        locale=row["locale"],
+        segments=row["segments"],
+        encoding=row["encoding"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        provider=row["provider"],
+        provider_ref=row["provider_ref"],
+        price=row["price"],
+        error=row["error"],
+        attempts=row["attempts"],
+    )
+
+
+def verification_from_row(row: Row, messages: Sequence[Message] = ()) -> Verification:
+    return Verification(
+        id=row["id"],
+        account_id=row["account_id"],
+        service_id=row["service_id"],
+        to=row["to"],
+        channel=Channel(row["channel"]),
+        status=VerificationStatus(row["status"]),
+        code_digest=row["code_digest"],
+        code_sealed=row["code_sealed"],
+        locale=row["locale"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        last_sent_at=row["last_sent_at"],
+        check_attempts=row["check_attempts"],
+        max_check_attempts=row["max_check_attempts"],
+        send_attempts=row["send_attempts"],
+        max_send_attempts=row["max_send_attempts"],
+        context=row["context"],
+        metadata=row["metadata"] or {},
+        messages=tuple(messages),
+    )
+
+
+def verification_values(v: Verification) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "account_id": v.account_id,
+        "service_id": v.service_id,
+        "to": v.to,
+        "channel": v.channel.value,
+        "status": v.status.value,
+        "code_digest": v.code_digest,
+        "code_sealed": v.code_sealed,
+        "locale": v.locale,
+        "context": v.context,
+        "metadata": v.metadata,
+        "check_attempts": v.check_attempts,
+        "max_check_attempts": v.max_check_attempts,
+        "send_attempts": v.send_attempts,
+        "max_send_attempts": v.max_send_attempts,
+        "created_at": v.created_at,
+        "updated_at": v.updated_at,
+        "expires_at": v.expires_at,
+        "last_sent_at": v.last_sent_at,
+    }
+
+
+def message_values(
+    m: Message, body_masked: str, lease_until: datetime | None = None
+) -> dict[str, Any]:
+    """The outbox row of a message; with ``lease_until`` it is written already claimed (one
+    attempt counted) by the caller's own dispatcher."""
+    return {
+        "id": m.id,
+        "account_id": m.account_id,
+        "verification_id": m.verification_id,
+        "channel": m.channel.value,
+        "to": m.to,
+        "status": m.status.value,
+        "locale": m.locale,
+        "body_masked": body_masked,
+        "segments": m.segments,
+        "encoding": m.encoding,
+        "provider": m.provider,
+        "provider_ref": m.provider_ref,
+        "price": m.price,
+        "error": m.error,
+        "attempts": m.attempts if lease_until is None else m.attempts + 1,
+        "next_attempt_at": m.created_at,
+        "lease_until": lease_until,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+    }
+
+
+# --- cursors ---------------------------------------------------------------------------------
+
+
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), row_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor from :func:`encode_cursor` names; ``InvalidRequest`` for anything
+    else, including a well-formed one whose time has no zone (or no time at all): comparing it
+    with stored times would otherwise fail deep inside a query."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        stamp, row_id = json.loads(base64.urlsafe_b64decode(padded))
+        if not isinstance(stamp, str) or not isinstance(row_id, str):
+            raise TypeError("cursor fields are not strings")
+        created_at = datetime.fromisoformat(stamp)
+        if created_at.tzinfo is None or "T" not in stamp:
+            raise ValueError("cursor time without a zone")
+        return created_at, row_id
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
+
+
+def _cursor_params(cursor: str | None, limit: int) -> dict[str, Any]:
+    """Parameters of a paged statement: one row more than asked tells whether there is more."""
+    params: dict[str, Any] = {"limit": limit + 1}
+    if cursor is not None:
+        params["cursor_at"], params["cursor_id"] = decode_cursor(cursor)
+    return params
+
+
+def _next_cursor(rows: Sequence[Row], limit: int) -> str | None:
+    if len(rows) <= limit:
+        return None
+    last = rows[limit - 1]
+    return encode_cursor(last["created_at"], last["id"])
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+class SqlStore:
+    """Implements every storage Protocol of ``otpgate.domain.ports`` over an executor.
+
+    Transactions are used where several statements must commit together; a lone statement is
+    atomic on its own and runs without one (a transaction on PostgreSQL costs two more round
+    trips, on SQLite two more lock operations).
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self._x = executor
+        self._record_failure = q.record_destination_failure(executor.dialect)
+
+    @property
+    def executor(self) -> Executor:
+        return self._x
+
+    async def ping(self) -> None:
+        await self._x.ping()
+
+    async def aclose(self) -> None:
+        await self._x.aclose()
+
+    # --- accounts and keys -------------------------------------------------------------------
+
+    async def create_account(self, account: Account) -> None:
+        try:
+            await self._x.run(
+                q.INSERT_ACCOUNT,
+                id=account.id,
+                name=account.name,
+                username=account.username,
+                is_admin=account.is_admin,
+                created_at=account.created_at,
+            )
+        except Conflict:
+            raise InvalidRequest("username is taken", param="username") from None
+
+    async def get_account(self, account_id: str) -> Account | None:
+        row = await self._x.one(q.ACCOUNT, id=account_id)
+        return None if row is None else account_from_row(row)
+
+    async def first_admin_account(self) -> Account | None:
+        row = await self._x.one(q.FIRST_ADMIN)
+        return None if row is None else account_from_row(row)
+
+    async def list_accounts(self, *, limit: int, cursor: str | None) -> Page[Account]:
+        rows = await self._x.all(
+            q.accounts_page(cursor is not None), **_cursor_params(cursor, limit)
+        )
+        return Page([account_from_row(r) for r in rows[:limit]], _next_cursor(rows, limit))
+
+    async def create_key(self, key: ApiKey) -> None:
+        await self._x.run(
+            q.INSERT_KEY,
+            id=key.id,
+            account_id=key.account_id,
+            name=key.name,
+            key_hash=key.key_hash,
+            created_at=key.created_at,
+            revoked_at=None,
+        )
+
+    async def get_key_by_hash(self, key_hash: str) -> tuple[ApiKey, Account] | None:
+        row = await self._x.one(q.LIVE_KEY_WITH_ACCOUNT, key_hash=key_hash)
+        if row is None:
+            return None
+        account = Account(
+            id=row["account_id"],
+            name=row["account_name"],
+            username=row["username"],
+            is_admin=bool(row["is_admin"]),
+            created_at=row["account_created_at"],
+        )
+        return key_from_row(row), account
+
+    async def list_keys(self, account_id: str) -> Sequence[ApiKey]:
+        rows = await self._x.all(q.KEYS_OF_ACCOUNT, account_id=account_id)
+        return [key_from_row(r) for r in rows]
+
+    async def revoke_key(self, account_id: str, key_id: str, now: datetime) -> bool:
+        return bool(await self._x.run(q.REVOKE_KEY, key_id=key_id, account_id=account_id, now=now))
+
+    # --- services ----------------------------------------------------------------------------
+
+    async def create_service(self, service: Service) -> None:
+        await self._x.run(
+            q.INSERT_SERVICE,
+            id=service.id,
+            account_id=service.account_id,
+            name=service.policy.name,
+            policy=policy_to_json(service.policy),
+            created_at=service.created_at,
+            updated_at=service.updated_at,
+            deleted_at=None,
+        )
+
+    async def get_service(self, account_id: str, service_id: str) -> Service | None:
+        row = await self._x.one(q.SERVICE, service_id=service_id, account_id=account_id)
+        return None if row is None else service_from_row(row)
+
+    async def list_services(
+        self, account_id: str, *, limit: int, cursor: str | None
+    ) -> Page[Service]:
+        rows = await self._x.all(
+            q.services_page(cursor is not None),
+            account_id=account_id,
+            **_cursor_params(cursor, limit),
+        )
+        return Page([service_from_row(r) for r in rows[:limit]], _next_cursor(rows, limit))
+
+    async def update_service(
+        self, account_id: str, service_id: str, policy: ServicePolicy, now: datetime
+    ) -> Service | None:
+        row = await self._x.one(
+            q.UPDATE_SERVICE,
+            service_id=service_id,
+            account_id=account_id,
+            name=policy.name,
+            policy=policy_to_json(policy),
+            now=now,
+        )
+        return None if row is None else service_from_row(row)
+
+    async def delete_service(self, account_id: str, service_id: str, now: datetime) -> bool:
+        async with self._x.transaction() as tx:
+            deleted = await tx.run(
+                q.DELETE_SERVICE, service_id=service_id, account_id=account_id, now=now
+            )
+            if deleted:
+                await tx.run(q.CANCEL_PENDING_OF_SERVICE, service_id=service_id, now=now)
+        return bool(deleted)
+
+    # --- verifications -----------------------------------------------------------------------
+
+    @staticmethod
+    async def _messages_of(session: Session, ids: Sequence[str]) -> dict[str, list[Message]]:
+        found: dict[str, list[Message]] = {vid: [] for vid in ids}
+        if ids:
+            rows = await session.all(q.messages_of(len(ids)), **q.id_params(list(ids)))
+            for row in rows:
+                found[row["verification_id"]].append(message_from_row(row))
+        return found
+
+    async def _with_messages(self, session: Session, row: Row | None) -> Verification | None:
+        if row is None:
+            return None
+        messages = await self._messages_of(session, [row["id"]])
+        return verification_from_row(row, messages[row["id"]])
+
+    async def expire_and_find_pending(
+        self, service_id: str, to: str, now: datetime
+    ) -> Verification | None:
+        # At most one row is pending per (service, to) (a partial unique index), so one read
+        # answers the common case, and the rare expired one is closed by a write of its own.
+        row = await self._x.one(q.PENDING_FOR_DESTINATION, service_id=service_id, to=to)
+        if row is None:
+            return None
+        if row["expires_at"] <= now:
+            await self._x.run(
+                q.CLOSE, id=row["id"], status=VerificationStatus.EXPIRED.value, now=now
+            )
+            return None
+        return await self._with_messages(self._x, row)
+
+    async def create_verification(
+        self,
+        verification: Verification,
+        message: Message,
+        *,
+        body_masked: str,
+        supersede: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> bool:
+        try:
+            async with self._x.transaction() as tx:
+                if supersede is not None:
+                    await tx.run(
+                        q.CLOSE,
+                        id=supersede,
+                        status=VerificationStatus.CANCELED.value,
+                        now=verification.created_at,
+                    )
+                await tx.run(q.INSERT_VERIFICATION, **verification_values(verification))
+                await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until))
+        except Conflict:
+            return False
+        return True
+
+    async def record_resend(
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
+        interval_seconds: int,
+        lease_until: datetime | None = None,
+    ) -> Verification | None:
+        async with self._x.transaction() as tx:
+            counted = await tx.one(
+                q.COUNT_RESEND,
+                id=verification_id,
+                now=now,
+                sent_before=now - timedelta(seconds=interval_seconds),
+            )
+            if counted is None:
+                return None
+            await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until))
+            return await self._with_messages(tx, await tx.one(q.VERIFICATION, id=verification_id))
+
+    async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
+        row = await self._x.one(
+            q.VERIFICATION_OF_ACCOUNT, id=verification_id, account_id=account_id
+        )
+        return await self._with_messages(self._x, row)
+
+    async def latest_verification(
+        self, account_id: str, service_id: str, to: str
+    ) -> Verification | None:
+        row = await self._x.one(
+            q.LATEST_FOR_DESTINATION, account_id=account_id, service_id=service_id, to=to
+        )
+        return await self._with_messages(self._x, row)
+
+    async def list_verifications(
+        self,
+        account_id: str,
+        *,
+        service_id: str | None,
+        status: VerificationStatus | None,
+        to: str | None,
+        limit: int,
+        cursor: str | None,
+        now: datetime,
+    ) -> Page[Verification]:
+        statement = q.verifications_page(
+            by_service=service_id is not None,
+            by_to=to is not None,
+            status=None if status is None else status.value,
+            with_cursor=cursor is not None,
+        )
+        params: dict[str, Any] = {"account_id": account_id, **_cursor_params(cursor, limit)}
+        if service_id is not None:
+            params["service_id"] = service_id
+        if to is not None:
+            params["to"] = to
+        if status is not None:
+            params["status"] = status.value
+            params["now"] = now
+        rows = await self._x.all(statement, **params)
+        shown = rows[:limit]
+        messages = await self._messages_of(self._x, [r["id"] for r in shown])
+        items = [verification_from_row(r, messages[r["id"]]) for r in shown]
+        return Page(items, _next_cursor(rows, limit))
+
+    async def verification_for_check(
+        self, account_id: str, verification_id: str, now: datetime
+    ) -> tuple[Verification | None, datetime | None]:
+        row = await self._x.one(q.FOR_CHECK, id=verification_id, account_id=account_id, now=now)
+        if row is None:
+            return None, None
+        return verification_from_row(row), row["locked_until"]
+
+    async def approve(self, verification_id: str, now: datetime) -> bool:
+        # The approval and the reset of the destination's failure count commit together.
+        async with self._x.transaction() as tx:
+            row = await tx.one(q.APPROVE, id=verification_id, now=now)
+            if row is None:
+                return False
+            await tx.run(q.CLEAR_DESTINATION_FAILURES, service_id=row["service_id"], to=row["to"])
+        return True
+
+    async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
+        row = await self._x.one(q.COUNT_FAILED_CHECK, id=verification_id, now=now)
+        return None if row is None else int(row["check_attempts"])
+
+    async def close(self, verification_id: str, status: VerificationStatus, now: datetime) -> bool:
+        return (
+            await self._x.one(q.CLOSE, id=verification_id, status=status.value, now=now) is not None
+        )
+
+    async def expire_due(self, now: datetime) -> int:
+        return await self._x.run(q.EXPIRE_DUE, now=now)
+
+    async def destination_lock(self, service_id: str, to: str, now: datetime) -> datetime | None:
+        row = await self._x.one(q.DESTINATION_LOCK, service_id=service_id, to=to, now=now)
+        return None if row is None else row["locked_until"]
+
+    async def record_destination_failure(
+        self, service_id: str, to: str, *, now: datetime, threshold: int, lock_seconds: int
+    ) -> int:
+        row = await self._x.one(
+            self._record_failure,
+            service_id=service_id,
+            to=to,
+            threshold=threshold,
+            lock_until=now + timedelta(seconds=lock_seconds),
+        )
+        assert row is not None  # an upsert always returns its row
+        count = int(row["consecutive_failures"])
+        # A count of 0 means this failure reached the threshold, locked, and restarted it.
+        return threshold if count == 0 else count
+
+    async def reset_destination_failures(self, service_id: str, to: str) -> None:
+        await self._x.run(q.CLEAR_DESTINATION_FAILURES, service_id=service_id, to=to)
+
+    # --- the outbox --------------------------------------------------------------------------
+
+    async def claim_due(
+        self, *, now: datetime, lease_seconds: int, limit: int
+    ) -> Sequence[ClaimedMessage]:
+        async with self._x.transaction() as tx:
+            rows = await tx.all(
+                q.CLAIM, now=now, lease_until=now + timedelta(seconds=lease_seconds), limit=limit
+            )
+            if not rows:
+                return []
+            ver_ids = sorted({r["verification_id"] for r in rows if r["verification_id"]})
+            found = (
+                await tx.all(q.verifications_by_id(len(ver_ids)), **q.id_params(ver_ids))
+                if ver_ids
+                else []
+            )
+            verifications = {r["id"]: r for r in found}
+            svc_ids = sorted({r["service_id"] for r in found})
+            services = {
+                r["id"]: r
+                for r in (
+                    await tx.all(q.services_by_id(len(svc_ids)), **q.id_params(svc_ids))
+                    if svc_ids
+                    else []
+                )
+            }
+        claimed = []
+        for row in rows:
+            ver = verifications.get(row["verification_id"])
+            svc = services.get(ver["service_id"]) if ver is not None else None
+            claimed.append(
+                ClaimedMessage(
+                    message=message_from_row(row),
+                    verification=None if ver is None else verification_from_row(ver),
+                    service=None if svc is None else service_from_row(svc),
+                    lease_until=row["lease_until"],
+                )
+            )
+        return claimed
+
+    async def mark_sent(
+        self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
+    ) -> None:
+        """The mark may share its commit with other writes (see ``Executor.defer``); it
+        returns once it is committed."""
+        await self._x.defer(
+            q.MARK_SENT,
+            id=message_id,
+            provider=provider,
+            provider_ref=receipt.provider_ref,
+            price=receipt.price,
+            now=now,
+        )
+
+    async def mark_retry(
+        self,
+        message_id: str,
+        *,
+        provider: str,
+        error: str,
+        next_attempt_at: datetime,
+        now: datetime,
+    ) -> None:
+        await self._x.run(
+            q.MARK_RETRY,
+            id=message_id,
+            provider=provider,
+            error=error[:_ERROR_LENGTH],
+            next_attempt_at=next_attempt_at,
+            now=now,
+        )
+
+    async def mark_failed(
+        self, message_id: str, *, provider: str | None, error: str, now: datetime
+    ) -> Verification | None:
+        async with self._x.transaction() as tx:
+            row = await tx.one(
+                q.MARK_FAILED,
+                id=message_id,
+                provider=provider,
+                error=error[:_ERROR_LENGTH],
+                now=now,
+            )
+            if row is None or row["verification_id"] is None:
+                return None
+            verification_id = row["verification_id"]
+            alive = await tx.one(
+                q.OTHER_LIVE_MESSAGES, verification_id=verification_id, id=message_id
+            )
+            if alive is not None and alive["n"]:
+                return None
+            closed = await tx.one(
+                q.CLOSE, id=verification_id, status=VerificationStatus.FAILED.value, now=now
+            )
+            if closed is None:
+                return None
+            return await self._with_messages(tx, await tx.one(q.VERIFICATION, id=verification_id))
+
+    async def apply_report(self, provider: str, report: DeliveryReport, now: datetime) -> bool:
+        if report.status is not None:
+            changed = await self._x.one(
+                q.APPLY_REPORT,
+                provider=provider,
+                provider_ref=report.provider_ref,
+                status=report.status.value,
+                error=None if report.detail is None else report.detail[:_ERROR_LENGTH],
+                now=now,
+            )
+            if changed is not None:
+                return True
+        known = await self._x.one(
+            q.MESSAGE_BY_REFERENCE, provider=provider, provider_ref=report.provider_ref
+        )
+        return known is not None
+
+    # --- idempotency keys --------------------------------------------------------------------
+
+    async def begin(
+        self, account_id: str, key: str, request_hash: str, now: datetime
+    ) -> tuple[str, int | None, Any]:
+        for _ in range(3):
+            try:
+                await self._x.run(
+                    q.INSERT_IDEMPOTENCY_KEY,
+                    account_id=account_id,
+                    key=key,
+                    request_hash=request_hash,
+                    state="in_progress",
+                    response_status=None,
+                    response_body=None,
+                    created_at=now,
+                )
+                return "new", None, None
+            except Conflict:
+                pass
+            row = await self._x.one(q.IDEMPOTENCY_KEY, account_id=account_id, key=key)
+            if row is None:
+                continue  # forgotten or abandoned since our insert failed: try again
+            if row["created_at"] <= now - IDEMPOTENCY_TTL or (
+                row["state"] != "done" and row["created_at"] <= now - IDEMPOTENCY_STALE
+            ):
+                # Past its day, or left in progress by a process that died: take it over.
+                await self._x.run(
+                    q.DELETE_STALE_IDEMPOTENCY_KEY,
+                    account_id=account_id,
+                    key=key,
+                    created_at=row["created_at"],
+                )
+                continue
+            if row["request_hash"] != request_hash:
+                raise IdempotencyKeyMismatch(
+                    "this Idempotency-Key was used with a different request",
+                    param="Idempotency-Key",
+                )
+            if row["state"] != "done":
+                raise IdempotencyInProgress(
+                    "a request with this Idempotency-Key is still running", retry_after=1
+                )
+            return "done", row["response_status"], row["response_body"]
+        raise IdempotencyInProgress("Idempotency-Key is contended; retry", retry_after=1)
+
+    async def finish(self, account_id: str, key: str, status: int, body: Any) -> None:
+        await self._x.run(
+            q.FINISH_IDEMPOTENCY_KEY,
+            account_id=account_id,
+            key=key,
+            response_status=status,
+            response_body=body,
+        )
+
+    async def forget_idempotency_keys(self, now: datetime) -> int:
+        return await self._x.run(q.FORGET_IDEMPOTENCY_KEYS, before=now - IDEMPOTENCY_TTL)
+
+    async def abandon(self, account_id: str, key: str) -> None:
+        await self._x.run(q.ABANDON_IDEMPOTENCY_KEY, account_id=account_id, key=key)
