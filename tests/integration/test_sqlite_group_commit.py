@@ -104,8 +104,10 @@ async def test_marks_wait_for_a_commit_and_ride_along_with_the_next_write(world:
         assert not first.done() and not second.done()
         assert set(world.statuses().values()) == {"queued"}
 
-        # An approval is a write transaction: both waiting marks share its commit.
-        assert await store.approve(world.verification_ids[2], world.clock.now())
+        # An approval is a write: both waiting marks share its commit.
+        assert await store.approve(
+            world.verification_ids[2], world.clock.now(), clear_failures=False
+        )
         await settle()
         assert first.done() and second.done()
         first.result()
@@ -139,7 +141,9 @@ async def test_marks_survive_a_carrying_transaction_that_rolls_back(world: World
         assert not waiting.done()
         assert world.statuses()[world.message_ids[0]] == "queued"
 
-        assert await store.approve(world.verification_ids[1], world.clock.now())
+        assert await store.approve(
+            world.verification_ids[1], world.clock.now(), clear_failures=True
+        )
         await settle()
         assert waiting.done()
         waiting.result()

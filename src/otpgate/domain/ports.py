@@ -91,6 +91,21 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Lockout:
+    """A destination's record of consecutive failed checks in one service (across its
+    verifications): how many so far, and the end of the lock when one is in force."""
+
+    failures: int = 0
+    locked_until: datetime | None = None
+
+    def in_force(self, now: datetime) -> bool:
+        return self.locked_until is not None and self.locked_until > now
+
+
+NO_LOCKOUT = Lockout()
+
+
+@dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     items: Sequence[T]
     next_cursor: str | None
@@ -141,11 +156,12 @@ class ServiceStore(Protocol):
 
 
 class VerificationStore(Protocol):
-    async def expire_and_find_pending(
+    async def pending_for_destination(
         self, service_id: str, to: str, now: datetime
-    ) -> Verification | None:
-        """Mark every pending verification of (service, to) whose time is up as ``expired``
-        (erasing its sealed code) and return the one still pending, if any."""
+    ) -> tuple[Verification | None, Lockout]:
+        """The pending verification of (service, to), if there is one and its time is not up
+        (one whose time is up is written ``expired``, its sealed code erased, on the way), with
+        its ``messages`` left empty; and the destination's lockout record. Read together."""
         ...
 
     async def create_verification(
@@ -202,16 +218,17 @@ class VerificationStore(Protocol):
     ) -> Page[Verification]: ...
 
     async def verification_for_check(
-        self, account_id: str, verification_id: str, now: datetime
-    ) -> tuple[Verification | None, datetime | None]:
-        """The account's verification (its ``messages`` left empty) and, when its
-        destination is locked out (S8), the time the lock ends; read together."""
+        self, account_id: str, verification_id: str
+    ) -> tuple[Verification | None, Lockout]:
+        """The account's verification (its ``messages`` left empty) and its destination's
+        lockout record; read together."""
         ...
 
-    async def approve(self, verification_id: str, now: datetime) -> bool:
+    async def approve(self, verification_id: str, now: datetime, *, clear_failures: bool) -> bool:
         """Atomically move a pending, unexpired verification with attempts left to
-        ``approved``, erase its sealed code and clear its destination's consecutive-failure
-        count. True for exactly one caller, however many race."""
+        ``approved`` and erase its sealed code; with ``clear_failures``, in the same
+        transaction, clear its destination's consecutive-failure record. True for exactly one
+        caller, however many race."""
         ...
 
     async def record_failed_check(self, verification_id: str, now: datetime) -> int | None:
@@ -228,8 +245,9 @@ class VerificationStore(Protocol):
 class LockoutStore(Protocol):
     """Consecutive failed checks per (service, destination), across verifications."""
 
-    async def destination_lock(self, service_id: str, to: str, now: datetime) -> datetime | None:
-        """When the (service, destination) lockout (S8) is in force, the time it ends."""
+    async def lockout(self, service_id: str, to: str) -> Lockout:
+        """The (service, destination) record of consecutive failures (``NO_LOCKOUT`` when
+        there is none)."""
         ...
 
     async def record_destination_failure(

@@ -39,7 +39,15 @@ from otpgate.domain.phone import (
     require_allowed_country,
     require_sms_capable,
 )
-from otpgate.domain.ports import ClaimedMessage, Clock, Metrics, Page, VerificationStorage
+from otpgate.domain.ports import (
+    NO_LOCKOUT,
+    ClaimedMessage,
+    Clock,
+    Lockout,
+    Metrics,
+    Page,
+    VerificationStorage,
+)
 from otpgate.errors import (
     ChannelNotAllowed,
     DestinationBlocked,
@@ -137,12 +145,14 @@ class VerificationService:
             )
         )
         now = self._clock.now()
+        pending, lockout = await self._storage.pending_for_destination(
+            service.id, destination.e164, now
+        )
         # 3. Lockout after too many consecutive failures (S8): neither a resend nor a new
         #    verification may restart the guessing.
-        await self._refuse_if_locked(service.id, destination.e164)
+        self._refuse_if_locked(lockout)
         # 4. A pending verification for this destination: send its code again, unless the
         #    caller binds a different code or context, which supersedes it.
-        pending = await self._storage.expire_and_find_pending(service.id, destination.e164, now)
         if pending is not None and custom_code is None and pending.context == context:
             if self._code_of(pending) is not None:
                 return await self._resend(service, pending, channel), False
@@ -178,7 +188,9 @@ class VerificationService:
         )
         if not created:
             # A concurrent start won the race for this destination; ours becomes a resend.
-            pending = await self._storage.expire_and_find_pending(service.id, destination.e164, now)
+            pending, _ = await self._storage.pending_for_destination(
+                service.id, destination.e164, now
+            )
             if pending is None:
                 raise ResendTooSoon(
                     "another start for this destination is in progress", retry_after=1
@@ -205,7 +217,7 @@ class VerificationService:
                 "only a pending verification can be sent again",
                 param="id",
             )
-        await self._refuse_if_locked(service.id, verification.to)
+        self._refuse_if_locked(await self._storage.lockout(service.id, verification.to))
         return await self._resend(service, verification, chosen)
 
     def _hand_over(
@@ -372,12 +384,12 @@ class VerificationService:
         """Check a code (API.md §4.3). A wrong code is an answer, not an error."""
         presented = self._presented(code)
         checked_context = rules.validate_context(context)
-        verification, locked_until = await self._storage.verification_for_check(
-            principal.account.id, verification_id, self._clock.now()
+        verification, lockout = await self._storage.verification_for_check(
+            principal.account.id, verification_id
         )
         if verification is None:
             raise NotFound("no such verification")
-        return await self._check(verification, presented, checked_context, locked_until)
+        return await self._check(verification, presented, checked_context, lockout)
 
     async def check_destination(
         self,
@@ -399,10 +411,8 @@ class VerificationService:
         )
         if verification is None:
             raise NotFound("no verification for this destination in this service")
-        locked_until = await self._storage.destination_lock(
-            service.id, destination.e164, self._clock.now()
-        )
-        return await self._check(verification, presented, checked_context, locked_until)
+        lockout = await self._storage.lockout(service.id, destination.e164)
+        return await self._check(verification, presented, checked_context, lockout)
 
     @staticmethod
     def _presented(code: Any) -> str:
@@ -419,7 +429,7 @@ class VerificationService:
         verification: Verification,
         presented: str,
         context: dict[str, str] | None,
-        locked_until: datetime | None,
+        lockout: Lockout,
     ) -> CheckResult:
         now = self._clock.now()
         # 1. Closed verifications answer with their status and never look at the code, so a
@@ -429,7 +439,7 @@ class VerificationService:
             self._metrics.count("check", result="closed")
             return self._result(verification, status, valid=False)
         # 2. A locked destination (S8) gets no more guesses, for this or any verification.
-        if locked_until is not None:
+        if lockout.in_force(now):
             self._metrics.count("check", result="locked")
             return self._result(verification, status, valid=False)
         # 3. Constant-time comparison of keyed digests; the context is part of the digest,
@@ -438,8 +448,10 @@ class VerificationService:
         normalized = normalize_code(presented, CodeType.ALPHANUMERIC)
         if self._vault.matches(verification.code_digest, verification.id, normalized, context):
             # 4. Exactly one concurrent check can move pending → approved (S4); the same
-            #    write clears the destination's consecutive failures.
-            if await self._storage.approve(verification.id, now):
+            #    transaction clears the destination's consecutive failures, if it has any.
+            if await self._storage.approve(
+                verification.id, now, clear_failures=lockout != NO_LOCKOUT
+            ):
                 self._metrics.count("check", result="approved")
                 log.info("verification approved", extra={"verification_id": verification.id})
                 return CheckResult(
@@ -559,10 +571,10 @@ class VerificationService:
             )
         return channel
 
-    async def _refuse_if_locked(self, service_id: str, to: str) -> None:
-        locked_until = await self._storage.destination_lock(service_id, to, self._clock.now())
-        if locked_until is not None:
+    def _refuse_if_locked(self, lockout: Lockout) -> None:
+        now = self._clock.now()
+        if lockout.locked_until is not None and lockout.in_force(now):
             raise DestinationBlocked(
                 "too many failed checks for this destination; it is locked for a while",
-                retry_after=(locked_until - self._clock.now()).total_seconds(),
+                retry_after=(lockout.locked_until - now).total_seconds(),
             )

@@ -183,8 +183,30 @@ CANCEL_PENDING_OF_SERVICE = (
 
 INSERT_VERIFICATION = insert(v)
 INSERT_MESSAGE = insert(m)
-PENDING_FOR_DESTINATION = select(v).where(
-    v.c.service_id == p("service_id"), v.c.to == p("to"), v.c.status == PENDING
+_destination = select(p("service_id").label("service_id"), p("to").label("to")).subquery(
+    "destination"
+)
+#: The pending verification of a destination (or a row of NULLs) and its failure record, in
+#: one read: a one-row table of the parameters, outer-joined to both.
+PENDING_FOR_DESTINATION = select(
+    v,
+    failures.c.consecutive_failures.label("lockout_failures"),
+    failures.c.locked_until.label("lockout_until"),
+).select_from(
+    _destination.outerjoin(
+        v,
+        and_(
+            v.c.service_id == _destination.c.service_id,
+            v.c.to == _destination.c.to,
+            v.c.status == PENDING,
+        ),
+    ).outerjoin(
+        failures,
+        and_(
+            failures.c.service_id == _destination.c.service_id,
+            failures.c.to == _destination.c.to,
+        ),
+    )
 )
 VERIFICATION = select(v).where(v.c.id == p("id"))
 VERIFICATION_OF_ACCOUNT = select(v).where(v.c.id == p("id"), v.c.account_id == p("account_id"))
@@ -213,16 +235,16 @@ COUNT_RESEND = (
     .values(send_attempts=v.c.send_attempts + 1, last_sent_at=now(), updated_at=now())
     .returning(v.c.id)
 )
-#: The verification with the end of its destination's lockout, if one is in force.
+#: The verification with its destination's failure record.
 FOR_CHECK = (
-    select(v, failures.c.locked_until)
+    select(
+        v,
+        failures.c.consecutive_failures.label("lockout_failures"),
+        failures.c.locked_until.label("lockout_until"),
+    )
     .outerjoin(
         failures,
-        and_(
-            failures.c.service_id == v.c.service_id,
-            failures.c.to == v.c.to,
-            failures.c.locked_until > now(),
-        ),
+        and_(failures.c.service_id == v.c.service_id, failures.c.to == v.c.to),
     )
     .where(v.c.id == p("id"), v.c.account_id == p("account_id"))
 )
@@ -246,10 +268,8 @@ COUNT_FAILED_CHECK = (
     )
     .returning(v.c.check_attempts)
 )
-DESTINATION_LOCK = select(failures.c.locked_until).where(
-    failures.c.service_id == p("service_id"),
-    failures.c.to == p("to"),
-    failures.c.locked_until > now(),
+LOCKOUT = select(failures.c.consecutive_failures, failures.c.locked_until).where(
+    failures.c.service_id == p("service_id"), failures.c.to == p("to")
 )
 CLEAR_DESTINATION_FAILURES = delete(failures).where(
     failures.c.service_id == p("service_id"), failures.c.to == p("to")

@@ -29,7 +29,7 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
 )
-from otpgate.domain.ports import ClaimedMessage, DeliveryReport, Page
+from otpgate.domain.ports import NO_LOCKOUT, ClaimedMessage, DeliveryReport, Lockout, Page
 from otpgate.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
@@ -163,6 +163,14 @@ def verification_from_row(row: Row, messages: Sequence[Message] = ()) -> Verific
         metadata=row["metadata"] or {},
         messages=tuple(messages),
     )
+
+
+def lockout_from_row(row: Row) -> Lockout:
+    """The lockout columns a statement selected as ``lockout_failures``/``lockout_until``."""
+    failures, until = row["lockout_failures"], row["lockout_until"]
+    if failures is None:  # no record: the outer join found nothing
+        return NO_LOCKOUT
+    return Lockout(failures=int(failures), locked_until=until)
 
 
 def verification_values(v: Verification) -> dict[str, Any]:
@@ -409,20 +417,22 @@ class SqlStore:
         messages = await self._messages_of(session, [row["id"]])
         return verification_from_row(row, messages[row["id"]])
 
-    async def expire_and_find_pending(
+    async def pending_for_destination(
         self, service_id: str, to: str, now: datetime
-    ) -> Verification | None:
+    ) -> tuple[Verification | None, Lockout]:
         # At most one row is pending per (service, to) (a partial unique index), so one read
         # answers the common case, and the rare expired one is closed by a write of its own.
         row = await self._x.one(q.PENDING_FOR_DESTINATION, service_id=service_id, to=to)
-        if row is None:
-            return None
+        assert row is not None  # the one-row parameter table always yields a row
+        lockout = lockout_from_row(row)
+        if row["id"] is None:
+            return None, lockout
         if row["expires_at"] <= now:
             await self._x.run(
                 q.CLOSE, id=row["id"], status=VerificationStatus.EXPIRED.value, now=now
             )
-            return None
-        return await self._with_messages(self._x, row)
+            return None, lockout
+        return verification_from_row(row), lockout
 
     async def create_verification(
         self,
@@ -516,14 +526,16 @@ class SqlStore:
         return Page(items, _next_cursor(rows, limit))
 
     async def verification_for_check(
-        self, account_id: str, verification_id: str, now: datetime
-    ) -> tuple[Verification | None, datetime | None]:
-        row = await self._x.one(q.FOR_CHECK, id=verification_id, account_id=account_id, now=now)
+        self, account_id: str, verification_id: str
+    ) -> tuple[Verification | None, Lockout]:
+        row = await self._x.one(q.FOR_CHECK, id=verification_id, account_id=account_id)
         if row is None:
-            return None, None
-        return verification_from_row(row), row["locked_until"]
+            return None, NO_LOCKOUT
+        return verification_from_row(row), lockout_from_row(row)
 
-    async def approve(self, verification_id: str, now: datetime) -> bool:
+    async def approve(self, verification_id: str, now: datetime, *, clear_failures: bool) -> bool:
+        if not clear_failures:  # the common case: one statement, atomic on its own
+            return await self._x.one(q.APPROVE, id=verification_id, now=now) is not None
         # The approval and the reset of the destination's failure count commit together.
         async with self._x.transaction() as tx:
             row = await tx.one(q.APPROVE, id=verification_id, now=now)
@@ -544,9 +556,11 @@ class SqlStore:
     async def expire_due(self, now: datetime) -> int:
         return await self._x.run(q.EXPIRE_DUE, now=now)
 
-    async def destination_lock(self, service_id: str, to: str, now: datetime) -> datetime | None:
-        row = await self._x.one(q.DESTINATION_LOCK, service_id=service_id, to=to, now=now)
-        return None if row is None else row["locked_until"]
+    async def lockout(self, service_id: str, to: str) -> Lockout:
+        row = await self._x.one(q.LOCKOUT, service_id=service_id, to=to)
+        if row is None:
+            return NO_LOCKOUT
+        return Lockout(failures=int(row["consecutive_failures"]), locked_until=row["locked_until"])
 
     async def record_destination_failure(
         self, service_id: str, to: str, *, now: datetime, threshold: int, lock_seconds: int
