@@ -118,22 +118,27 @@ class Database:
             await engine.dispose()
 
 
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    """A migrated, empty database of each backend."""
-    if request.param == "sqlite":
+async def empty_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Database:
+    """A migrated, empty database: a new SQLite file, or the session's PostgreSQL schema with
+    every table emptied."""
+    if backend == "sqlite":
         path = tmp_path / "otpgate.db"
         url = f"sqlite:///{path}"
         await upgrade(url)
-        yield Database(request.param, url, "", path)
-        return
+        return Database(backend, url, "", path)
     schema = request.getfixturevalue("postgres_schema")
     engine = create_engine(POSTGRES_URL, schema=schema, pool_size=1)
     async with engine.begin() as conn:
         names = ", ".join(f'"{t.name}"' for t in reversed(metadata.sorted_tables))
         await conn.execute(text(f"TRUNCATE {names} CASCADE"))
     await engine.dispose()
-    yield Database("postgres", POSTGRES_URL, schema, None)
+    return Database("postgres", POSTGRES_URL, schema, None)
+
+
+@pytest.fixture(params=BACKENDS)
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """A migrated, empty database of each backend."""
+    return await empty_database(request.param, tmp_path, request)
 
 
 def make_settings(database: Database, tmp_path: Path, **overrides: Any) -> Settings:

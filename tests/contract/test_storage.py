@@ -1,0 +1,741 @@
+"""The storage contract: every method of the storage Protocols (``otpgate.domain.ports``), its
+edge cases and its concurrency guarantees, run against every backend (SQLite on a file, SQLite
+in memory, PostgreSQL).
+
+A store is driven directly, with fixed times; what the API makes of it is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otpgate.adapters.storage.sqlite import SqliteExecutor
+from otpgate.adapters.storage.store import SqlStore
+from otpgate.bootstrap import build_storage
+from otpgate.domain.model import (
+    Account,
+    ApiKey,
+    Channel,
+    Message,
+    MessageStatus,
+    SendReceipt,
+    Service,
+    ServicePolicy,
+    Verification,
+    VerificationStatus,
+    new_id,
+)
+from otpgate.domain.ports import NO_LOCKOUT, DeliveryReport, Lockout, Storage
+from otpgate.errors import IdempotencyInProgress, IdempotencyKeyMismatch, InvalidRequest
+from tests.conftest import Database, empty_database, make_settings
+
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture(params=["sqlite", "sqlite-memory", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    """A store on a migrated, empty database of each backend, and on SQLite in memory (the
+    schema made from the table definitions, as fast unit tests of the services use it)."""
+    if request.param == "sqlite-memory":
+        executor = SqliteExecutor(":memory:")
+        executor.create_schema()
+        built: Storage = SqlStore(executor)
+    else:
+        database = await empty_database(request.param, tmp_path, request)
+        request.node.stash[DATABASE] = database
+        built = build_storage(make_settings(database, tmp_path))
+    try:
+        yield built
+    finally:
+        await built.aclose()
+
+
+DATABASE = pytest.StashKey[Database]()
+
+
+# --- builders --------------------------------------------------------------------------------
+
+
+async def an_account(store: Storage, *, admin: bool = False, when: float = 0) -> Account:
+    account = Account(
+        id=new_id("acc"),
+        name="Acme",
+        username=new_id("user"),
+        is_admin=admin,
+        created_at=at(when),
+    )
+    await store.create_account(account)
+    return account
+
+
+async def a_service(store: Storage, account: Account, *, when: float = 0) -> Service:
+    service = Service(
+        id=new_id("svc"),
+        account_id=account.id,
+        policy=ServicePolicy(name="Acme", allowed_countries=("ES",), templates={"es": "{code}"}),
+        created_at=at(when),
+        updated_at=at(when),
+    )
+    await store.create_service(service)
+    return service
+
+
+def a_verification(
+    service: Service,
+    *,
+    to: str = "+34600000001",
+    when: float = 0,
+    ttl: float = 600,
+    max_checks: int = 5,
+    max_sends: int = 5,
+    context: dict[str, str] | None = None,
+) -> tuple[Verification, Message]:
+    vid = new_id("ver")
+    verification = Verification(
+        id=vid,
+        account_id=service.account_id,
+        service_id=service.id,
+        to=to,
+        channel=Channel.SMS,
+        status=VerificationStatus.PENDING,
+        code_digest=secrets.token_bytes(32),
+        code_sealed=secrets.token_bytes(40),
+        locale="es",
+        created_at=at(when),
+        updated_at=at(when),
+        expires_at=at(when + ttl),
+        last_sent_at=at(when),
+        check_attempts=0,
+        max_check_attempts=max_checks,
+        send_attempts=1,
+        max_send_attempts=max_sends,
+        context=context,
+        metadata={"user": "42", "nested": {"ok": [1, 2]}},
+    )
+    return verification, a_message(verification, when=when)
+
+
+def a_message(verification: Verification, *, when: float = 0) -> Message:
+    return Message(
+        id=new_id("msg"),
+        account_id=verification.account_id,
+        verification_id=verification.id,
+        channel=Channel.SMS,
+        to=verification.to,
+        status=MessageStatus.QUEUED,
+        locale=verification.locale,
+        segments=1,
+        encoding="GSM-7",
+        created_at=at(when),
+        updated_at=at(when),
+    )
+
+
+async def a_pending(
+    store: Storage, service: Service, **fields: Any
+) -> tuple[Verification, Message]:
+    verification, message = a_verification(service, **fields)
+    assert await store.create_verification(verification, message, body_masked="code ******")
+    return verification, message
+
+
+async def world(store: Storage) -> tuple[Account, Service]:
+    account = await an_account(store)
+    return account, await a_service(store, account)
+
+
+# --- accounts and keys -----------------------------------------------------------------------
+
+
+async def test_accounts_round_trip_and_unknown_is_none(store: Storage) -> None:
+    account = await an_account(store, admin=True)
+    assert await store.get_account(account.id) == account
+    assert await store.get_account("acc_" + "0" * 32) is None
+
+
+async def test_a_taken_username_is_refused_and_changes_nothing(store: Storage) -> None:
+    account = await an_account(store)
+    twin = replace(account, id=new_id("acc"), name="Other")
+    with pytest.raises(InvalidRequest) as refused:
+        await store.create_account(twin)
+    assert refused.value.param == "username"
+    assert await store.get_account(twin.id) is None
+    assert await store.get_account(account.id) == account
+
+
+async def test_first_admin_is_the_oldest_admin(store: Storage) -> None:
+    assert await store.first_admin_account() is None
+    await an_account(store, admin=False, when=0)
+    older = await an_account(store, admin=True, when=10)
+    await an_account(store, admin=True, when=20)
+    assert await store.first_admin_account() == older
+
+
+async def test_list_accounts_pages_newest_first_without_gaps_or_repeats(store: Storage) -> None:
+    made = [await an_account(store, when=n) for n in range(7)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await store.list_accounts(limit=3, cursor=cursor)
+        assert len(page.items) <= 3
+        seen += [a.id for a in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == [a.id for a in reversed(made)]
+
+
+async def test_a_cursor_that_is_not_ours_is_refused(store: Storage) -> None:
+    for cursor in ("nope", "W10", "WyIyMDI2LTExLTI3IiwgImEiXQ"):  # [] and a date without time
+        with pytest.raises(InvalidRequest) as refused:
+            await store.list_accounts(limit=3, cursor=cursor)
+        assert refused.value.param == "cursor"
+
+
+async def test_keys_by_hash_revocation_and_listing(store: Storage) -> None:
+    account = await an_account(store)
+    other = await an_account(store)
+    key = ApiKey(
+        id=new_id("key"), account_id=account.id, name="ci", key_hash="a" * 64, created_at=T0
+    )
+    await store.create_key(key)
+    await store.create_key(replace(key, id=new_id("key"), account_id=other.id, key_hash="b" * 64))
+    found = await store.get_key_by_hash("a" * 64)
+    assert found == (key, account)
+    assert await store.get_key_by_hash("c" * 64) is None
+    assert [k.id for k in await store.list_keys(account.id)] == [key.id]
+    assert not await store.revoke_key(other.id, key.id, at(1))  # not the other account's key
+    assert await store.revoke_key(account.id, key.id, at(1))
+    assert not await store.revoke_key(account.id, key.id, at(2))  # revoked once
+    assert await store.get_key_by_hash("a" * 64) is None
+    (listed,) = await store.list_keys(account.id)
+    assert listed.revoked_at == at(1)
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+async def test_services_belong_to_their_account(store: Storage) -> None:
+    account, service = await world(store)
+    stranger = await an_account(store)
+    assert await store.get_service(account.id, service.id) == service
+    assert await store.get_service(stranger.id, service.id) is None
+    policy = replace(service.policy, name="Renamed", code_length=8)
+    assert await store.update_service(stranger.id, service.id, policy, at(5)) is None
+    updated = await store.update_service(account.id, service.id, policy, at(5))
+    assert updated is not None and updated.policy == policy and updated.updated_at == at(5)
+    assert not await store.delete_service(stranger.id, service.id, at(6))
+    assert (await store.get_service(account.id, service.id)) == updated
+
+
+async def test_list_services_is_scoped_and_paged(store: Storage) -> None:
+    account = await an_account(store)
+    stranger = await an_account(store)
+    mine = [await a_service(store, account, when=n) for n in range(5)]
+    await a_service(store, stranger)
+    first = await store.list_services(account.id, limit=2, cursor=None)
+    second = await store.list_services(account.id, limit=2, cursor=first.next_cursor)
+    third = await store.list_services(account.id, limit=2, cursor=second.next_cursor)
+    ids = [s.id for s in (*first.items, *second.items, *third.items)]
+    assert ids == [s.id for s in reversed(mine)] and third.next_cursor is None
+
+
+async def test_deleting_a_service_cancels_its_pending_codes(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service)
+    assert await store.delete_service(account.id, service.id, at(10))
+    assert await store.get_service(account.id, service.id) is None
+    assert not await store.delete_service(account.id, service.id, at(11))
+    after = await store.get_verification(account.id, verification.id)
+    assert after is not None
+    assert after.status is VerificationStatus.CANCELED and after.code_sealed is None
+
+
+# --- verifications ---------------------------------------------------------------------------
+
+
+async def test_a_verification_round_trips_with_its_message(store: Storage) -> None:
+    account, service = await world(store)
+    verification, message = a_verification(service, context={"amount": "12.50 EUR"})
+    assert await store.create_verification(verification, message, body_masked="Acme ******")
+    got = await store.get_verification(account.id, verification.id)
+    assert got == replace(verification, messages=(message,))
+    stranger = await an_account(store)
+    assert await store.get_verification(stranger.id, verification.id) is None
+
+
+async def test_one_pending_verification_per_destination(store: Storage) -> None:
+    account, service = await world(store)
+    first, _ = await a_pending(store, service)
+    second, message = a_verification(service)
+    assert not await store.create_verification(second, message, body_masked="x")
+    assert await store.get_verification(account.id, second.id) is None
+    # Another destination, or the same one in another service, is fine.
+    await a_pending(store, service, to="+34600000002")
+    await a_pending(store, await a_service(store, account))
+    assert (await store.get_verification(account.id, first.id)) is not None
+
+
+async def test_superseding_cancels_the_old_code_in_the_same_transaction(store: Storage) -> None:
+    account, service = await world(store)
+    old, _ = await a_pending(store, service)
+    new, message = a_verification(service, when=1)
+    assert await store.create_verification(new, message, body_masked="x", supersede=old.id)
+    gone = await store.get_verification(account.id, old.id)
+    assert gone is not None and gone.status is VerificationStatus.CANCELED
+    assert gone.code_sealed is None
+
+
+async def test_pending_for_destination_reads_the_code_and_the_lockout(store: Storage) -> None:
+    _, service = await world(store)
+    assert await store.pending_for_destination(service.id, "+34600000001", at(1)) == (
+        None,
+        NO_LOCKOUT,
+    )
+    verification, _ = await a_pending(store, service)
+    pending, lockout = await store.pending_for_destination(service.id, verification.to, at(1))
+    assert pending == verification and lockout == NO_LOCKOUT  # messages left empty
+    await store.record_destination_failure(
+        service.id, verification.to, now=at(2), threshold=100, lock_seconds=60
+    )
+    _, lockout = await store.pending_for_destination(service.id, verification.to, at(3))
+    assert lockout == Lockout(failures=1, locked_until=None)
+
+
+async def test_a_pending_code_whose_time_is_up_is_closed_on_the_way(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service, ttl=60)
+    pending, _ = await store.pending_for_destination(service.id, verification.to, at(60))
+    assert pending is None
+    closed = await store.get_verification(account.id, verification.id)
+    assert closed is not None and closed.status is VerificationStatus.EXPIRED
+    assert closed.code_sealed is None
+    # Its destination is free for a new verification.
+    await a_pending(store, service, when=61)
+
+
+async def test_resends_count_only_within_the_rules(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service, max_sends=3, ttl=600)
+
+    async def resend(when: float, interval: int = 30, lease: datetime | None = None) -> Any:
+        return await store.record_resend(
+            verification.id,
+            a_message(verification, when=when),
+            body_masked="x",
+            now=at(when),
+            interval_seconds=interval,
+            lease_until=lease,
+        )
+
+    assert await resend(10) is None  # too soon: 30 s interval
+    counted = await resend(30, lease=at(60))
+    assert counted is not None and counted.send_attempts == 2 and counted.last_sent_at == at(30)
+    assert len(counted.messages) == 2 and counted.messages[-1].attempts == 1  # leased: claimed
+    assert await resend(61) is not None  # the third send: the cap
+    assert await resend(200) is None
+    got = await store.get_verification(account.id, verification.id)
+    assert got is not None and got.send_attempts == 3 and len(got.messages) == 3
+    other, _ = await a_pending(store, service, to="+34600000002", ttl=60)
+    assert (
+        await store.record_resend(
+            other.id, a_message(other), body_masked="x", now=at(60), interval_seconds=0
+        )
+        is None
+    )  # its time is up
+
+
+async def test_latest_verification_of_a_destination(store: Storage) -> None:
+    account, service = await world(store)
+    first, _ = await a_pending(store, service)
+    assert await store.close(first.id, VerificationStatus.CANCELED, at(1))
+    second, message = await a_pending(store, service, when=2)
+    latest = await store.latest_verification(account.id, service.id, first.to)
+    assert latest == replace(second, messages=(message,))
+    stranger = await an_account(store)
+    assert await store.latest_verification(stranger.id, service.id, first.to) is None
+
+
+async def test_list_verifications_filters_by_reported_status(store: Storage) -> None:
+    account, service = await world(store)
+    live, _ = await a_pending(store, service, to="+34600000001", ttl=600)
+    lapsed, _ = await a_pending(store, service, to="+34600000002", ttl=60)
+    done, _ = await a_pending(store, service, to="+34600000003")
+    assert await store.close(done.id, VerificationStatus.CANCELED, at(1))
+    other_service = await a_service(store, account)
+    elsewhere, _ = await a_pending(store, other_service, to="+34600000001")
+
+    async def ids(**filters: Any) -> set[str]:
+        filters.setdefault("service_id", None)
+        filters.setdefault("status", None)
+        filters.setdefault("to", None)
+        page = await store.list_verifications(
+            account.id, limit=50, cursor=None, now=at(120), **filters
+        )
+        return {v.id for v in page.items}
+
+    assert await ids() == {live.id, lapsed.id, done.id, elsewhere.id}
+    assert await ids(status=VerificationStatus.PENDING) == {live.id, elsewhere.id}
+    assert await ids(status=VerificationStatus.EXPIRED) == {lapsed.id}
+    assert await ids(status=VerificationStatus.CANCELED) == {done.id}
+    assert await ids(service_id=service.id, to="+34600000001") == {live.id}
+    page = await store.list_verifications(
+        account.id, service_id=None, status=None, to=None, limit=1, cursor=None, now=at(120)
+    )
+    assert len(page.items) == 1 and len(page.items[0].messages) == 1 and page.next_cursor
+
+
+async def test_verification_for_check_reads_the_lockout_with_it(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service)
+    assert await store.verification_for_check(account.id, verification.id) == (
+        verification,
+        NO_LOCKOUT,
+    )
+    for n in range(3):
+        await store.record_destination_failure(
+            service.id, verification.to, now=at(n), threshold=3, lock_seconds=60
+        )
+    found, lockout = await store.verification_for_check(account.id, verification.id)
+    assert found == verification and lockout == Lockout(failures=0, locked_until=at(62))
+    assert lockout.in_force(at(61)) and not lockout.in_force(at(62))
+    stranger = await an_account(store)
+    assert await store.verification_for_check(stranger.id, verification.id) == (None, NO_LOCKOUT)
+
+
+async def test_approval_is_single_use_and_erases_the_sealed_code(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service)
+    await store.record_destination_failure(
+        service.id, verification.to, now=at(1), threshold=100, lock_seconds=60
+    )
+    assert await store.approve(verification.id, at(2), clear_failures=True)
+    assert not await store.approve(verification.id, at(3), clear_failures=False)
+    approved = await store.get_verification(account.id, verification.id)
+    assert approved is not None and approved.status is VerificationStatus.APPROVED
+    assert approved.code_sealed is None
+    assert await store.lockout(service.id, verification.to) == NO_LOCKOUT
+
+
+async def test_no_approval_after_expiry_or_without_attempts(store: Storage) -> None:
+    account, service = await world(store)
+    lapsed, _ = await a_pending(store, service, ttl=60)
+    assert not await store.approve(lapsed.id, at(60), clear_failures=False)
+    spent, _ = await a_pending(store, service, to="+34600000002", max_checks=1)
+    assert await store.record_failed_check(spent.id, at(1)) == 1
+    assert not await store.approve(spent.id, at(2), clear_failures=False)
+    closed = await store.get_verification(account.id, spent.id)
+    assert closed is not None and closed.status is VerificationStatus.MAX_ATTEMPTS_REACHED
+    assert closed.code_sealed is None
+
+
+async def test_failed_checks_count_up_to_the_cap(store: Storage) -> None:
+    _, service = await world(store)
+    verification, _ = await a_pending(store, service, max_checks=3)
+    assert [await store.record_failed_check(verification.id, at(n)) for n in range(4)] == [
+        1,
+        2,
+        3,
+        None,
+    ]
+    lapsed, _ = await a_pending(store, service, to="+34600000002", ttl=60)
+    assert await store.record_failed_check(lapsed.id, at(60)) is None
+
+
+async def test_close_moves_only_a_pending_verification(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service)
+    assert await store.close(verification.id, VerificationStatus.CANCELED, at(1))
+    assert not await store.close(verification.id, VerificationStatus.FAILED, at(2))
+    closed = await store.get_verification(account.id, verification.id)
+    assert closed is not None and closed.status is VerificationStatus.CANCELED
+    assert closed.updated_at == at(1) and closed.code_sealed is None
+
+
+async def test_expire_due_closes_exactly_the_lapsed_ones(store: Storage) -> None:
+    account, service = await world(store)
+    lapsed, _ = await a_pending(store, service, ttl=60)
+    live, _ = await a_pending(store, service, to="+34600000002", ttl=600)
+    assert await store.expire_due(at(60)) == 1
+    assert await store.expire_due(at(61)) == 0
+    got = await store.get_verification(account.id, lapsed.id)
+    assert got is not None and got.status is VerificationStatus.EXPIRED and got.code_sealed is None
+    still = await store.get_verification(account.id, live.id)
+    assert still is not None and still.status is VerificationStatus.PENDING
+
+
+async def test_consecutive_failures_lock_at_the_threshold(store: Storage) -> None:
+    _, service = await world(store)
+    to = "+34600000001"
+    counts = [
+        await store.record_destination_failure(
+            service.id, to, now=at(n), threshold=3, lock_seconds=600
+        )
+        for n in range(4)
+    ]
+    assert counts == [1, 2, 3, 1]  # the third locks and starts the count again
+    assert await store.lockout(service.id, to) == Lockout(failures=1, locked_until=at(602))
+    await store.reset_destination_failures(service.id, to)
+    assert await store.lockout(service.id, to) == NO_LOCKOUT
+    assert (
+        await store.record_destination_failure(
+            service.id, to, now=at(9), threshold=1, lock_seconds=5
+        )
+        == 1
+    )  # a threshold of one locks at the first failure
+    assert await store.lockout(service.id, to) == Lockout(failures=0, locked_until=at(14))
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+async def test_fifty_concurrent_approvals_succeed_once(store: Storage) -> None:
+    _, service = await world(store)
+    verification, _ = await a_pending(store, service)
+    results = await asyncio.gather(
+        *(store.approve(verification.id, at(1), clear_failures=n % 2 == 0) for n in range(50))
+    )
+    assert results.count(True) == 1
+
+
+async def test_fifty_concurrent_failures_stop_at_the_cap(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service, max_checks=5)
+    results = await asyncio.gather(
+        *(store.record_failed_check(verification.id, at(1)) for _ in range(50))
+    )
+    assert sorted(r for r in results if r is not None) == [1, 2, 3, 4, 5]
+    got = await store.get_verification(account.id, verification.id)
+    assert got is not None and got.check_attempts == 5
+
+
+async def test_concurrent_starts_for_one_destination_create_one(store: Storage) -> None:
+    _, service = await world(store)
+    made = [a_verification(service) for _ in range(20)]
+    results = await asyncio.gather(
+        *(store.create_verification(v, m, body_masked="x") for v, m in made)
+    )
+    assert results.count(True) == 1
+
+
+async def test_concurrent_resends_never_pass_the_cap(store: Storage) -> None:
+    account, service = await world(store)
+    verification, _ = await a_pending(store, service, max_sends=4)
+    results = await asyncio.gather(
+        *(
+            store.record_resend(
+                verification.id,
+                a_message(verification, when=1),
+                body_masked="x",
+                now=at(1),
+                interval_seconds=0,
+            )
+            for _ in range(20)
+        )
+    )
+    assert sum(r is not None for r in results) == 3
+    got = await store.get_verification(account.id, verification.id)
+    assert got is not None and got.send_attempts == 4 and len(got.messages) == 4
+
+
+async def test_two_dispatchers_never_claim_the_same_message(
+    store: Storage, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    database = request.node.stash.get(DATABASE, None)
+    if database is None:
+        pytest.skip("an in-memory database lives in one connection: no second process")
+    _, service = await world(store)
+    for n in range(30):
+        await a_pending(store, service, to=f"+3460000{n:04d}")
+    other = build_storage(make_settings(database, tmp_path))
+    try:
+        claims = await asyncio.gather(
+            *(
+                s.claim_due(now=at(1), lease_seconds=30, limit=4)
+                for _ in range(10)
+                for s in (store, other)
+            )
+        )
+    finally:
+        await other.aclose()
+    ids = [c.message.id for claim in claims for c in claim]
+    assert len(ids) == len(set(ids)) == 30
+
+
+async def test_concurrent_uses_of_one_idempotency_key(store: Storage) -> None:
+    account = await an_account(store)
+    outcomes = await asyncio.gather(
+        *(store.begin(account.id, "k", "h", at(0)) for _ in range(20)), return_exceptions=True
+    )
+    assert sum(o == ("new", None, None) for o in outcomes) == 1
+    assert all(isinstance(o, IdempotencyInProgress) for o in outcomes if isinstance(o, Exception))
+
+
+# --- the outbox ------------------------------------------------------------------------------
+
+
+async def test_claims_take_due_queued_unleased_messages_and_count_attempts(store: Storage) -> None:
+    _, service = await world(store)
+    verification, message = await a_pending(store, service)
+    leased, leased_message = a_verification(service, to="+34600000002")
+    assert await store.create_verification(
+        leased, leased_message, body_masked="x", lease_until=at(30)
+    )
+    (claimed,) = await store.claim_due(now=at(1), lease_seconds=30, limit=10)
+    assert claimed.message.id == message.id and claimed.message.attempts == 1
+    assert claimed.verification == verification and claimed.service == service
+    assert claimed.lease_until == at(31)
+    assert await store.claim_due(now=at(2), lease_seconds=30, limit=10) == []
+    # Both leases lapse: both are claimable again, and the attempts say so.
+    again = await store.claim_due(now=at(32), lease_seconds=30, limit=10)
+    assert {c.message.id: c.message.attempts for c in again} == {
+        message.id: 2,
+        leased_message.id: 2,
+    }
+
+
+async def test_a_claim_respects_the_limit_and_the_retry_time(store: Storage) -> None:
+    _, service = await world(store)
+    made = [await a_pending(store, service, to=f"+3460000000{n}") for n in range(3)]
+    first = await store.claim_due(now=at(1), lease_seconds=30, limit=2)
+    assert len(first) == 2
+    retried = first[0].message
+    await store.mark_retry(
+        retried.id, provider="p", error="503", next_attempt_at=at(100), now=at(2)
+    )
+    rest = await store.claim_due(now=at(3), lease_seconds=30, limit=10)
+    assert [c.message.id for c in rest] == [
+        m.id for _, m in made if m.id not in {c.message.id for c in first}
+    ]
+    for claimed in (first[1], *rest):
+        await store.mark_sent(claimed.message.id, provider="p", receipt=SendReceipt(), now=at(4))
+    assert await store.claim_due(now=at(99), lease_seconds=30, limit=10) == []
+    (due,) = await store.claim_due(now=at(100), lease_seconds=30, limit=10)
+    assert due.message.id == retried.id and due.message.error == "503"
+
+
+async def test_mark_sent_records_the_provider_and_only_from_queued(store: Storage) -> None:
+    account, service = await world(store)
+    verification, message = await a_pending(store, service)
+    receipt = SendReceipt(provider_ref="ref-1", price="0.05")
+    await store.mark_sent(message.id, provider="lm", receipt=receipt, now=at(1))
+    (sent,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert (sent.status, sent.provider, sent.provider_ref, sent.price) == (
+        MessageStatus.SENT,
+        "lm",
+        "ref-1",
+        "0.05",
+    )
+    assert await store.claim_due(now=at(100), lease_seconds=30, limit=10) == []
+    # A failed message is not revived by a late mark.
+    other, other_message = await a_pending(store, service, to="+34600000002")
+    await store.mark_failed(other_message.id, provider="lm", error="invalid", now=at(2))
+    await store.mark_sent(other_message.id, provider="lm", receipt=receipt, now=at(3))
+    (failed,) = (await store.get_verification(account.id, other.id)).messages  # type: ignore[union-attr]
+    assert failed.status is MessageStatus.FAILED
+
+
+async def test_a_failed_message_fails_its_verification_only_when_nothing_else_lives(
+    store: Storage,
+) -> None:
+    account, service = await world(store)
+    _, first = await a_pending(store, service)
+    failed = await store.mark_failed(first.id, provider="lm", error="x" * 900, now=at(1))
+    assert failed is not None and failed.status is VerificationStatus.FAILED
+    assert failed.code_sealed is None and failed.messages[0].error == "x" * 500
+    assert await store.mark_failed(first.id, provider="lm", error="again", now=at(2)) is None
+
+    alive, sent = await a_pending(store, service, to="+34600000002")
+    await store.mark_sent(sent.id, provider="lm", receipt=SendReceipt("r"), now=at(1))
+    resend = a_message(alive, when=31)
+    assert await store.record_resend(
+        alive.id, resend, body_masked="x", now=at(31), interval_seconds=30
+    )
+    assert await store.mark_failed(resend.id, provider="lm", error="x", now=at(32)) is None
+    still = await store.get_verification(account.id, alive.id)
+    assert still is not None and still.status is VerificationStatus.PENDING
+
+
+async def test_reports_apply_to_known_messages_only(store: Storage) -> None:
+    account, service = await world(store)
+    verification, message = await a_pending(store, service)
+    await store.mark_sent(message.id, provider="lm", receipt=SendReceipt("ref-9"), now=at(1))
+    assert not await store.apply_report(
+        "lm", DeliveryReport("nope", MessageStatus.DELIVERED), at(2)
+    )
+    assert not await store.apply_report(
+        "other", DeliveryReport("ref-9", MessageStatus.DELIVERED), at(2)
+    )
+    assert await store.apply_report("lm", DeliveryReport("ref-9", None), at(2))
+    assert await store.apply_report("lm", DeliveryReport("ref-9", MessageStatus.DELIVERED), at(3))
+    # A late report cannot move a delivered message back.
+    assert await store.apply_report(
+        "lm", DeliveryReport("ref-9", MessageStatus.UNDELIVERED, "late"), at(4)
+    )
+    (got,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert got.status is MessageStatus.DELIVERED and got.updated_at == at(3)
+
+
+# --- idempotency keys ------------------------------------------------------------------------
+
+
+async def test_idempotency_key_lifecycle(store: Storage) -> None:
+    account = await an_account(store)
+    stranger = await an_account(store)
+    assert await store.begin(account.id, "k", "h1", at(0)) == ("new", None, None)
+    with pytest.raises(IdempotencyInProgress):
+        await store.begin(account.id, "k", "h1", at(1))
+    with pytest.raises(IdempotencyKeyMismatch):
+        await store.begin(account.id, "k", "h2", at(1))
+    # The same key is another key in another account.
+    assert await store.begin(stranger.id, "k", "h2", at(1)) == ("new", None, None)
+    body = {"id": "ver_1", "nested": {"ñ": [1, None, True]}}
+    await store.finish(account.id, "k", 201, body)
+    assert await store.begin(account.id, "k", "h1", at(2)) == ("done", 201, body)
+    await store.abandon(stranger.id, "k")
+    assert await store.begin(stranger.id, "k", "h3", at(3)) == ("new", None, None)
+
+
+async def test_stale_and_old_idempotency_keys_are_taken_over_and_forgotten(store: Storage) -> None:
+    account = await an_account(store)
+    assert await store.begin(account.id, "crashed", "h", at(0)) == ("new", None, None)
+    # Left in progress by a process that died: after 5 minutes a retry takes it over.
+    with pytest.raises(IdempotencyInProgress):
+        await store.begin(account.id, "crashed", "h", at(299))
+    assert await store.begin(account.id, "crashed", "h", at(300)) == ("new", None, None)
+    await store.finish(account.id, "crashed", 200, {"ok": True})
+    # A finished key is never stale: it replays (or refuses another body) for its whole day.
+    assert await store.begin(account.id, "crashed", "h", at(4000)) == ("done", 200, {"ok": True})
+    with pytest.raises(IdempotencyKeyMismatch):
+        await store.begin(account.id, "crashed", "other", at(4000))
+
+
+async def test_forgetting_idempotency_keys_after_a_day(store: Storage) -> None:
+    account = await an_account(store)
+    await store.begin(account.id, "old", "h", at(0))
+    await store.finish(account.id, "old", 200, {"ok": True})
+    await store.begin(account.id, "young", "h", at(3600))
+    day = 86_400
+    with pytest.raises(IdempotencyKeyMismatch):
+        await store.begin(account.id, "old", "other", at(day - 1))
+    assert await store.begin(account.id, "old", "other", at(day)) == ("new", None, None)
+    assert await store.forget_idempotency_keys(at(3600 + day - 1)) == 0
+    assert await store.forget_idempotency_keys(at(3600 + day)) == 1  # "young"
+    assert await store.forget_idempotency_keys(at(2 * day)) == 1  # "old", taken over at `day`
+    assert await store.forget_idempotency_keys(at(3 * day)) == 0
+
+
+async def test_ping_answers_when_storage_is_up(store: Storage) -> None:
+    await store.ping()
