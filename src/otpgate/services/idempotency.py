@@ -4,6 +4,10 @@ The same key and body return the first response and do nothing new; the same key
 body is ``422 idempotency_key_mismatch``; a retry while the first is running is
 ``409 idempotency_in_progress``. Only successful responses are kept; a refused request frees
 its key so it can be retried. Keys are scoped per account and kept 24 hours.
+
+A kept response is stored as its action's ``redact`` makes it: a response that shows a secret
+once (a new API key) is kept without it, so no secret can be read back from storage, and a
+replay answers without it too.
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ class Idempotency:
         key: str,
         fingerprint: str,
         action: Callable[[], Awaitable[tuple[int, Any]]],
+        *,
+        redact: Callable[[Any], Any] | None = None,
     ) -> Outcome:
+        """Run ``action`` once per key and request; ``redact`` turns its response body into
+        what may be stored and replayed (the identity when None)."""
         if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
             raise InvalidRequest(
                 f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters",
@@ -64,7 +72,9 @@ class Idempotency:
             await self._store.abandon(account_id, key)
             raise
         if 200 <= status < 300:
-            await self._store.finish(account_id, key, status, body)
+            await self._store.finish(
+                account_id, key, status, body if redact is None else redact(body)
+            )
         else:
             await self._store.abandon(account_id, key)
         return Outcome(status, body, replayed=False)

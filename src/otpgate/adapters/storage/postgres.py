@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
@@ -30,6 +30,7 @@ from sqlalchemy.sql import ClauseElement
 from otpgate.adapters.storage.executor import Compiled, Conflict, Row, StatementCache, StorageError
 from otpgate.errors import ConfigurationError, Unavailable
 
+T = TypeVar("T")
 CONNECT_TIMEOUT_SECONDS = 3.0
 TIMEOUT_SECONDS = 1.0
 
@@ -147,18 +148,31 @@ class PostgresExecutor:
                 self._pool = pool
         return self._pool
 
+    async def _call(
+        self, awaitable: Awaitable[T], doing: str, conn: asyncpg.Connection | None = None
+    ) -> T:
+        """Await a driver call, translating its errors. The translated error is raised outside
+        the ``except`` block, so it carries no reference to the driver's exception (whose
+        text can quote the row), not even as ``__context__``."""
+        try:
+            return await awaitable
+        except Exception as exc:
+            failure = _translate(exc, doing)
+            if conn is not None and isinstance(exc, _BROKEN):
+                conn.terminate()  # never hand a connection in an unknown state to a request
+        raise failure
+
     @contextlib.asynccontextmanager
     async def _connection(self, doing: str) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            pool = await self._get_pool()
-            conn = await pool.acquire(timeout=max(self._timeout, self._connect_timeout))
-        except (Exception, asyncpg.PostgresError) as exc:
-            raise _translate(exc, doing) from None
+        pool = await self._call(self._get_pool(), doing)
+        conn = await self._call(
+            pool.acquire(timeout=max(self._timeout, self._connect_timeout)), doing
+        )
         try:
             yield conn
         except BaseException as exc:
-            if isinstance(exc, (*_BROKEN, Unavailable)):
-                conn.terminate()  # never hand a connection in an unknown state to a request
+            if isinstance(exc, Unavailable):
+                conn.terminate()  # a timeout or outage: the connection's state is unknown
             raise
         finally:
             with contextlib.suppress(Exception):
@@ -167,24 +181,16 @@ class PostgresExecutor:
     async def fetch(
         self, conn: asyncpg.Connection, compiled: Compiled, params: dict[str, Any]
     ) -> list[Any]:
-        try:
-            return list(await conn.fetch(compiled.sql, *compiled.bind(params)))
-        except (Exception, asyncpg.PostgresError) as exc:
-            error = _translate(exc, "statement")
-            if isinstance(exc, _BROKEN):
-                conn.terminate()
-            raise error from None
+        return list(
+            await self._call(conn.fetch(compiled.sql, *compiled.bind(params)), "statement", conn)
+        )
 
     async def execute(
         self, conn: asyncpg.Connection, compiled: Compiled, params: dict[str, Any]
     ) -> int:
-        try:
-            status = await conn.execute(compiled.sql, *compiled.bind(params))
-        except (Exception, asyncpg.PostgresError) as exc:
-            error = _translate(exc, "statement")
-            if isinstance(exc, _BROKEN):
-                conn.terminate()
-            raise error from None
+        status: str = await self._call(
+            conn.execute(compiled.sql, *compiled.bind(params)), "statement", conn
+        )
         # "UPDATE 3", "DELETE 0", "INSERT 0 1": the last word is the row count.
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
@@ -209,10 +215,7 @@ class PostgresExecutor:
     async def transaction(self) -> AsyncIterator[_Connection]:
         async with self._connection("transaction") as conn:
             transaction = conn.transaction()
-            try:
-                await transaction.start()
-            except (Exception, asyncpg.PostgresError) as exc:
-                raise _translate(exc, "begin") from None
+            await self._call(transaction.start(), "begin", conn)
             try:
                 yield _Connection(self, conn)
             except BaseException:
@@ -220,10 +223,7 @@ class PostgresExecutor:
                     with contextlib.suppress(Exception):
                         await transaction.rollback()
                 raise
-            try:
-                await transaction.commit()
-            except (Exception, asyncpg.PostgresError) as exc:
-                raise _translate(exc, "commit") from None
+            await self._call(transaction.commit(), "commit", conn)
 
     async def defer(self, statement: ClauseElement, **params: Any) -> None:
         # Each statement commits on its own here; group commit pays on SQLite, whose commits
@@ -232,10 +232,7 @@ class PostgresExecutor:
 
     async def ping(self) -> None:
         async with self._connection("ping") as conn:
-            try:
-                await conn.fetchval("SELECT 1")
-            except (Exception, asyncpg.PostgresError) as exc:
-                raise _translate(exc, "ping") from None
+            await self._call(conn.fetchval("SELECT 1"), "ping", conn)
 
     async def aclose(self) -> None:
         if self._pool is not None:

@@ -167,6 +167,11 @@ def render_account(a: Account) -> dict[str, Any]:
     }
 
 
+def without_secret(rendered_key: dict[str, Any]) -> dict[str, Any]:
+    """A rendered new key as it may be stored for idempotent replays: without the secret."""
+    return {**rendered_key, "key": None}
+
+
 def render_key(k: ApiKey, secret: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": k.id,

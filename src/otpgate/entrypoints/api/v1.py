@@ -56,15 +56,20 @@ async def idempotent(
     request: Request,
     principal: Principal,
     action: Callable[[], Awaitable[tuple[int, Any]]],
+    *,
+    redact: Callable[[Any], Any] | None = None,
 ) -> Response:
-    """Run a create under the request's ``Idempotency-Key``, if it has one (API.md §1)."""
+    """Run a create under the request's ``Idempotency-Key``, if it has one (API.md §1).
+    ``redact`` makes the body that is stored for replays (see ``services.idempotency``)."""
     key = request.headers.get("idempotency-key")
     if key is None:
         status, body = await action()
         return JSONResponse(body, status_code=status)
     container = container_of(request)
     fingerprint = request_fingerprint(request.method, request.url.path, await request.body())
-    outcome = await container.idempotency.run(principal.account.id, key, fingerprint, action)
+    outcome = await container.idempotency.run(
+        principal.account.id, key, fingerprint, action, redact=redact
+    )
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
 
@@ -217,7 +222,9 @@ async def create_account(request: Request, principal: Caller, body: s.CreateAcco
 
 @router.post("/keys", tags=["accounts"], status_code=201)
 async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> Response:
-    """A new API key; ``key`` is in this response only."""
+    """A new API key; ``key`` is in this response only. A replay of the same request under
+    the same ``Idempotency-Key`` answers with the key's id and ``key: null``: the secret is
+    never stored, so it cannot be shown again (revoke that key and create another)."""
     access = container_of(request).access
     account_id = body.account_id or principal.account.id
     if account_id != principal.account.id:
@@ -227,7 +234,7 @@ async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> 
         issued = await access.create_key(account_id, name=body.name)
         return 201, s.render_key(issued.key, issued.secret)
 
-    return await idempotent(request, principal, action)
+    return await idempotent(request, principal, action, redact=s.without_secret)
 
 
 @router.get("/keys", tags=["accounts"])
