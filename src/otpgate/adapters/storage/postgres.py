@@ -79,6 +79,14 @@ def _translate(exc: BaseException, doing: str) -> Exception:
     return StorageError(f"{doing}: {label}")
 
 
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a connection at once, without I/O, so the pool never hands a connection in an
+    unknown state to another request (it makes a new one). Idempotent."""
+    with contextlib.suppress(Exception):
+        if not conn.is_closed():
+            conn.terminate()
+
+
 class _Connection:
     """A session on one acquired connection (inside a transaction)."""
 
@@ -159,7 +167,7 @@ class PostgresExecutor:
         except Exception as exc:
             failure = _translate(exc, doing)
             if conn is not None and isinstance(exc, _BROKEN):
-                conn.terminate()  # never hand a connection in an unknown state to a request
+                _discard(conn)
         raise failure
 
     @contextlib.asynccontextmanager
@@ -172,7 +180,7 @@ class PostgresExecutor:
             yield conn
         except BaseException as exc:
             if isinstance(exc, Unavailable):
-                conn.terminate()  # a timeout or outage: the connection's state is unknown
+                _discard(conn)  # a timeout or outage: the connection's state is unknown
             raise
         finally:
             with contextlib.suppress(Exception):

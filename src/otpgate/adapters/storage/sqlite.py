@@ -335,21 +335,22 @@ class SqliteExecutor:
     # --- health and lifetime -----------------------------------------------------------------
 
     async def ping(self) -> None:
+        """Ready means: reads work, the write lock can be had within the lock timeout, and,
+        after a write failed (a full disk, an I/O error), a real write succeeds again."""
         try:
             self._db.execute("SELECT 1").fetchall()
         except sqlite3.Error as exc:
-            raise Unavailable(f"storage is unavailable ({exc})", retry_after=1) from None
-        if self._write_fault is not None:
-            # The last write failed: try a real write (a committed transaction) before saying
-            # the database is ready again.
-            try:
-                async with self.transaction():
+            raise self._failed(exc, "ping", False) from None
+        try:
+            async with self.transaction():
+                if self._write_fault is not None:
                     self._probe_write()
-            except Unavailable as exc:
-                raise Unavailable(f"storage cannot write: {exc.detail}", retry_after=1) from None
+        except Unavailable as exc:
+            raise Unavailable(f"storage cannot write: {exc.detail}", retry_after=1) from None
 
     async def aclose(self, *, grace_seconds: float = 2.0) -> None:
-        """Commit what is deferred (trying for ``grace_seconds`` at most), then close."""
+        """Commit what is deferred (trying for ``grace_seconds`` at most), then close. Writes
+        that cannot be committed by then fail their waiters with ``Unavailable``."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
