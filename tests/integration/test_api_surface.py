@@ -62,23 +62,72 @@ async def test_a_refused_request_frees_its_key(api: Api) -> None:
     assert later.status_code == 200 and later.json()["send_attempts"] == 2
 
 
-async def test_concurrent_requests_with_one_key(api: Api) -> None:
+async def test_a_retry_while_the_first_runs_is_409_and_the_first_still_wins(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first request is held inside its action (after it reserved the key) until the test
+    # lets it go, so the retries meet it in progress, whatever the backend's speed.
+    gate, entered = asyncio.Event(), asyncio.Event()
+    start = api.container.verifications.start
+
+    async def held_start(*args: object, **kwargs: object) -> object:
+        entered.set()
+        await gate.wait()
+        return await start(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api.container.verifications, "start", held_start)
     headers = {**api.auth(), "Idempotency-Key": "order-46"}
     body = {"service_id": api.service_id, "to": "+34600000001"}
-    answers = await asyncio.gather(
-        *(api.http.post("/v1/verifications", json=body, headers=headers) for _ in range(5))
+    first = asyncio.create_task(api.http.post("/v1/verifications", json=body, headers=headers))
+    await entered.wait()
+    retry = await api.http.post("/v1/verifications", json=body, headers=headers)
+    assert_problem(retry, 409, "idempotency_in_progress")
+    assert retry.headers["Retry-After"] == "1"
+    other = await api.http.post(
+        "/v1/verifications", json={**body, "to": "+34600000002"}, headers=headers
     )
-    statuses = sorted(a.status_code for a in answers)
-    assert statuses.count(201) >= 1
-    assert set(statuses) <= {201, 409}
-    for a in answers:
-        if a.status_code == 409:
-            assert a.json()["code"] == "idempotency_in_progress"
+    assert_problem(other, 422, "idempotency_key_mismatch")
+    gate.set()
+    assert (await first).status_code == 201
+    replay = await api.http.post("/v1/verifications", json=body, headers=headers)
+    assert replay.status_code == 201 and replay.json() == (await first).json()
     await api.deliver()
     assert len(api.sender.sent) == 1
 
 
-async def test_idempotency_key_is_scoped_per_account_and_validated(api: Api) -> None:
+async def test_idempotency_keys_are_scoped_per_account(api: Api) -> None:
+    other = await api.http.post("/v1/accounts", json={"name": "Other"}, headers=api.auth())
+    assert other.status_code == 201
+    issued = await api.http.post(
+        "/v1/keys", json={"name": "k", "account_id": other.json()["id"]}, headers=api.auth()
+    )
+    other_auth = {"Authorization": f"Bearer {issued.json()['key']}"}
+    other_service = await api.http.post("/v1/services", json={"name": "B"}, headers=other_auth)
+    key = {"Idempotency-Key": "shared-key"}
+    mine = await api.http.post(
+        "/v1/verifications",
+        json={"service_id": api.service_id, "to": "+34600000001"},
+        headers={**api.auth(), **key},
+    )
+    theirs = await api.http.post(
+        "/v1/verifications",
+        json={"service_id": other_service.json()["id"], "to": "+34600000001"},
+        headers={**other_auth, **key},
+    )
+    # The same key in another account is another key: no mismatch, no replay of mine.
+    assert mine.status_code == theirs.status_code == 201
+    assert "Idempotent-Replayed" not in theirs.headers
+    assert mine.json()["id"] != theirs.json()["id"]
+    # Within one account the key stays bound to its first request, on any endpoint.
+    services = await api.http.post(
+        "/v1/services", json={"name": "Same"}, headers={**api.auth(), **key}
+    )
+    assert_problem(services, 422, "idempotency_key_mismatch")
+    await api.deliver()
+    assert sorted(s.to for s in api.sender.sent) == ["+34600000001", "+34600000001"]
+
+
+async def test_an_idempotency_key_is_validated(api: Api) -> None:
     too_long = {**api.auth(), "Idempotency-Key": "k" * 256}
     response = await api.http.post("/v1/services", json={"name": "X"}, headers=too_long)
     assert_problem(response, 400, "invalid_request", "Idempotency-Key")
