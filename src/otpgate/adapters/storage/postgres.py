@@ -79,6 +79,10 @@ def _translate(exc: BaseException, doing: str) -> Exception:
     return StorageError(f"{doing}: {label}")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing to undo (see ``PostgresExecutor._get_pool``)."""
+
+
 def _discard(conn: asyncpg.Connection) -> None:
     """Close a connection at once, without I/O, so the pool never hands a connection in an
     unknown state to another request (it makes a new one). Idempotent."""
@@ -151,6 +155,11 @@ class PostgresExecutor:
                     command_timeout=self._timeout,
                     statement_cache_size=1024,
                     server_settings=settings,
+                    # asyncpg resets a connection on release with a query of its own (RESET
+                    # ALL, UNLISTEN, …): one more round trip per statement. otpgate never
+                    # changes session state (an open transaction is still rolled back), so
+                    # there is nothing to reset.
+                    reset=_keep_session,
                 )
                 await pool
                 self._pool = pool
