@@ -193,12 +193,13 @@ class Api:
         return service_id
 
 
-@pytest.fixture
-async def api(database: Database, tmp_path: Path) -> AsyncIterator[Api]:
-    """The real app on a real database, with the dispatcher driven by the test (``deliver``)."""
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, database: Database) -> AsyncIterator[Api]:
+    """The real app built from ``settings``, with a recording sender and a frozen clock, its
+    default account and a service, served in-process; the test drives delivery (``deliver``)."""
     clock = FrozenClock()
     sender = RecordingSender()
-    container = build(make_settings(database, tmp_path), sender=sender, clock=clock)
+    container = build(settings, sender=sender, clock=clock)
     app = create_app(container, run_dispatcher=False)
     async with app.router.lifespan_context(app):
         account, issued = await container.access.ensure_default_account()
@@ -208,3 +209,10 @@ async def api(database: Database, tmp_path: Path) -> AsyncIterator[Api]:
             api = Api(http, container, sender, clock, issued.secret, account.id, "", database)
             api.service_id = await api.new_service()
             yield api
+
+
+@pytest.fixture
+async def api(database: Database, tmp_path: Path) -> AsyncIterator[Api]:
+    """The real app on a real database of each backend."""
+    async with serving(make_settings(database, tmp_path), database) as running:
+        yield running

@@ -26,16 +26,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from otpgate.bootstrap import build
-from otpgate.entrypoints.api.app import create_app
-from tests.conftest import (
-    POSTGRES_URL,
-    Api,
-    Database,
-    FrozenClock,
-    RecordingSender,
-    make_settings,
-)
+from tests.conftest import POSTGRES_URL, Api, Database, make_settings, serving
 from tests.support.labsmobile_stub import LabsMobileStub
 from tests.support.server import serve, wait_until
 from tests.support.tcp_proxy import TcpProxy
@@ -187,21 +178,9 @@ async def proxied_api(database: Database, tmp_path: Path) -> AsyncIterator[tuple
     real = make_url(POSTGRES_URL)
     proxy = await TcpProxy(real.host or "127.0.0.1", real.port or 5432).start()
     url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    sender = RecordingSender()
-    clock = FrozenClock()
-    container = build(
-        make_settings(database, tmp_path, database_url=url), sender=sender, clock=clock
-    )
-    app = create_app(container, run_dispatcher=False)
     try:
-        async with app.router.lifespan_context(app):
-            account, issued = await container.access.ensure_default_account()
-            assert issued is not None
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-                api = Api(http, container, sender, clock, issued.secret, account.id, "", database)
-                api.service_id = await api.new_service()
-                yield api, proxy
+        async with serving(make_settings(database, tmp_path, database_url=url), database) as api:
+            yield api, proxy
     finally:
         await proxy.aclose()
 
