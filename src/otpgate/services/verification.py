@@ -552,9 +552,8 @@ class VerificationService:
         """
         service = await self._service(principal, service_id)
         destination = parse_phone(to, country)
-        locked_until = await self._storage.destination_lock(
-            service.id, destination.e164, self._clock.now()
-        )
+        lockout = await self._storage.lockout(service.id, destination.e164)
+        locked_until = lockout.locked_until if lockout.in_force(self._clock.now()) else None
         await self._storage.reset_destination_failures(service.id, destination.e164)
         log.info(
             "destination lockout cleared",
