@@ -61,8 +61,9 @@ def fresh_stub(stub: LabsMobileStub) -> None:
 
 
 def document_of(done: subprocess.CompletedProcess[str]) -> Any:
-    """The one JSON document on standard output (``json.loads`` refuses anything more)."""
-    assert done.stdout.strip(), f"no JSON on stdout; stderr: {done.stderr}"
+    """The one JSON document on standard output, on one line (``json.loads`` refuses
+    anything more)."""
+    assert done.stdout.endswith("}\n") and done.stdout.count("\n") == 1, (done.stdout, done.stderr)
     return json.loads(done.stdout)
 
 

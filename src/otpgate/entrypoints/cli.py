@@ -101,7 +101,8 @@ CursorOption = Annotated[
 
 
 def _write_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    # One line: line-oriented tools (and `tail -1`) get the whole document.
+    sys.stdout.write(json.dumps(document) + "\n")
     sys.stdout.flush()
 
 
