@@ -200,7 +200,7 @@ class OtpgateClient:
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # no usable answer: transport, decoding, redirects
             raise Unavailable(f"cannot reach otpgate at {self._http.base_url}: {exc}") from exc
         if response.is_success:
             return response

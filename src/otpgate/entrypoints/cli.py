@@ -8,9 +8,10 @@ Three kinds of commands:
 * **client**: ``verify …`` talks to a running server (``OTPGATE_URL``, ``OTPGATE_API_KEY``)
   through :mod:`otpgate.client`.
 
-What scripts can rely on: with ``--json`` standard output holds exactly one JSON document (the
-answer, or on exit status 3 and 4 the problem document) and nothing else; human text, banners
-and errors go to standard error. The exit status is one of :class:`ExitCode`.
+What scripts can rely on: with ``--json`` standard output holds exactly one JSON document, on
+one line (the answer, or on exit status 3 and 4 the problem document), and nothing else; without
+it, a readable rendering of the answer. Messages, banners and errors always go to standard
+error. The exit status is one of :class:`ExitCode`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ if TYPE_CHECKING:
     from otpgate.domain.model import Account, ApiKey, Principal
     from otpgate.settings import Settings
 
-app = typer.Typer(help="otpgate: self-hosted one-time-code verification.", no_args_is_help=True)
+app = typer.Typer(
+    help="otpgate: self-hosted one-time-code verification.",
+    no_args_is_help=True,
+    # A traceback never shows local variables: they can hold API keys.
+    pretty_exceptions_show_locals=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts (server-side).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (server-side).", no_args_is_help=True)
@@ -169,7 +175,8 @@ def _details(title: str, rows: Mapping[str, Any]) -> RenderableType:
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
     for label, value in rows.items():
-        grid.add_row(label, value if isinstance(value, Text) else _text(value))
+        # Text, not str: values come from users (names, metadata) and are never Rich markup.
+        grid.add_row(label, value if isinstance(value, Text) else Text(_text(value)))
     return Group(Text(title, style="bold"), grid)
 
 
@@ -181,7 +188,7 @@ def _table(
     for heading, _ in columns:
         table.add_column(heading, overflow="fold")
     for item in page.get("data", []):
-        table.add_row(*(_text(item.get(field)) for _, field in columns))
+        table.add_row(*(Text(_text(item.get(field))) for _, field in columns))
     parts: list[RenderableType] = [table]
     if page.get("next_cursor"):
         parts.append(Text(f"more: --cursor {page['next_cursor']}"))
