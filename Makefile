@@ -31,7 +31,7 @@ install: $(VENV)/.installed ## Create .venv and install otpgate with its locked 
 
 install-dev: $(VENV)/.installed-dev ## Install otpgate and the development tools
 
-run: install ## Set up and start otpgate on 127.0.0.1:8000 (SQLite, console SMS sender)
+run: install ## Set up and start otpgate on 127.0.0.1:8000 (SQLite, console SMS sender; HOST=, PORT= change it)
 	$(BIN)/otpgate serve --host $(HOST) --port $(PORT)
 
 test: install-dev ## Set up and run the whole test suite (SQLite, PostgreSQL, loopback providers)

@@ -1,20 +1,15 @@
 """otpgate as a user runs it: ``otpgate serve`` in its own process on SQLite, sending through
 the LabsMobile provider to a loopback stub of LabsMobile's documented JSON API, driven over real
-HTTP, with the CLI for set-up and as a client. Afterwards neither the database files nor the
-server's output hold the code (S2, S18)."""
+HTTP. Afterwards neither the database files nor the server's output hold the code (S2, S18).
+The CLI against such a server is tested in ``test_cli.py``."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,42 +17,7 @@ import pytest
 
 from tests.conftest import code_in
 from tests.support.labsmobile_stub import LabsMobileStub
-
-OTPGATE = str(Path(sys.executable).with_name("otpgate"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    url: str
-    env: dict[str, str]
-    data_dir: Path
-    process: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-    key: str
-    username: str
-    service_id: str
-
-    def output(self) -> bytes:
-        return self.stdout_path.read_bytes() + self.stderr_path.read_bytes()
-
-    def cli(self, *args: str, extra_env: dict[str, str] | None = None) -> str:
-        done = subprocess.run(
-            [OTPGATE, *args],
-            env={**self.env, **(extra_env or {})},
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr.decode()
-        return done.stdout.decode()
+from tests.support.server import Server, running_server
 
 
 @pytest.fixture
@@ -68,68 +28,8 @@ def stub() -> Iterator[LabsMobileStub]:
 
 @pytest.fixture
 def server(stub: LabsMobileStub, tmp_path: Path) -> Iterator[Server]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    data_dir = tmp_path / "var"
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "OTPGATE_DATA_DIR": str(data_dir),
-        "OTPGATE_SMS_PROVIDER": "labsmobile",
-        "OTPGATE_LABSMOBILE_URL": stub.url,
-        "OTPGATE_LABSMOBILE_USERNAME": stub.username,
-        "OTPGATE_LABSMOBILE_TOKEN": stub.token,
-        "OTPGATE_PUBLIC_URL": url,
-        "OTPGATE_LOG_LEVEL": "DEBUG",
-    }
-    stdout_path, stderr_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        process = subprocess.Popen(
-            [OTPGATE, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "server did not answer /healthz"
-            time.sleep(0.1)
-        banner = stderr_path.read_text()
-        key = re.search(r"otpgate_[A-Za-z0-9_-]{43}", banner)
-        assert key, banner
-        account = httpx.get(
-            f"{url}/v1/account", headers={"Authorization": f"Bearer {key.group(0)}"}
-        ).json()
-        service = httpx.post(
-            f"{url}/v1/services",
-            json={"name": "Acme"},
-            headers={"Authorization": f"Bearer {key.group(0)}"},
-        ).json()
-        yield Server(
-            url,
-            env,
-            data_dir,
-            process,
-            stdout_path,
-            stderr_path,
-            key.group(0),
-            account["username"],
-            service["id"],
-        )
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_server(stub, tmp_path) as running:
+        yield running
 
 
 def test_full_flow_through_labsmobile(server: Server, stub: LabsMobileStub) -> None:
@@ -239,67 +139,3 @@ def test_same_idempotency_key_twice_causes_one_sms(server: Server, stub: LabsMob
 def test_basic_auth_with_the_account_username(server: Server) -> None:
     response = httpx.get(f"{server.url}/v1/account", auth=(server.username, server.key))
     assert response.status_code == 200
-
-
-def test_cli_admin_and_client_commands(server: Server, stub: LabsMobileStub) -> None:
-    account = json.loads(
-        server.cli(
-            "accounts", "create", "--name", "Shop", "--username", "shop@example.com", "--json"
-        )
-    )
-    assert set(account) == {"id", "name", "username"}
-    assert account["username"] == "shop@example.com"
-    key = json.loads(
-        server.cli("keys", "create", "--name", "ci", "--account", account["id"], "--json")
-    )
-    assert set(key) == {"id", "key", "account_id"} and key["account_id"] == account["id"]
-    default_key = json.loads(server.cli("keys", "create", "--name", "ops", "--json"))
-    me = httpx.get(
-        f"{server.url}/v1/account", headers={"Authorization": f"Bearer {default_key['key']}"}
-    ).json()
-    assert default_key["account_id"] == me["id"] and me["is_admin"] is True
-    service = json.loads(
-        server.cli(
-            "services",
-            "create",
-            "--name",
-            "Shop",
-            "--account",
-            account["id"],
-            "--code-length",
-            "8",
-            "--json",
-        )
-    )
-    assert service["code_length"] == 8
-
-    client_env = {"OTPGATE_URL": server.url, "OTPGATE_API_KEY": key["key"]}
-    started = json.loads(
-        server.cli(
-            "verify",
-            "start",
-            "--service",
-            service["id"],
-            "--to",
-            "+34600000005",
-            extra_env=client_env,
-        )
-    )
-    assert started["status"] == "pending"
-    stub.wait_for_messages(1, timeout=10)
-    code = code_in(stub.messages[-1].body["message"])
-    checked = json.loads(
-        server.cli("verify", "check", "--id", started["id"], "--code", code, extra_env=client_env)
-    )
-    assert checked["valid"] is True
-    status = json.loads(server.cli("verify", "status", "--id", started["id"], extra_env=client_env))
-    assert status["status"] == "approved"
-    refused = subprocess.run(
-        [OTPGATE, "verify", "start", "--service", service["id"], "--to", "+34910000000"],
-        env={**server.env, **client_env},
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert refused.returncode == 1
-    assert b"unsupported_number_type" in refused.stderr

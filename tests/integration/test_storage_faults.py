@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import POSTGRES_URL, Api, Database, make_settings, serving
 from tests.support.labsmobile_stub import LabsMobileStub
-from tests.support.server import serve, wait_until
+from tests.support.server import running_server, wait_until
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -103,14 +103,12 @@ def test_a_full_disk_answers_503_sends_nothing_twice_and_recovers(
 ) -> None:
     with (
         LabsMobileStub() as stub,
-        serve(
+        running_server(
+            stub,
             tmp_path,
-            {
+            extra_env={
                 "OTPGATE_DATA_DIR": str(small_disk / "var"),
-                "OTPGATE_SMS_PROVIDER": "labsmobile",
-                "OTPGATE_LABSMOBILE_URL": stub.url,
-                "OTPGATE_LABSMOBILE_USERNAME": stub.username,
-                "OTPGATE_LABSMOBILE_TOKEN": stub.token,
+                "OTPGATE_LOG_LEVEL": "INFO",
                 # Short leases, so that they lapse while the disk is full.
                 "OTPGATE_DELIVERY_LEASE_SECONDS": "2",
                 "OTPGATE_PROVIDER_TIMEOUT_SECONDS": "1.5",
@@ -118,7 +116,7 @@ def test_a_full_disk_answers_503_sends_nothing_twice_and_recovers(
         ) as server,
     ):
         http = httpx.Client(base_url=server.url, headers=server.auth, timeout=30)
-        service = http.post("/v1/services", json={"name": "Acme"}).json()["id"]
+        service = server.service_id
 
         def start(n: int) -> httpx.Response:
             return http.post(

@@ -1,44 +1,65 @@
 """The ``otpgate`` command (Typer + Rich).
 
-Server-side commands (``serve``, ``worker``, ``db``, ``accounts``, ``keys``, ``services``) act
-on the configured database directly; the ``verify`` commands are a client of a running server,
-given by ``OTPGATE_URL`` and ``OTPGATE_API_KEY``. With ``--json`` a command's standard output
-holds only the JSON document; everything else goes to standard error.
+Three kinds of commands:
+
+* **server**: ``serve``, ``worker``, ``db upgrade``;
+* **admin** (server-side): ``accounts``, ``keys``, ``services``, ``lockouts`` act on the
+  configured database (the same settings as ``serve``) through the services, never the storage;
+* **client**: ``verify …`` talks to a running server (``OTPGATE_URL``, ``OTPGATE_API_KEY``)
+  through :mod:`otpgate.client`.
+
+What scripts can rely on: with ``--json`` standard output holds exactly one JSON document, on
+one line (the answer, or on exit status 3 and 4 the problem document), and nothing else; without
+it, a readable rendering of the answer. Messages, banners and errors always go to standard
+error. The exit status is one of :class:`ExitCode`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
-from otpgate.bootstrap import Container, build, prepare_database
 from otpgate.client import OtpgateClient
-from otpgate.entrypoints import logs
-from otpgate.entrypoints.api.schemas import render_service
-from otpgate.errors import OtpgateError
-from otpgate.settings import Settings
+from otpgate.errors import ConfigurationError, OtpgateError, Unavailable
 
-app = typer.Typer(help="otpgate: self-hosted one-time-code verification.", no_args_is_help=True)
+# The server stack (settings, SQLAlchemy, Alembic, FastAPI's schemas) is imported inside the
+# server-side commands only: the client commands, which scripts call often, start without it.
+if TYPE_CHECKING:
+    from otpgate.bootstrap import Container
+    from otpgate.domain.model import Account, ApiKey, Principal
+    from otpgate.settings import Settings
+
+app = typer.Typer(
+    help="otpgate: self-hosted one-time-code verification.",
+    no_args_is_help=True,
+    # A traceback never shows local variables: they can hold API keys.
+    pretty_exceptions_show_locals=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-accounts_app = typer.Typer(help="Accounts.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+accounts_app = typer.Typer(help="Accounts (server-side).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (server-side).", no_args_is_help=True)
 services_app = typer.Typer(
-    help="Services (per-application verification policy).", no_args_is_help=True
+    help="Services: per-application verification policy (server-side).", no_args_is_help=True
 )
 verify_app = typer.Typer(
     help="Client commands against a running server (OTPGATE_URL, OTPGATE_API_KEY).",
     no_args_is_help=True,
 )
 lockouts_app = typer.Typer(
-    help="Destination lockouts after repeated failures (S8).", no_args_is_help=True
+    help="Destination lockouts after repeated failed checks (server-side).", no_args_is_help=True
 )
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
@@ -47,29 +68,244 @@ app.add_typer(services_app, name="services")
 app.add_typer(verify_app, name="verify")
 app.add_typer(lockouts_app, name="lockouts")
 
-err = Console(stderr=True)
 T = TypeVar("T")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print only a JSON document.")]
+
+class ExitCode(enum.IntEnum):
+    """The exit statuses of every command (documented in docs/configuration.md)."""
+
+    OK = 0
+    #: ``verify check`` got an answer, and the code is not valid.
+    NOT_VALID = 1
+    #: Bad usage: unknown or missing options, a malformed value, no API key, invalid settings.
+    USAGE = 2
+    #: otpgate refused the request (a problem document; its ``code`` says why).
+    REFUSED = 3
+    #: otpgate or its database could not be reached, or answered ``unavailable``: retry later.
+    UNAVAILABLE = 4
+
+
+# Errors, banners and notes; soft wrap keeps ``code: detail`` and pasteable lines whole.
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+# The human output. Piped, it is not cut at 80 columns, so ids stay whole in tables.
+out = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+JsonFlag = Annotated[
+    bool,
+    typer.Option("--json", help="Print exactly one JSON document on standard output."),
+]
+AccountOption = Annotated[
+    str | None, typer.Option("--account", help="Account id; default: the default account.")
+]
+LimitOption = Annotated[int, typer.Option(min=1, max=200, help="Page size, 1-200.")]
+CursorOption = Annotated[
+    str | None, typer.Option(help="The next_cursor of the previous page.", show_default=False)
+]
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def _write_json(document: Any) -> None:
+    # One line: line-oriented tools (and `tail -1`) get the whole document.
+    sys.stdout.write(json.dumps(document) + "\n")
+    sys.stdout.flush()
+
+
+def _emit(document: Any, as_json: bool, human: RenderableType) -> None:
+    """The command's answer: the JSON document, or its human rendering."""
+    if as_json:
+        _write_json(document)
+        return
+    with out.capture() as captured:
+        out.print(human)
+    # Rich pads table and grid lines to their full width; trailing blanks help no reader.
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    sys.stdout.flush()
+
+
+def _exit_code(exc: OtpgateError) -> ExitCode:
+    if isinstance(exc, Unavailable):
+        return ExitCode.UNAVAILABLE
+    if isinstance(exc, ConfigurationError):
+        return ExitCode.USAGE
+    return ExitCode.REFUSED
+
+
+def _problem(exc: OtpgateError) -> dict[str, Any]:
+    """The problem document of an error, in the shape the HTTP API answers with."""
+    document: dict[str, Any] = {
+        "type": f"/errors/{exc.code}",
+        "title": exc.title,
+        "status": exc.status,
+        "code": exc.code,
+        "detail": exc.detail,
+    }
+    if exc.param is not None:
+        document["param"] = exc.param
+    if exc.retry_after is not None:
+        document["retry_after"] = exc.retry_after
+    return document
+
+
+def _fail(exc: OtpgateError, as_json: bool) -> NoReturn:
+    """End the command for an otpgate error: ``code: detail`` on stderr (and the problem
+    document on stdout with ``--json``), with the exit status of its kind."""
+    err.print(f"[red]{escape(exc.code)}:[/red] {escape(exc.detail)}")
+    if as_json:
+        _write_json(_problem(exc))
+    raise typer.Exit(_exit_code(exc)) from exc
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_text(v) for v in value) or "-"
+    return str(value)
+
+
+def _details(title: str, rows: Mapping[str, Any]) -> RenderableType:
+    """A titled two-column summary of one object."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    for label, value in rows.items():
+        # Text, not str: values come from users (names, metadata) and are never Rich markup.
+        grid.add_row(label, value if isinstance(value, Text) else Text(_text(value)))
+    return Group(Text(title, style="bold"), grid)
+
+
+def _table(
+    title: str, page: Mapping[str, Any], columns: Sequence[tuple[str, str]]
+) -> RenderableType:
+    """One page of objects as a table; ``columns`` are (heading, field) pairs."""
+    table = Table(title=title, title_justify="left")
+    for heading, _ in columns:
+        table.add_column(heading, overflow="fold")
+    for item in page.get("data", []):
+        table.add_row(*(Text(_text(item.get(field))) for _, field in columns))
+    parts: list[RenderableType] = [table]
+    if page.get("next_cursor"):
+        parts.append(Text(f"more: --cursor {page['next_cursor']}"))
+    return Group(*parts)
+
+
+def _verification_view(v: Mapping[str, Any]) -> RenderableType:
+    messages = [
+        f"{m.get('id')}  {m.get('channel')}  {m.get('status')}  "
+        f"{m.get('segments')} segment(s) {m.get('encoding') or ''}".rstrip()
+        for m in v.get("messages") or []
+    ]
+    return _details(
+        f"verification {v.get('id')}",
+        {
+            "service": v.get("service_id"),
+            "to": v.get("to"),
+            "status": v.get("status"),
+            "channel": v.get("channel"),
+            "created": v.get("created_at"),
+            "expires": v.get("expires_at"),
+            "checks": f"{v.get('check_attempts')} of {v.get('max_check_attempts')}",
+            "sends": f"{v.get('send_attempts')} of {v.get('max_send_attempts')}",
+            "context": v.get("context"),
+            "metadata": v.get("metadata"),
+            "messages": "\n".join(messages) or "-",
+        },
+    )
+
+
+def _check_view(result: Mapping[str, Any]) -> RenderableType:
+    if result.get("valid"):
+        return Text(f"valid: verification {result.get('id')} is {result.get('status')}")
+    remaining = result.get("remaining_attempts")
+    return Text(
+        f"not valid: verification {result.get('id')} is {result.get('status')}, "
+        f"{remaining} check attempt(s) left"
+    )
+
+
+def _object_view(kind: str, document: Mapping[str, Any]) -> RenderableType:
+    rows = {k.replace("_", " "): v for k, v in document.items() if k != "id"}
+    return _details(f"{kind} {document.get('id')}", rows)
+
+
+_VERIFICATION_COLUMNS = [
+    ("id", "id"),
+    ("service", "service_id"),
+    ("to", "to"),
+    ("status", "status"),
+    ("created", "created_at"),
+    ("expires", "expires_at"),
+]
+_SERVICE_COLUMNS = [
+    ("id", "id"),
+    ("name", "name"),
+    ("code", "code_length"),
+    ("type", "code_type"),
+    ("ttl (s)", "ttl_seconds"),
+    ("checks", "max_check_attempts"),
+    ("sends", "max_send_attempts"),
+    ("countries", "allowed_countries"),
+]
+_KEY_COLUMNS = [
+    ("id", "id"),
+    ("name", "name"),
+    ("account", "account_id"),
+    ("created", "created_at"),
+    ("revoked", "revoked_at"),
+]
+_ACCOUNT_COLUMNS = [
+    ("id", "id"),
+    ("name", "name"),
+    ("username", "username"),
+    ("admin", "is_admin"),
+    ("created", "created_at"),
+]
+
+
+def _pairs(values: Sequence[str] | None, option: str) -> dict[str, str] | None:
+    """``KEY=VALUE`` options as a mapping; a malformed or repeated key is a usage error."""
+    if not values:
+        return None
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {value!r}", param_hint=option)
+        if key in pairs:
+            raise typer.BadParameter(f"{key} is given twice", param_hint=option)
+        pairs[key] = item
+    return pairs
+
+
+# --- server-side plumbing ----------------------------------------------------------------------
 
 
 def _settings() -> Settings:
+    from otpgate.settings import Settings
+
     try:
         return Settings()
     except ValueError as exc:
-        err.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        err.print(f"[red]invalid settings:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.USAGE) from exc
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _run(coro: Coroutine[Any, Any, T], *, as_json: bool = False) -> T:
     try:
         return asyncio.run(coro)
     except OtpgateError as exc:
-        err.print(f"[red]{exc.code}:[/red] {exc.detail}")
-        raise typer.Exit(1) from exc
+        _fail(exc, as_json)
 
 
 async def _with_container(action: Callable[[Container], Awaitable[T]]) -> T:
+    from otpgate.bootstrap import build, prepare_database
+
     settings = _settings()
     await prepare_database(settings)
     container = build(settings)
@@ -79,11 +315,25 @@ async def _with_container(action: Callable[[Container], Awaitable[T]]) -> T:
         await container.aclose()
 
 
-def _emit(document: dict[str, Any], as_json: bool, human: str) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(document) + "\n")
+def _admin(action: Callable[[Container], Awaitable[T]], as_json: bool) -> T:
+    """Run a server-side command on the configured database."""
+    return _run(_with_container(action), as_json=as_json)
+
+
+async def _principal(container: Container, account_id: str | None) -> Principal:
+    """The operator acting as ``account_id``, or as the default (admin) account."""
+    from otpgate.domain.model import Principal
+
+    if account_id is None:
+        account = await _default_account(container)
     else:
-        err.print(human)
+        account = await container.access.get_account(account_id)
+    return Principal(account=account, key_id="cli")
+
+
+def _page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]:
+    """A list answer, in the shape of the API's list pages."""
+    return {"data": items, "next_cursor": next_cursor}
 
 
 # --- server ----------------------------------------------------------------------------------
@@ -98,6 +348,9 @@ def serve(
     """Start the HTTP API (and the in-process delivery worker). SQLite is migrated by itself;
     on the very first start a default account and an admin API key are created and shown once."""
     import uvicorn
+
+    from otpgate.bootstrap import prepare_database
+    from otpgate.entrypoints import logs
 
     settings = _settings()
     logs.configure(settings.log_level, as_json=settings.log_json)
@@ -117,37 +370,44 @@ def serve(
 
 
 async def _first_start(settings: Settings, host: str, port: int) -> None:
+    from otpgate.bootstrap import build
+
     container = build(settings)
     try:
-        await _default_account(container, base=f"http://{host}:{port}")
+        shown_host = f"[{host}]" if ":" in host else host
+        await _default_account(container, base=f"http://{shown_host}:{port}")
     finally:
         await container.aclose()
 
 
-async def _default_account(container: Container, *, base: str = "http://127.0.0.1:8000") -> Any:
+async def _default_account(container: Container, *, base: str = "http://127.0.0.1:8000") -> Account:
     """The installation's admin account. When this call creates it (the very first use of the
-    database, by ``serve`` or any admin command), its admin key is shown, once, on stderr."""
+    database, by ``serve`` or any admin command), its credentials are shown, once, on stderr:
+    the admin key and the account's username, which HTTP Basic pairs with it."""
     account, issued = await container.access.ensure_default_account()
     if issued is None:
         return account
-    auth = '-H "Authorization: Bearer $OTPGATE_API_KEY" -H "Content-Type: application/json"'
     err.print(
         Panel.fit(
-            f"Created the default account [bold]{account.id}[/bold] and its admin API key.\n"
-            "The key is shown [bold]once[/bold]; store it now:\n\n"
-            f"  [bold green]{issued.secret}[/bold green]",
+            f"Created the default account [bold]{account.id}[/bold]\n"
+            "and its admin API key. The key is shown [bold]once[/bold]; store it now:\n\n"
+            f"  API key:         [bold green]{issued.secret}[/bold green]\n"
+            f"  Basic username:  [bold]{escape(account.username)}[/bold]\n\n"
+            "Send it as 'Authorization: Bearer <key>',\n"
+            "or as HTTP Basic with '<username>:<key>'.",
             title="otpgate: first start",
-        )
+        ),
+        soft_wrap=False,
     )
+    bearer = '-H "Authorization: Bearer $OTPGATE_API_KEY" -H "Content-Type: application/json"'
     # Outside the panel and unwrapped, so the lines paste as they are.
     err.print(
         "Try it:\n"
         f"  export OTPGATE_API_KEY={issued.secret}\n"
-        f'  curl -s -X POST {base}/v1/services {auth} -d \'{{"name": "Acme"}}\'\n'
-        f"  curl -s -X POST {base}/v1/verifications {auth} "
-        '-d \'{"service_id": "svc_...", "to": "+34600000000"}\'\n',
-        soft_wrap=True,
-        highlight=False,
+        f'  curl -s -X POST {base}/v1/services {bearer} -d \'{{"name": "Acme"}}\'\n'
+        f"  curl -s -X POST {base}/v1/verifications {bearer} "
+        '-d \'{"service_id": "svc_...", "to": "+34600000000"}\'\n'
+        f'  curl -s -u "{account.username}:$OTPGATE_API_KEY" {base}/v1/account\n',
         markup=False,
     )
     return account
@@ -156,6 +416,9 @@ async def _default_account(container: Container, *, base: str = "http://127.0.0.
 @app.command()
 def worker() -> None:
     """Run the delivery worker alone (scale mode: API nodes with OTPGATE_EMBEDDED_WORKER=false)."""
+    from otpgate.bootstrap import build, prepare_database
+    from otpgate.entrypoints import logs
+
     settings = _settings()
     logs.configure(settings.log_level, as_json=settings.log_json)
 
@@ -177,16 +440,16 @@ def worker() -> None:
 
 
 @db_app.command("upgrade")
-def db_upgrade() -> None:
+def db_upgrade(as_json: JsonFlag = False) -> None:
     """Apply every pending migration to OTPGATE_DATABASE_URL."""
     from otpgate.adapters.storage.migrate import upgrade
 
     settings = _settings()
-    _run(upgrade(settings.effective_database_url, schema=settings.database_schema))
-    err.print("database is up to date")
+    _run(upgrade(settings.effective_database_url, schema=settings.database_schema), as_json=as_json)
+    _emit({"status": "up_to_date"}, as_json, Text("database is up to date"))
 
 
-# --- accounts, keys, services ----------------------------------------------------------------
+# --- accounts --------------------------------------------------------------------------------
 
 
 @accounts_app.command("create")
@@ -195,159 +458,463 @@ def accounts_create(
     username: Annotated[str | None, typer.Option(help="Login (e-mail); default: the id.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create an account."""
-    account = _run(_with_container(lambda c: c.access.create_account(name, username=username)))
-    _emit(
-        {"id": account.id, "name": account.name, "username": account.username},
-        as_json,
-        f"created account [bold]{account.id}[/bold] ({account.username})",
-    )
+    """Create a (non-admin) account."""
+    from otpgate.entrypoints.api.schemas import render_account
+
+    account = _admin(lambda c: c.access.create_account(name, username=username), as_json)
+    document = render_account(account)
+    _emit(document, as_json, _object_view("created account", document))
+
+
+@accounts_app.command("list")
+def accounts_list(
+    limit: LimitOption = 50, cursor: CursorOption = None, as_json: JsonFlag = False
+) -> None:
+    """List every account, oldest first."""
+    from otpgate.entrypoints.api.schemas import render_account
+
+    async def action(c: Container) -> Any:
+        principal = await _principal(c, None)
+        return await c.access.list_accounts(principal, limit=limit, cursor=cursor)
+
+    result = _admin(action, as_json)
+    document = _page([render_account(a) for a in result.items], result.next_cursor)
+    _emit(document, as_json, _table("accounts", document, _ACCOUNT_COLUMNS))
+
+
+@accounts_app.command("show")
+def accounts_show(
+    account: Annotated[
+        str | None, typer.Option("--id", help="Account id; default: the default account.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show an account (its username is the one HTTP Basic pairs with its keys)."""
+    from otpgate.entrypoints.api.schemas import render_account
+
+    async def action(c: Container) -> Account:
+        return (await _principal(c, account)).account
+
+    document = render_account(_admin(action, as_json))
+    _emit(document, as_json, _object_view("account", document))
+
+
+# --- keys ------------------------------------------------------------------------------------
 
 
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="What the key is for.")],
-    account: Annotated[
-        str | None, typer.Option(help="Account id; default: the default account.")
-    ] = None,
+    account: AccountOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create an API key; it is shown once."""
+    from otpgate.entrypoints.api.schemas import render_key
 
     async def action(c: Container) -> Any:
-        account_id = account or (await _default_account(c)).id
-        return await c.access.create_key(account_id, name=name)
+        principal = await _principal(c, account)
+        return await c.access.create_key(principal.account.id, name=name)
 
-    issued = _run(_with_container(action))
-    _emit(
-        {"id": issued.key.id, "key": issued.secret, "account_id": issued.key.account_id},
-        as_json,
-        f"key [bold]{issued.key.id}[/bold] for {issued.key.account_id} "
-        f"(shown once):\n{issued.secret}",
+    issued = _admin(action, as_json)
+    document = render_key(issued.key, issued.secret)
+    human = Group(
+        _object_view("created key", document),
+        Text("The key is shown once; store it now.", style="bold"),
     )
+    _emit(document, as_json, human)
+
+
+@keys_app.command("list")
+def keys_list(account: AccountOption = None, as_json: JsonFlag = False) -> None:
+    """List an account's keys, live and revoked (never their secrets)."""
+    from otpgate.entrypoints.api.schemas import render_key
+
+    async def action(c: Container) -> Any:
+        return await c.access.list_keys(await _principal(c, account))
+
+    document = _page([render_key(k) for k in _admin(action, as_json)], None)
+    _emit(document, as_json, _table("API keys", document, _KEY_COLUMNS))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Option("--id", help="Key id (key_…).")],
+    account: AccountOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Revoke a live key of the account; prints the revoked key."""
+    from otpgate.entrypoints.api.schemas import render_key
+
+    async def action(c: Container) -> ApiKey:
+        principal = await _principal(c, account)
+        await c.access.revoke_key(principal, key)
+        (revoked,) = [k for k in await c.access.list_keys(principal) if k.id == key]
+        return revoked
+
+    document = render_key(_admin(action, as_json))
+    _emit(document, as_json, _object_view("revoked key", document))
+
+
+# --- services --------------------------------------------------------------------------------
+
+CodeLength = Annotated[int | None, typer.Option(help="4-10 (default 6).")]
+CodeType = Annotated[str | None, typer.Option(help="numeric | alphanumeric.")]
+TtlSeconds = Annotated[int | None, typer.Option(help="Validity, 60-86400.")]
+MaxCheckAttempts = Annotated[int | None, typer.Option(help="1-20.")]
+MaxSendAttempts = Annotated[int | None, typer.Option(help="1-10.")]
+ResendInterval = Annotated[int | None, typer.Option(help="0-3600.")]
+AllowedCountry = Annotated[
+    list[str] | None,
+    typer.Option(help="Allowed destination country, ISO alpha-2 (repeatable); default: all."),
+]
+SenderId = Annotated[str | None, typer.Option(help="SMS sender.")]
+DefaultLocale = Annotated[str | None, typer.Option(help="e.g. en, es.")]
+WebOtpDomain = Annotated[str | None, typer.Option(help="Host for the WebOTP line.")]
+ServiceId = Annotated[str, typer.Option("--id", help="Service id (svc_…).")]
+
+
+def _service_fields(**options: Any) -> dict[str, Any]:
+    """The service fields the operator gave (an option left out is not a field)."""
+    if options.get("allowed_countries") == []:
+        options["allowed_countries"] = None
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @services_app.command("create")
 def services_create(
     name: Annotated[str, typer.Option(help="Brand shown in messages.")],
-    account: Annotated[
-        str | None, typer.Option(help="Account id; default: the default account.")
-    ] = None,
-    code_length: Annotated[int | None, typer.Option(help="4-10 (default 6).")] = None,
-    code_type: Annotated[str | None, typer.Option(help="numeric | alphanumeric.")] = None,
-    ttl_seconds: Annotated[int | None, typer.Option(help="Validity, 60-86400.")] = None,
-    max_check_attempts: Annotated[int | None, typer.Option(help="1-20.")] = None,
-    max_send_attempts: Annotated[int | None, typer.Option(help="1-10.")] = None,
-    resend_interval_seconds: Annotated[int | None, typer.Option(help="0-3600.")] = None,
-    allowed_country: Annotated[
-        list[str] | None,
-        typer.Option(help="Allowed destination country (repeatable); default: all."),
-    ] = None,
-    sender_id: Annotated[str | None, typer.Option(help="SMS sender.")] = None,
-    default_locale: Annotated[str | None, typer.Option(help="e.g. en, es.")] = None,
-    webotp_domain: Annotated[str | None, typer.Option(help="Host for the WebOTP line.")] = None,
+    account: AccountOption = None,
+    code_length: CodeLength = None,
+    code_type: CodeType = None,
+    ttl_seconds: TtlSeconds = None,
+    max_check_attempts: MaxCheckAttempts = None,
+    max_send_attempts: MaxSendAttempts = None,
+    resend_interval_seconds: ResendInterval = None,
+    allowed_country: AllowedCountry = None,
+    sender_id: SenderId = None,
+    default_locale: DefaultLocale = None,
+    webotp_domain: WebOtpDomain = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create a service."""
-    fields: dict[str, Any] = {"name": name}
-    for key, value in {
-        "code_length": code_length,
-        "code_type": code_type,
-        "ttl_seconds": ttl_seconds,
-        "max_check_attempts": max_check_attempts,
-        "max_send_attempts": max_send_attempts,
-        "resend_interval_seconds": resend_interval_seconds,
-        "allowed_countries": allowed_country or None,
-        "sender_id": sender_id,
-        "default_locale": default_locale,
-        "webotp_domain": webotp_domain,
-    }.items():
-        if value is not None:
-            fields[key] = value
+    """Create a service; options not given keep their defaults."""
+    from otpgate.entrypoints.api.schemas import render_service
+
+    fields = _service_fields(
+        name=name,
+        code_length=code_length,
+        code_type=code_type,
+        ttl_seconds=ttl_seconds,
+        max_check_attempts=max_check_attempts,
+        max_send_attempts=max_send_attempts,
+        resend_interval_seconds=resend_interval_seconds,
+        allowed_countries=allowed_country,
+        sender_id=sender_id,
+        default_locale=default_locale,
+        webotp_domain=webotp_domain,
+    )
 
     async def action(c: Container) -> Any:
-        from otpgate.domain.model import Principal
+        return await c.catalog.create(await _principal(c, account), fields)
 
-        owner = await c.access.get_account(account) if account else await _default_account(c)
-        return await c.catalog.create(Principal(account=owner, key_id="cli"), fields)
+    document = render_service(_admin(action, as_json))
+    _emit(document, as_json, _object_view("created service", document))
 
-    service = _run(_with_container(action))
-    _emit(render_service(service), as_json, f"created service [bold]{service.id}[/bold]")
+
+@services_app.command("list")
+def services_list(
+    account: AccountOption = None,
+    limit: LimitOption = 50,
+    cursor: CursorOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List an account's services."""
+    from otpgate.entrypoints.api.schemas import render_service
+
+    async def action(c: Container) -> Any:
+        return await c.catalog.list(await _principal(c, account), limit=limit, cursor=cursor)
+
+    result = _admin(action, as_json)
+    document = _page([render_service(s) for s in result.items], result.next_cursor)
+    _emit(document, as_json, _table("services", document, _SERVICE_COLUMNS))
+
+
+@services_app.command("show")
+def services_show(
+    service: ServiceId, account: AccountOption = None, as_json: JsonFlag = False
+) -> None:
+    """Show a service and its whole policy."""
+    from otpgate.entrypoints.api.schemas import render_service
+
+    async def action(c: Container) -> Any:
+        return await c.catalog.get(await _principal(c, account), service)
+
+    document = render_service(_admin(action, as_json))
+    _emit(document, as_json, _object_view("service", document))
+
+
+@services_app.command("update")
+def services_update(
+    service: ServiceId,
+    account: AccountOption = None,
+    name: Annotated[str | None, typer.Option(help="Brand shown in messages.")] = None,
+    code_length: CodeLength = None,
+    code_type: CodeType = None,
+    ttl_seconds: TtlSeconds = None,
+    max_check_attempts: MaxCheckAttempts = None,
+    max_send_attempts: MaxSendAttempts = None,
+    resend_interval_seconds: ResendInterval = None,
+    allowed_country: AllowedCountry = None,
+    sender_id: SenderId = None,
+    default_locale: DefaultLocale = None,
+    webotp_domain: WebOtpDomain = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a service: only the options given change, the rest stays as it is."""
+    from otpgate.entrypoints.api.schemas import render_service
+
+    fields = _service_fields(
+        name=name,
+        code_length=code_length,
+        code_type=code_type,
+        ttl_seconds=ttl_seconds,
+        max_check_attempts=max_check_attempts,
+        max_send_attempts=max_send_attempts,
+        resend_interval_seconds=resend_interval_seconds,
+        allowed_countries=allowed_country,
+        sender_id=sender_id,
+        default_locale=default_locale,
+        webotp_domain=webotp_domain,
+    )
+
+    async def action(c: Container) -> Any:
+        return await c.catalog.update(await _principal(c, account), service, fields)
+
+    document = render_service(_admin(action, as_json))
+    _emit(document, as_json, _object_view("updated service", document))
+
+
+# --- lockouts --------------------------------------------------------------------------------
 
 
 @lockouts_app.command("clear")
 def lockouts_clear(
     service: Annotated[str, typer.Option(help="Service id.")],
-    to: Annotated[str, typer.Option(help="Destination in E.164.")],
+    to: Annotated[str, typer.Option(help="Destination, international format.")],
+    country: Annotated[
+        str | None, typer.Option(help="ISO alpha-2 when --to is in national format.")
+    ] = None,
+    account: AccountOption = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Lift a destination's lockout and reset its failure count."""
-    from otpgate.domain.phone import parse_phone
+    """Lift a destination's lockout and reset its count of consecutive failed checks."""
+    from otpgate.entrypoints.api.schemas import timestamp
 
-    try:
-        e164 = parse_phone(to).e164
-    except OtpgateError as exc:
-        err.print(f"[red]{exc.code}:[/red] {exc.detail}")
-        raise typer.Exit(2) from exc
-    _run(_with_container(lambda c: c.storage.reset_destination_failures(service, e164)))
-    err.print("lockout cleared")
+    async def action(c: Container) -> tuple[str, Any]:
+        principal = await _principal(c, account)
+        return await c.verifications.clear_lockout(principal, service, to, country=country)
+
+    e164, locked_until = _admin(action, as_json)
+    was_locked_until = timestamp(locked_until)
+    document = {"service_id": service, "to": e164, "was_locked_until": was_locked_until}
+    state = f"it was locked until {was_locked_until}" if locked_until else "it was not locked"
+    _emit(document, as_json, Text(f"lockout cleared for {e164} in {service} ({state})"))
 
 
 # --- client ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Server:
+    url: str
+    api_key: str
+
+
+def _check_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter("must start with http:// or https://", param_hint="--url")
+    return url
+
+
 @verify_app.callback()
 def verify_options(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option(envvar="OTPGATE_URL", help="Server base URL.")] = (
-        "http://127.0.0.1:8000"
-    ),
+    url: Annotated[
+        str, typer.Option(envvar="OTPGATE_URL", help="Server base URL.", callback=_check_url)
+    ] = "http://127.0.0.1:8000",
     api_key: Annotated[
         str, typer.Option(envvar="OTPGATE_API_KEY", help="API key.", show_default=False)
     ] = "",
 ) -> None:
-    ctx.obj = (url, api_key)
+    ctx.obj = _Server(url, api_key)
 
 
-def _client_call(ctx: typer.Context, call: Callable[[OtpgateClient], dict[str, Any]]) -> None:
-    url, api_key = ctx.obj
-    if not api_key:
-        err.print("[red]set OTPGATE_API_KEY[/red] (and OTPGATE_URL if not the default)")
-        raise typer.Exit(2)
-    with OtpgateClient(url, api_key=api_key) as client:
-        try:
+def _client_call(
+    ctx: typer.Context,
+    as_json: bool,
+    call: Callable[[OtpgateClient], dict[str, Any]],
+    human: Callable[[dict[str, Any]], RenderableType],
+) -> dict[str, Any]:
+    """Send one request to the server and print its answer (or fail with its problem)."""
+    server: _Server = ctx.obj
+    if not server.api_key:
+        err.print(
+            "[red]set OTPGATE_API_KEY[/red] (or --api-key), and OTPGATE_URL if not the default"
+        )
+        raise typer.Exit(ExitCode.USAGE)
+    try:
+        with OtpgateClient(server.url, api_key=server.api_key) as client:
             document = call(client)
-        except OtpgateError as exc:
-            err.print(f"[red]{exc.code}:[/red] {exc.detail}")
-            raise typer.Exit(1) from exc
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    except OtpgateError as exc:
+        _fail(exc, as_json)
+    _emit(document, as_json, human(document))
+    return document
+
+
+VerificationId = Annotated[str, typer.Option("--id", help="Verification id (ver_…).")]
+Channel = Annotated[str | None, typer.Option(help="sms, voice or email; default: the service's.")]
+IdempotencyKey = Annotated[
+    str | None,
+    typer.Option(help="Repeat the call safely: the same key gets the same answer."),
+]
+ContextOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--context", metavar="KEY=VALUE", help="Bind the code to amount/payee (repeatable)."
+    ),
+]
 
 
 @verify_app.command("start")
 def verify_start(
     ctx: typer.Context,
     service: Annotated[str, typer.Option(help="Service id.")],
-    to: Annotated[str, typer.Option(help="Destination (E.164).")],
-    channel: Annotated[str | None, typer.Option()] = None,
-    locale: Annotated[str | None, typer.Option()] = None,
+    to: Annotated[str, typer.Option(help="Destination: E.164, or national with --country.")],
+    country: Annotated[str | None, typer.Option(help="ISO alpha-2 when --to is national.")] = None,
+    channel: Channel = None,
+    locale: Annotated[str | None, typer.Option(help="Message language, e.g. en, es.")] = None,
+    custom_code: Annotated[str | None, typer.Option(help="Send this code instead.")] = None,
+    context: ContextOption = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="Your own data, kept with it (repeatable)."),
+    ] = None,
+    idempotency_key: IdempotencyKey = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Start a verification (or resend the pending one's code)."""
-    _client_call(ctx, lambda c: c.start_verification(service, to, channel=channel, locale=locale))
+    """Start a verification (or send the pending one's code again)."""
+    context_pairs = _pairs(context, "--context")
+    metadata_pairs = _pairs(metadata, "--metadata")
+    _client_call(
+        ctx,
+        as_json,
+        lambda c: c.start_verification(
+            service,
+            to,
+            country=country,
+            channel=channel,
+            locale=locale,
+            custom_code=custom_code,
+            context=context_pairs,
+            metadata=metadata_pairs,
+            idempotency_key=idempotency_key,
+        ),
+        _verification_view,
+    )
 
 
 @verify_app.command("check")
 def verify_check(
     ctx: typer.Context,
-    verification: Annotated[str, typer.Option("--id", help="Verification id.")],
     code: Annotated[str, typer.Option(help="The code the user typed.")],
+    verification: Annotated[
+        str | None, typer.Option("--id", help="Verification id (or --service and --to).")
+    ] = None,
+    service: Annotated[
+        str | None, typer.Option(help="With --to: check the latest verification of --to.")
+    ] = None,
+    to: Annotated[str | None, typer.Option(help="Destination, with --service.")] = None,
+    country: Annotated[str | None, typer.Option(help="ISO alpha-2 when --to is national.")] = None,
+    context: ContextOption = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Check a code."""
-    _client_call(ctx, lambda c: c.check(verification, code))
+    """Check a code. Exits 0 when it is valid and 1 when it is not."""
+    by_destination = service is not None or to is not None
+    if (verification is None) == (not by_destination):
+        raise typer.BadParameter(
+            "give either --id, or --service and --to", param_hint="--id / --service, --to"
+        )
+    if by_destination and (service is None or to is None):
+        raise typer.BadParameter("--service and --to go together", param_hint="--service, --to")
+    context_pairs = _pairs(context, "--context")
+
+    def call(c: OtpgateClient) -> dict[str, Any]:
+        if verification is not None:
+            return c.check(verification, code, context=context_pairs)
+        assert service is not None and to is not None  # checked above
+        return c.check_destination(service, to, code, country=country, context=context_pairs)
+
+    result = _client_call(ctx, as_json, call, _check_view)
+    if result.get("valid") is not True:
+        raise typer.Exit(ExitCode.NOT_VALID)
 
 
 @verify_app.command("status")
 def verify_status(
-    ctx: typer.Context,
-    verification: Annotated[str, typer.Option("--id", help="Verification id.")],
+    ctx: typer.Context, verification: VerificationId, as_json: JsonFlag = False
 ) -> None:
-    """Show a verification."""
-    _client_call(ctx, lambda c: c.get_verification(verification))
+    """Show a verification and its messages."""
+    _client_call(ctx, as_json, lambda c: c.get_verification(verification), _verification_view)
+
+
+@verify_app.command("resend")
+def verify_resend(
+    ctx: typer.Context,
+    verification: VerificationId,
+    channel: Channel = None,
+    idempotency_key: IdempotencyKey = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Send a pending verification's code again."""
+    _client_call(
+        ctx,
+        as_json,
+        lambda c: c.resend_verification(
+            verification, channel=channel, idempotency_key=idempotency_key
+        ),
+        _verification_view,
+    )
+
+
+@verify_app.command("cancel")
+def verify_cancel(
+    ctx: typer.Context, verification: VerificationId, as_json: JsonFlag = False
+) -> None:
+    """Cancel a pending verification (a closed one is shown unchanged)."""
+    _client_call(ctx, as_json, lambda c: c.cancel_verification(verification), _verification_view)
+
+
+@verify_app.command("list")
+def verify_list(
+    ctx: typer.Context,
+    service: Annotated[str | None, typer.Option(help="Only this service's.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="Only this status: pending, approved, expired, canceled, "
+            "max_attempts_reached or failed."
+        ),
+    ] = None,
+    to: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
+    limit: LimitOption = 50,
+    cursor: CursorOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List verifications, newest first, one page at a time."""
+    _client_call(
+        ctx,
+        as_json,
+        lambda c: c.list_verifications(
+            service_id=service, status=status, to=to, limit=limit, cursor=cursor
+        ),
+        lambda page: _table("verifications", page, _VERIFICATION_COLUMNS),
+    )

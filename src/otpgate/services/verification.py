@@ -537,6 +537,30 @@ class VerificationService:
     def now(self) -> Any:
         return self._clock.now()
 
+    # --- operator actions -------------------------------------------------------------------
+
+    async def clear_lockout(
+        self, principal: Principal, service_id: str, to: str, *, country: str | None = None
+    ) -> tuple[str, datetime | None]:
+        """Lift a destination's lockout (S8) in one of the principal's services and reset its
+        consecutive-failure count.
+
+        Returns the destination in E.164 and the end of the lock that was lifted (``None`` when
+        it was not locked). ``NotFound`` for a service the account does not have and
+        ``InvalidPhoneNumber`` for a destination that is not a phone number; both are checked
+        before anything is written.
+        """
+        service = await self._service(principal, service_id)
+        destination = parse_phone(to, country)
+        lockout = await self._storage.lockout(service.id, destination.e164)
+        locked_until = lockout.locked_until if lockout.in_force(self._clock.now()) else None
+        await self._storage.reset_destination_failures(service.id, destination.e164)
+        log.info(
+            "destination lockout cleared",
+            extra={"service_id": service.id, "to": mask(destination.e164)},
+        )
+        return destination.e164, locked_until
+
     # --- helpers ----------------------------------------------------------------------------
 
     async def _service(self, principal: Principal, service_id: str) -> Service:

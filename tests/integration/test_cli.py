@@ -1,0 +1,586 @@
+"""The ``otpgate`` command as a user runs it: each command in its own process, the client
+commands against a real ``otpgate serve`` (SQLite, LabsMobile provider pointed at a loopback
+stub), the server-side commands on that server's own database.
+
+What scripts rely on is asserted for every command: with ``--json`` standard output parses as
+exactly one JSON document; the exit status is 0 (success), 1 (``verify check``: not valid),
+2 (bad usage), 3 (refused, ``code: detail`` on stderr) or 4 (unreachable).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from otpgate.bootstrap import build
+from otpgate.client import OtpgateClient
+from otpgate.domain.model import Principal
+from otpgate.errors import (
+    DestinationBlocked,
+    InvalidPhoneNumber,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+)
+from otpgate.services.verification import StartRequest
+from tests.conftest import Database, FrozenClock, RecordingSender, code_in, make_settings
+from tests.support.labsmobile_stub import LabsMobileStub
+from tests.support.server import KEY_PATTERN, Server, free_port, run_otpgate, running_server
+
+LOCKOUT_THRESHOLD = 3
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[LabsMobileStub]:
+    with LabsMobileStub(username="cli@example.com") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(stub: LabsMobileStub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module; each test uses services and destinations of its own.
+    Lookups are not cached, so what a server-side command changes is seen at once."""
+    extra_env = {
+        "OTPGATE_LOOKUP_CACHE_SECONDS": "0",
+        "OTPGATE_LOCKOUT_THRESHOLD": str(LOCKOUT_THRESHOLD),
+    }
+    with running_server(stub, tmp_path_factory.mktemp("cli"), extra_env=extra_env) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def fresh_stub(stub: LabsMobileStub) -> None:
+    stub.reset()
+
+
+def document_of(done: subprocess.CompletedProcess[str]) -> Any:
+    """The one JSON document on standard output, on one line (``json.loads`` refuses
+    anything more)."""
+    assert done.stdout.endswith("}\n") and done.stdout.count("\n") == 1, (done.stdout, done.stderr)
+    return json.loads(done.stdout)
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> Any:
+    assert done.returncode == 0, done.stderr
+    return document_of(done)
+
+
+def refused(done: subprocess.CompletedProcess[str], code: str) -> dict[str, Any]:
+    """A refusal: exit status 3, ``code: detail`` on stderr and, with ``--json``, the problem
+    document on stdout."""
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.startswith(f"{code}: "), done.stderr
+    problem: dict[str, Any] = document_of(done)
+    assert problem["code"] == code and problem["type"] == f"/errors/{code}"
+    assert problem["detail"] in done.stderr
+    return problem
+
+
+def usage_error(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert done.stderr
+
+
+def new_service(server: Server, *options: str) -> dict[str, Any]:
+    service: dict[str, Any] = ok(
+        server.run("services", "create", "--name", "Shop", *options, "--json")
+    )
+    return service
+
+
+def code_of(stub: LabsMobileStub, nth: int) -> str:
+    """The code in the ``nth`` (1-based) message the stub accepted, once it has arrived."""
+    return code_in(stub.wait_for_messages(nth, timeout=10)[nth - 1].body["message"])
+
+
+def wrong(code: str) -> str:
+    return code[:-1] + str((int(code[-1]) + 1) % 10)
+
+
+# --- first start ------------------------------------------------------------------------------
+
+
+def test_first_start_banner_shows_the_basic_username_and_a_basic_curl_line(server: Server) -> None:
+    banner = server.stderr_path.read_text()
+    assert f"API key:         {server.key}" in banner
+    shown = re.search(r"Basic username:\s+(\S+)", banner)
+    assert shown and shown.group(1) == server.username
+    assert f"export OTPGATE_API_KEY={server.key}" in banner
+    curl = re.search(r'curl -s -u "([^:"]+):\$OTPGATE_API_KEY" (\S+)', banner)
+    assert curl, banner
+    username, url = curl.groups()
+    assert username == server.username and url == f"{server.url}/v1/account"
+    # The line works as printed, once the key is in OTPGATE_API_KEY.
+    answer = httpx.get(url, auth=(username, server.key))
+    assert answer.status_code == 200 and answer.json()["username"] == server.username
+
+
+def test_admin_command_on_a_fresh_database_shows_the_banner_on_stderr_only(
+    tmp_path: Path,
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OTPGATE_DATA_DIR": str(tmp_path)}
+    first = run_otpgate("accounts", "show", "--json", env=env)
+    account = ok(first)
+    assert account["is_admin"] is True and account["name"] == "default"
+    key = KEY_PATTERN.search(first.stderr)
+    assert key and re.search(rf"Basic username:\s+{account['username']}\b", first.stderr)
+    assert "otpgate_" not in first.stdout
+    assert f'curl -s -u "{account["username"]}:$OTPGATE_API_KEY"' in first.stderr
+
+    again = run_otpgate("accounts", "show", "--json", env=env)
+    assert ok(again) == account
+    assert "otpgate_" not in again.stderr  # shown once
+    keys = ok(run_otpgate("keys", "list", "--json", env=env))
+    assert [k["name"] for k in keys["data"]] == ["admin"] and keys["next_cursor"] is None
+    assert all("key" not in k for k in keys["data"])
+    assert ok(run_otpgate("db", "upgrade", "--json", env=env)) == {"status": "up_to_date"}
+
+
+# --- verify: the client commands ------------------------------------------------------------
+
+
+def test_verify_start_status_and_check_with_json(server: Server, stub: LabsMobileStub) -> None:
+    service = new_service(server)
+    start = (
+        "verify",
+        "start",
+        "--service",
+        service["id"],
+        "--to",
+        "600 000 010",
+        "--country",
+        "ES",
+        "--locale",
+        "es",
+        "--context",
+        "amount=EUR 25",
+        "--context",
+        "payee=ACME",
+        "--metadata",
+        "order=42",
+        "--idempotency-key",
+        "signup-10",
+        "--json",
+    )
+    started = ok(server.run(*start))
+    assert started["to"] == "+34600000010" and started["status"] == "pending"
+    assert started["service_id"] == service["id"]
+    assert started["context"] == {"amount": "EUR 25", "payee": "ACME"}
+    assert started["metadata"] == {"order": "42"}
+    assert len(started["messages"]) == 1 and started["send_attempts"] == 1
+    assert ok(server.run(*start))["id"] == started["id"]  # the same key, the same answer
+
+    text = stub.wait_for_messages(1, timeout=10)[0].body["message"]
+    assert "EUR 25" in text and "ACME" in text and text.startswith("Codigo")
+    code = code_of(stub, 1)
+    context = ("--context", "amount=EUR 25", "--context", "payee=ACME")
+    check = ("verify", "check", "--id", started["id"], *context, "--json")
+
+    not_valid = server.run(*check[:-1], "--code", wrong(code), "--json")
+    assert not_valid.returncode == 1, not_valid.stderr
+    assert document_of(not_valid) == {
+        "id": started["id"],
+        "status": "pending",
+        "valid": False,
+        "remaining_attempts": 4,
+    }
+    # The right code for another context is not valid either (the context is bound to it).
+    other = server.run(
+        "verify", "check", "--id", started["id"], "--code", code, "--context", "amount=EUR 99"
+    )
+    assert other.returncode == 1
+
+    valid = server.run(*check, "--code", code)
+    assert valid.returncode == 0, valid.stderr
+    assert document_of(valid) == {
+        "id": started["id"],
+        "status": "approved",
+        "valid": True,
+        "remaining_attempts": 3,
+    }
+    status = ok(server.run("verify", "status", "--id", started["id"], "--json"))
+    assert status["status"] == "approved" and status["check_attempts"] == 2
+    assert status["metadata"] == {"order": "42"}
+
+
+def test_verify_check_by_destination(server: Server, stub: LabsMobileStub) -> None:
+    started = ok(
+        server.run(
+            "verify", "start", "--service", server.service_id, "--to", "+34600000011", "--json"
+        )
+    )
+    code = code_of(stub, 1)
+    by_destination = ("verify", "check", "--service", server.service_id, "--to", "+34 600 000 011")
+
+    not_valid = server.run(*by_destination, "--code", wrong(code), "--json")
+    assert not_valid.returncode == 1
+    assert document_of(not_valid)["id"] == started["id"]
+    assert document_of(not_valid)["valid"] is False
+
+    valid = ok(server.run(*by_destination, "--code", code, "--json"))
+    assert valid["id"] == started["id"] and valid["valid"] is True
+    assert valid["status"] == "approved"
+
+    nothing = server.run(
+        "verify", "check", "--service", server.service_id, "--to", "+34600000099", "--code", code
+    )
+    assert nothing.returncode == 3 and nothing.stderr.startswith("not_found: ")
+
+
+def test_verify_resend_and_cancel(server: Server, stub: LabsMobileStub) -> None:
+    service = new_service(server, "--resend-interval-seconds", "0")
+    started = ok(
+        server.run("verify", "start", "--service", service["id"], "--to", "+34600000012", "--json")
+    )
+    resent = ok(server.run("verify", "resend", "--id", started["id"], "--json"))
+    assert resent["id"] == started["id"] and resent["send_attempts"] == 2
+    assert len(resent["messages"]) == 2
+    assert code_of(stub, 1) == code_of(stub, 2)  # the same code, sent again
+
+    canceled = ok(server.run("verify", "cancel", "--id", started["id"], "--json"))
+    assert canceled["id"] == started["id"] and canceled["status"] == "canceled"
+    # Cancelling again shows it unchanged; a canceled verification is not sent nor checked.
+    assert ok(server.run("verify", "cancel", "--id", started["id"], "--json")) == canceled
+    refused(server.run("verify", "resend", "--id", started["id"], "--json"), "invalid_request")
+    late = server.run("verify", "check", "--id", started["id"], "--code", code_of(stub, 1))
+    assert late.returncode == 1
+    status = ok(server.run("verify", "status", "--id", started["id"], "--json"))
+    assert status["status"] == "canceled" and status["send_attempts"] == 2
+
+
+def test_verify_list_filters_and_pages(server: Server, stub: LabsMobileStub) -> None:
+    service = new_service(server)
+    numbers = ["+34600000013", "+34600000014", "+34600000015"]
+    ids = [
+        ok(server.run("verify", "start", "--service", service["id"], "--to", to, "--json"))["id"]
+        for to in numbers
+    ]
+    ok(server.run("verify", "cancel", "--id", ids[1], "--json"))
+
+    def listed(*options: str) -> dict[str, Any]:
+        page: dict[str, Any] = ok(
+            server.run("verify", "list", "--service", service["id"], *options, "--json")
+        )
+        return page
+
+    everything = listed()
+    assert [v["id"] for v in everything["data"]] == ids[::-1]  # newest first
+    assert everything["next_cursor"] is None
+    assert [v["id"] for v in listed("--status", "canceled")["data"]] == [ids[1]]
+    assert [v["id"] for v in listed("--status", "pending")["data"]] == [ids[2], ids[0]]
+    assert [v["id"] for v in listed("--to", "+34 600 000 013")["data"]] == [ids[0]]
+
+    first = listed("--limit", "2")
+    assert [v["id"] for v in first["data"]] == [ids[2], ids[1]] and first["next_cursor"]
+    rest = listed("--limit", "2", "--cursor", first["next_cursor"])
+    assert [v["id"] for v in rest["data"]] == [ids[0]] and rest["next_cursor"] is None
+
+    refused(server.run("verify", "list", "--status", "lost", "--json"), "invalid_request")
+    refused(server.run("verify", "list", "--cursor", "forged", "--json"), "invalid_request")
+    usage_error(server.run("verify", "list", "--limit", "0", "--json"))
+
+
+def test_human_output(server: Server, stub: LabsMobileStub) -> None:
+    started = server.run("verify", "start", "--service", server.service_id, "--to", "+34600000016")
+    assert started.returncode == 0, started.stderr
+    match = re.search(r"verification (ver_[0-9a-f]{32})", started.stdout)
+    assert match, started.stdout
+    vid = match.group(1)
+    assert re.search(r"status\s+pending", started.stdout)
+    assert re.search(r"to\s+\+34600000016", started.stdout)
+    assert started.stdout.lstrip()[0] != "{"
+
+    code = code_of(stub, 1)
+    not_valid = server.run("verify", "check", "--id", vid, "--code", wrong(code))
+    assert not_valid.returncode == 1
+    assert not_valid.stdout.strip() == (
+        f"not valid: verification {vid} is pending, 4 check attempt(s) left"
+    )
+    valid = server.run("verify", "check", "--id", vid, "--code", code)
+    assert valid.returncode == 0
+    assert valid.stdout.strip() == f"valid: verification {vid} is approved"
+
+    table = server.cli("verify", "list", "--to", "+34600000016")
+    row = next(line for line in table.splitlines() if vid in line)
+    assert "approved" in row and "+34600000016" in row and server.service_id in row
+    services = server.cli("services", "list")
+    assert any(server.service_id in line and "Acme" in line for line in services.splitlines())
+    missing = server.run("verify", "status", "--id", "ver_missing")
+    assert missing.returncode == 3 and missing.stdout == ""
+    assert missing.stderr.strip() == "not_found: no such verification"
+
+
+def test_client_exit_codes(server: Server) -> None:
+    unknown = server.run("verify", "status", "--id", "ver_missing", "--json")
+    problem = refused(unknown, "not_found")
+    assert problem["status"] == 404
+
+    usage_error(server.run("verify", "status", "--id", "x", extra_env={"OTPGATE_API_KEY": ""}))
+    assert (
+        "OTPGATE_API_KEY"
+        in server.run("verify", "status", "--id", "x", extra_env={"OTPGATE_API_KEY": ""}).stderr
+    )
+    refused(
+        server.run(
+            "verify", "status", "--id", "x", "--json", extra_env={"OTPGATE_API_KEY": "otpgate_x"}
+        ),
+        "unauthorized",
+    )
+    usage_error(server.run("verify", "check", "--id", "ver_x", "--json"))  # no --code
+    usage_error(server.run("verify", "check", "--code", "123456", "--json"))  # no target
+    usage_error(
+        server.run(
+            "verify", "check", "--id", "ver_x", "--service", "svc_x", "--to", "+34600000017",
+            "--code", "123456", "--json",
+        )
+    )  # fmt: skip
+    usage_error(server.run("verify", "check", "--service", "svc_x", "--code", "1", "--json"))
+    usage_error(server.run("verify", "--url", "ftp://example", "status", "--id", "x"))
+    usage_error(server.run("verify", "stop", "--id", "x"))
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    unreachable = server.run(
+        "verify", "status", "--id", "x", "--json", extra_env={"OTPGATE_URL": closed}
+    )
+    assert unreachable.returncode == 4
+    assert unreachable.stderr.startswith(f"unavailable: cannot reach otpgate at {closed}")
+    assert document_of(unreachable)["code"] == "unavailable"
+
+
+def test_bad_input_is_refused_and_changes_nothing(server: Server) -> None:
+    service = new_service(server)
+    start = ("verify", "start", "--service", service["id"], "--json", "--to")
+    assert refused(server.run(*start, "12345"), "invalid_phone_number")["param"] == "to"
+    refused(server.run(*start, "+34910000000"), "unsupported_number_type")  # a landline
+    unknown = server.run(
+        "verify", "start", "--service", "svc_nope", "--to", "+34600000018", "--json"
+    )
+    assert refused(unknown, "not_found")["param"] == "service_id"
+    assert (
+        refused(server.run(*start, "+34600000018", "--context", "colour=red"), "invalid_request")[
+            "param"
+        ]
+        == "context.colour"
+    )
+    usage_error(server.run(*start, "+34600000018", "--context", "amount"))
+    usage_error(server.run(*start, "+34600000018", "--metadata", "=1"))
+    usage_error(
+        server.run(*start, "+34600000018", "--context", "amount=1", "--context", "amount=2")
+    )
+    # Nothing was stored (nor, therefore, sent).
+    assert ok(server.run("verify", "list", "--service", service["id"], "--json"))["data"] == []
+
+
+# --- server-side commands on the server's database ------------------------------------------
+
+
+def test_services_list_show_update(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {server.key}"}
+    created = new_service(server, "--code-length", "8", "--allowed-country", "ES")
+    assert created["code_length"] == 8 and created["allowed_countries"] == ["ES"]
+    listed = ok(server.run("services", "list", "--limit", "200", "--json"))
+    assert created in listed["data"]
+    assert ok(server.run("services", "show", "--id", created["id"], "--json")) == created
+
+    updated = ok(
+        server.run(
+            "services", "update", "--id", created["id"], "--code-length", "7",
+            "--ttl-seconds", "120", "--json",
+        )
+    )  # fmt: skip
+    assert updated["code_length"] == 7 and updated["ttl_seconds"] == 120
+    unchanged = {k: v for k, v in created.items() if k not in ("code_length", "ttl_seconds")}
+    assert {k: v for k, v in updated.items() if k in unchanged and k != "updated_at"} == {
+        k: v for k, v in unchanged.items() if k != "updated_at"
+    }
+    seen = httpx.get(f"{server.url}/v1/services/{created['id']}", headers=auth).json()
+    assert seen["code_length"] == 7  # the running server sees the change
+
+    bad = server.run("services", "update", "--id", created["id"], "--code-length", "99", "--json")
+    assert refused(bad, "invalid_request")["param"] == "code_length"
+    assert ok(server.run("services", "show", "--id", created["id"], "--json")) == updated
+    refused(
+        server.run("services", "update", "--id", "svc_nope", "--name", "X", "--json"), "not_found"
+    )
+    refused(server.run("services", "show", "--id", "svc_nope", "--json"), "not_found")
+    refused(server.run("services", "list", "--account", "acc_nope", "--json"), "not_found")
+    usage_error(server.run("services", "update", "--code-length", "7"))  # no --id
+
+    human = server.cli("services", "show", "--id", created["id"])
+    assert re.search(r"code length\s+7", human) and f"service {created['id']}" in human
+
+
+def test_keys_create_list_and_revoke(server: Server) -> None:
+    account = ok(server.run("accounts", "create", "--name", "Keys Inc", "--json"))
+    issued = ok(server.run("keys", "create", "--name", "ci", "--account", account["id"], "--json"))
+    assert issued["account_id"] == account["id"] and issued["name"] == "ci"
+    assert KEY_PATTERN.fullmatch(issued["key"]) and issued["revoked_at"] is None
+    auth = {"Authorization": f"Bearer {issued['key']}"}
+    assert httpx.get(f"{server.url}/v1/account", headers=auth).json()["id"] == account["id"]
+
+    keys = ok(server.run("keys", "list", "--account", account["id"], "--json"))
+    assert [k["id"] for k in keys["data"]] == [issued["id"]]
+    assert "key" not in keys["data"][0]
+    assert issued["id"] not in server.cli("keys", "list", "--json")  # the default account's
+
+    # Keys are revoked within their own account.
+    refused(server.run("keys", "revoke", "--id", issued["id"], "--json"), "not_found")
+    revoked = ok(
+        server.run("keys", "revoke", "--id", issued["id"], "--account", account["id"], "--json")
+    )
+    assert revoked["id"] == issued["id"] and revoked["revoked_at"] is not None
+    assert "key" not in revoked
+    assert httpx.get(f"{server.url}/v1/account", headers=auth).status_code == 401
+    listed = ok(server.run("keys", "list", "--account", account["id"], "--json"))
+    assert listed["data"] == [revoked]
+    again = server.run("keys", "revoke", "--id", issued["id"], "--account", account["id"], "--json")
+    refused(again, "not_found")
+    human = server.cli("keys", "create", "--name", "ops", "--account", account["id"])
+    assert KEY_PATTERN.search(human) and "shown once" in human
+
+
+def test_accounts_create_list_and_show(server: Server) -> None:
+    created = ok(
+        server.run(
+            "accounts", "create", "--name", "Shop", "--username", "shop@example.com", "--json"
+        )
+    )
+    assert created["username"] == "shop@example.com" and created["is_admin"] is False
+    assert set(created) == {"id", "name", "username", "is_admin", "created_at"}
+    assert ok(server.run("accounts", "show", "--id", created["id"], "--json")) == created
+    default = ok(server.run("accounts", "show", "--json"))
+    assert default["is_admin"] is True and default["username"] == server.username
+
+    everything = ok(server.run("accounts", "list", "--limit", "200", "--json"))
+    assert default in everything["data"] and created in everything["data"]
+    first = ok(server.run("accounts", "list", "--limit", "1", "--json"))
+    assert len(first["data"]) == 1 and first["next_cursor"]
+    second = ok(
+        server.run("accounts", "list", "--limit", "1", "--cursor", first["next_cursor"], "--json")
+    )
+    assert second["data"] and second["data"][0] != first["data"][0]
+
+    refused(server.run("accounts", "show", "--id", "acc_nope", "--json"), "not_found")
+    taken = server.run(
+        "accounts", "create", "--name", "Again", "--username", "shop@example.com", "--json"
+    )
+    assert refused(taken, "invalid_request")["param"] == "username"
+    bad = server.run("accounts", "create", "--name", "X", "--username", "not valid", "--json")
+    refused(bad, "invalid_request")
+    assert created["id"] in server.cli("accounts", "list", "--limit", "200")
+
+
+def test_lockouts_clear(server: Server, stub: LabsMobileStub) -> None:
+    service = new_service(server, "--resend-interval-seconds", "0")
+    start = ("verify", "start", "--service", service["id"], "--to", "+34600000019", "--json")
+    started = ok(server.run(*start))
+    code = code_of(stub, 1)
+    for _ in range(LOCKOUT_THRESHOLD):
+        assert (
+            server.run("verify", "check", "--id", started["id"], "--code", wrong(code)).returncode
+            == 1
+        )
+    blocked = refused(server.run(*start), "destination_blocked")
+    assert blocked["retry_after"] > 0
+    # Locked: even the right code is not valid now.
+    assert server.run("verify", "check", "--id", started["id"], "--code", code).returncode == 1
+
+    clear = ("lockouts", "clear", "--service", service["id"], "--json", "--to")
+    cleared = ok(server.run(*clear, "+34 600 000 019"))
+    assert cleared["to"] == "+34600000019" and cleared["service_id"] == service["id"]
+    assert cleared["was_locked_until"] is not None
+    assert ok(server.run(*start))["id"] == started["id"]  # sent again: not blocked any more
+    assert server.run("verify", "check", "--id", started["id"], "--code", code).returncode == 0
+    assert ok(server.run(*clear, "+34600000019"))["was_locked_until"] is None
+
+    refused(server.run(*clear, "not a number"), "invalid_phone_number")
+    other = ("lockouts", "clear", "--service", "svc_nope", "--to", "+34600000019", "--json")
+    refused(server.run(*other), "not_found")
+    human = server.cli("lockouts", "clear", "--service", service["id"], "--to", "+34600000019")
+    assert human.strip() == (
+        f"lockout cleared for +34600000019 in {service['id']} (it was not locked)"
+    )
+
+
+# --- the Python client the CLI uses ---------------------------------------------------------
+
+
+def test_python_client_against_the_server(server: Server) -> None:
+    with OtpgateClient(server.url, api_key=server.key) as client:
+        assert client.get_account()["username"] == server.username
+        service = client.create_service("Client", code_length=4)
+        assert service["code_length"] == 4
+        assert client.get_service(service["id"]) == service
+        assert service["id"] in [s["id"] for s in client.list_services(limit=200)["data"]]
+        updated = client.update_service(service["id"], ttl_seconds=300)
+        assert updated["ttl_seconds"] == 300 and updated["code_length"] == 4
+        with pytest.raises(InvalidRequest) as invalid:
+            client.update_service(service["id"], code_length=3)
+        assert invalid.value.param == "code_length"
+
+        issued = client.create_key("sdk")
+        assert issued["key"].startswith("otpgate_")
+        assert issued["id"] in [k["id"] for k in client.list_keys()["data"]]
+        client.revoke_key(issued["id"])
+        with pytest.raises(NotFound):
+            client.revoke_key(issued["id"])
+        with pytest.raises(NotFound):
+            client.get_verification("ver_missing")
+        with pytest.raises(InvalidPhoneNumber):
+            client.start_verification(service["id"], "12345")
+    offline = OtpgateClient(f"http://127.0.0.1:{free_port()}", api_key=server.key)
+    with offline, pytest.raises(Unavailable):
+        offline.get_account()
+
+
+# --- the service method behind `lockouts clear`, on every backend ------------------------------
+
+
+async def test_clear_lockout_lifts_the_lock_and_refuses_bad_input(
+    database: Database, tmp_path: Path
+) -> None:
+    settings = make_settings(database, tmp_path, lockout_threshold=2)
+    container = build(settings, sender=RecordingSender(), clock=FrozenClock())
+    try:
+        account, _ = await container.access.ensure_default_account()
+        admin = Principal(account=account, key_id="test")
+        other_account = await container.access.create_account("Other")
+        other = Principal(account=other_account, key_id="test")
+        service = await container.catalog.create(
+            admin, {"name": "Acme", "resend_interval_seconds": 0}
+        )
+        to = "+34600000021"
+        started, _ = await container.verifications.start(admin, StartRequest(service.id, to))
+        for _ in range(2):
+            result = await container.verifications.check(admin, started.id, "00000000")
+            assert result.valid is False
+        with pytest.raises(DestinationBlocked):
+            await container.verifications.start(admin, StartRequest(service.id, to))
+
+        # Refusals change nothing: the destination stays locked.
+        with pytest.raises(NotFound):
+            await container.verifications.clear_lockout(other, service.id, to)
+        with pytest.raises(NotFound):
+            await container.verifications.clear_lockout(admin, "svc_nope", to)
+        with pytest.raises(InvalidPhoneNumber):
+            await container.verifications.clear_lockout(admin, service.id, "12345")
+        with pytest.raises(DestinationBlocked):
+            await container.verifications.start(admin, StartRequest(service.id, to))
+
+        e164, locked_until = await container.verifications.clear_lockout(
+            admin, service.id, "600 000 021", country="ES"
+        )
+        assert e164 == to and locked_until is not None
+        assert locked_until > container.verifications.now()
+        await container.verifications.start(admin, StartRequest(service.id, to))  # not blocked
+        assert await container.verifications.clear_lockout(admin, service.id, to) == (to, None)
+    finally:
+        await container.aclose()
