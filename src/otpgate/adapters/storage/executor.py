@@ -24,8 +24,11 @@ The :class:`Executor` contract, kept by ``sqlite.py`` and ``postgres.py``:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +42,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import NullType, TypeEngine
 
 from otpgate.adapters.storage.tables import UTCDateTime
+from otpgate.errors import Unavailable
 
 Row = dict[str, Any]
 Codec = Callable[[Any], Any]
@@ -197,6 +201,111 @@ class StatementCache:
         # The statement is kept alive with its compiled form, so its id is never reused.
         self._compiled[id(statement)] = (statement, compiled)
         return compiled
+
+
+# --- group commit ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A write waiting for a commit to ride along with."""
+
+    compiled: Compiled
+    params: tuple[Any, ...]
+    waiter: asyncio.Future[None]
+
+
+class DeferredWrites:
+    """The queue behind ``Executor.defer``, shared by both executors.
+
+    A deferred write is executed at the start of the next transaction of the process, before
+    the transaction's own statements, and is durable when that transaction commits; if no
+    transaction comes within ``delay_seconds``, ``commit`` (an empty transaction of the
+    executor) is called to carry it. Writes whose carrying transaction fails are put back at
+    the head of the queue and ride with the next one: a write is never dropped while the
+    process lives, so the state it records (a message was sent) can never be read as its
+    opposite by a later transaction of this process. Their waiters learn of the failure.
+    """
+
+    def __init__(self, delay_seconds: float, commit: Callable[[], Awaitable[None]]) -> None:
+        self._delay = delay_seconds
+        self._commit = commit
+        self._queue: list[Deferred] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def add(self, compiled: Compiled, params: Mapping[str, Any]) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(Deferred(compiled, compiled.bind(params), waiter))
+        self._schedule()
+        return waiter
+
+    def take(self) -> list[Deferred]:
+        """Everything queued, for a transaction to execute first."""
+        taken, self._queue = self._queue, []
+        return taken
+
+    def committed(self, taken: list[Deferred]) -> None:
+        for item in taken:
+            if not item.waiter.done():
+                item.waiter.set_result(None)
+
+    def put_back(self, taken: list[Deferred]) -> None:
+        """The carrying transaction failed: these ride with the next one."""
+        if taken:
+            self._queue[:0] = taken
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is None and self._flushing is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        if self._queue:
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        waiting = list(self._queue)
+        try:
+            await self._commit()
+        except (Unavailable, StorageError) as exc:
+            for item in waiting:
+                if not item.waiter.done():
+                    item.waiter.set_exception(
+                        Unavailable(f"could not commit: {exc}", retry_after=1)
+                    )
+        finally:
+            self._flushing = None
+            if any(not item.waiter.done() for item in self._queue):
+                self._schedule()
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Commit what is queued, trying for ``grace_seconds`` at most (at shutdown); writes
+        still queued then fail their waiters."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = time.monotonic() + grace_seconds
+        while self._queue and time.monotonic() < deadline:
+            if self._flushing is not None:
+                with contextlib.suppress(Exception):
+                    await self._flushing
+                continue
+            with contextlib.suppress(Unavailable, StorageError):
+                await self._commit()
+            if self._queue:
+                await asyncio.sleep(0.05)
+        for item in self._queue:
+            if not item.waiter.done():
+                item.waiter.set_exception(Unavailable("storage closed before the write"))
+        self._queue = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 # --- the executor protocol -------------------------------------------------------------------

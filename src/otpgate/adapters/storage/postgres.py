@@ -27,12 +27,22 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql import ClauseElement
 
-from otpgate.adapters.storage.executor import Compiled, Conflict, Row, StatementCache, StorageError
+from otpgate.adapters.storage.executor import (
+    Compiled,
+    Conflict,
+    Deferred,
+    DeferredWrites,
+    Row,
+    StatementCache,
+    StorageError,
+)
 from otpgate.errors import ConfigurationError, Unavailable
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_SECONDS = 3.0
 TIMEOUT_SECONDS = 1.0
+#: Longest a deferred write waits for a transaction to ride along with.
+DEFER_SECONDS = 0.002
 
 #: Errors after which a connection is not trusted again.
 _BROKEN = (
@@ -83,6 +93,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset hook: nothing to undo (see ``PostgresExecutor._get_pool``)."""
 
 
+def _grouped(deferred: list[Deferred]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """Deferred writes by statement text, in first-queued order, for ``executemany``."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for item in deferred:
+        groups.setdefault(item.compiled.sql, []).append(item.params)
+    return list(groups.items())
+
+
 def _discard(conn: asyncpg.Connection) -> None:
     """Close a connection at once, without I/O, so the pool never hands a connection in an
     unknown state to another request (it makes a new one). Idempotent."""
@@ -126,6 +144,7 @@ class PostgresExecutor:
         pool_size: int = 10,
         timeout_seconds: float = TIMEOUT_SECONDS,
         connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS,
+        defer_seconds: float = DEFER_SECONDS,
     ) -> None:
         self._dsn = dsn_of(url)
         self._schema = schema
@@ -134,6 +153,7 @@ class PostgresExecutor:
         self._connect_timeout = connect_timeout_seconds
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._deferred = DeferredWrites(defer_seconds, self._commit_deferred)
         self.compiled = StatementCache(asyncpg_dialect())  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
@@ -233,25 +253,37 @@ class PostgresExecutor:
         async with self._connection("transaction") as conn:
             transaction = conn.transaction()
             await self._call(transaction.start(), "begin", conn)
+            # Deferred writes ride along: one round trip and one commit for all of them.
+            deferred = self._deferred.take()
             try:
+                for sql, rows in _grouped(deferred):
+                    await self._call(conn.executemany(sql, rows), "deferred write", conn)
                 yield _Connection(self, conn)
+                await self._call(transaction.commit(), "commit", conn)
             except BaseException:
-                if not conn.is_closed():
-                    with contextlib.suppress(Exception):
+                self._deferred.put_back(deferred)
+                # A connection discarded after a fault is gone already (and the proxy of a
+                # released connection refuses every call): only a live one is rolled back.
+                with contextlib.suppress(Exception):
+                    if conn.is_in_transaction():
                         await transaction.rollback()
                 raise
-            await self._call(transaction.commit(), "commit", conn)
+            self._deferred.committed(deferred)
+
+    async def _commit_deferred(self) -> None:
+        async with self.transaction():
+            pass
 
     async def defer(self, statement: ClauseElement, **params: Any) -> None:
-        # Each statement commits on its own here; group commit pays on SQLite, whose commits
-        # are the expensive part, not on a server with its own WAL batching.
-        await self.run(statement, **params)
+        await self._deferred.add(self.compiled(statement), params)
 
     async def ping(self) -> None:
         async with self._connection("ping") as conn:
             await self._call(conn.fetchval("SELECT 1"), "ping", conn)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, grace_seconds: float = 2.0) -> None:
+        """Commit what is deferred (trying for ``grace_seconds`` at most), then close."""
+        await self._deferred.drain(grace_seconds)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:

@@ -12,11 +12,12 @@ read-then-write transaction cannot fail half-way when several processes share th
 transaction's body runs without suspending (see ``executor.py``), so one connection serves the
 whole process without interleaving.
 
-Group commit: :meth:`SqliteExecutor.defer` queues a write and waits; the next transaction of the
-process runs every queued write before its own statements and commits them together, or, when
-none comes within ``defer_seconds``, a timer commits them alone. Under load one commit carries
-many sent-marks. A queued write whose commit fails stays queued for the next commit, so a sent
-message can never look unsent to a later claim in this process.
+Group commit (``executor.DeferredWrites``): :meth:`SqliteExecutor.defer` queues a write and
+waits; the next transaction of the process runs every queued write before its own statements
+and commits them together, or, when none comes within ``defer_seconds``, a timer commits them
+alone. Under load one commit carries many sent-marks. A queued write whose commit fails stays
+queued for the next commit, so a sent message can never look unsent to a later claim in this
+process.
 
 Faults (a full disk, an I/O error, a file that cannot be written) raise ``Unavailable``; the
 executor remembers the last write's outcome, and :meth:`ping` (``/readyz``) reports a failed
@@ -40,6 +41,7 @@ from sqlalchemy.sql import ClauseElement
 from otpgate.adapters.storage.executor import (
     Compiled,
     Conflict,
+    DeferredWrites,
     Row,
     StatementCache,
     StorageError,
@@ -93,15 +95,6 @@ def _fault(exc: sqlite3.Error, doing: str) -> Exception:
     return StorageError(f"{doing}: {type(exc).__name__}: {exc}")
 
 
-class _Deferred:
-    __slots__ = ("compiled", "params", "waiter")
-
-    def __init__(self, compiled: Compiled, params: tuple[Any, ...], waiter: asyncio.Future[None]):
-        self.compiled = compiled
-        self.params = params
-        self.waiter = waiter
-
-
 class _Transaction:
     """The session of an open transaction: statements run directly on the connection."""
 
@@ -153,10 +146,7 @@ class SqliteExecutor:
             self._db.execute(f"PRAGMA {pragma}")
         self.compiled = StatementCache(sqlite_dialect.dialect())
         self._lock_timeout = lock_timeout_seconds
-        self._defer_seconds = defer_seconds
-        self._deferred: list[_Deferred] = []
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task[None] | None = None
+        self._deferred = DeferredWrites(defer_seconds, self._commit_deferred)
         self._in_transaction = False
         #: The last write's failure, until a write succeeds (``/readyz`` reports it).
         self._write_fault: Unavailable | None = None
@@ -266,7 +256,7 @@ class SqliteExecutor:
         await self._begin()
         self._in_transaction = True
         # Deferred writes ride along: one commit instead of one each.
-        deferred, self._deferred = self._deferred, []
+        deferred = self._deferred.take()
         try:
             try:
                 for item in deferred:
@@ -280,57 +270,19 @@ class SqliteExecutor:
                 raise self._failed(exc, "commit", True) from None
         except BaseException:
             self._rollback()
-            self._requeue(deferred)
+            self._deferred.put_back(deferred)
             raise
         finally:
             self._in_transaction = False
         self._write_fault = None
-        for item in deferred:
-            if not item.waiter.done():
-                item.waiter.set_result(None)
+        self._deferred.committed(deferred)
 
-    # --- group commit ------------------------------------------------------------------------
-
-    def _requeue(self, deferred: list[_Deferred]) -> None:
-        if deferred:
-            self._deferred[:0] = deferred
-            self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if self._flush_timer is None and self._flushing is None:
-            loop = asyncio.get_running_loop()
-            self._flush_timer = loop.call_later(self._defer_seconds, self._start_flush)
-
-    def _start_flush(self) -> None:
-        self._flush_timer = None
-        if self._deferred:
-            self._flushing = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        """Commit the deferred writes no transaction took along. On failure their waiters get
-        the error, and the writes stay queued for the next commit."""
-        try:
-            waiting = list(self._deferred)
-            try:
-                async with self.transaction():
-                    pass
-            except (Unavailable, StorageError) as exc:
-                for item in waiting:
-                    if not item.waiter.done():
-                        item.waiter.set_exception(
-                            Unavailable(f"could not commit: {exc}", retry_after=1)
-                        )
-        finally:
-            self._flushing = None
-            if self._deferred and not all(d.waiter.done() for d in self._deferred):
-                self._schedule_flush()
+    async def _commit_deferred(self) -> None:
+        async with self.transaction():
+            pass
 
     async def defer(self, statement: ClauseElement, **params: Any) -> None:
-        compiled = self.compiled(statement)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._deferred.append(_Deferred(compiled, compiled.bind(params), waiter))
-        self._schedule_flush()
-        await waiter
+        await self._deferred.add(self.compiled(statement), params)
 
     # --- health and lifetime -----------------------------------------------------------------
 
@@ -349,28 +301,8 @@ class SqliteExecutor:
             raise Unavailable(f"storage cannot write: {exc.detail}", retry_after=1) from None
 
     async def aclose(self, *, grace_seconds: float = 2.0) -> None:
-        """Commit what is deferred (trying for ``grace_seconds`` at most), then close. Writes
-        that cannot be committed by then fail their waiters with ``Unavailable``."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        deadline = time.monotonic() + grace_seconds
-        while self._deferred and time.monotonic() < deadline:
-            if self._flushing is not None:
-                with contextlib.suppress(Exception):
-                    await self._flushing
-                continue
-            with contextlib.suppress(Unavailable, StorageError):
-                async with self.transaction():
-                    pass
-            if self._deferred:
-                await asyncio.sleep(0.05)
-        for item in self._deferred:
-            if not item.waiter.done():
-                item.waiter.set_exception(Unavailable("storage closed before the write"))
-        self._deferred = []
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
+        """Commit what is deferred (trying for ``grace_seconds`` at most), then close."""
+        await self._deferred.drain(grace_seconds)
         self._db.close()
 
     def _probe_write(self) -> None:
