@@ -1,4 +1,4 @@
-"""Contract suite of ``SmsSender`` (domain/ports.py), run against every sender, then the
+"""Contract suite of ``Sender`` (domain/ports.py), run against every sender, then the
 LabsMobile adapter's own behaviour against the loopback LabsMobile stub.
 
 Everything stays on 127.0.0.1: the stub serves LabsMobile's JSON API there, and the few answers
@@ -30,8 +30,14 @@ from starlette.routing import Route
 
 from otpgate.adapters.providers.console import BANNER, ConsoleSender
 from otpgate.adapters.providers.labsmobile import LabsMobileSender, subid_for
-from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
-from otpgate.domain.ports import DeliveryReport, ReceiptParser, SmsSender
+from otpgate.domain.model import (
+    Channel,
+    MessageStatus,
+    OutboundMessage,
+    SendReceipt,
+    SmsContent,
+)
+from otpgate.domain.ports import DeliveryReport, ReceiptParser, Sender
 from otpgate.errors import (
     ConfigurationError,
     DeliveryError,
@@ -54,15 +60,14 @@ def make_sms(
     encoding: str = "GSM-7",
     segments: int = 1,
     receipt_url: str | None = None,
-) -> OutboundSms:
-    return OutboundSms(
+) -> OutboundMessage:
+    return OutboundMessage(
         message_id=message_id,
+        channel=Channel.SMS,
         to=to,
         text=text,
-        sender_id=sender_id,
-        encoding=encoding,
-        segments=segments,
         receipt_url=receipt_url,
+        sms=SmsContent(sender_id=sender_id, encoding=encoding, segments=segments),
     )
 
 
@@ -106,7 +111,7 @@ async def labsmobile(stub: LabsMobileStub) -> AsyncIterator[LabsMobileSender]:
 class SenderCase:
     """A sender under contract, with what the suite needs to observe it."""
 
-    sender: SmsSender
+    sender: Sender
     secrets: tuple[str, ...]
     #: the texts that reached the destination (stub or stream), in order
     delivered_texts: Callable[[], list[str]]
@@ -155,7 +160,7 @@ async def case(request: pytest.FixtureRequest, stub: LabsMobileStub) -> AsyncIte
 
 
 # --------------------------------------------------------------------------------------------
-# The contract every SmsSender keeps
+# The contract every Sender keeps
 
 
 async def test_send_returns_a_receipt_and_the_message_goes_out(case: SenderCase) -> None:
@@ -292,7 +297,7 @@ async def test_own_client_is_closed_by_aclose_and_a_given_one_is_not(stub: LabsM
 
 
 def test_it_implements_the_ports() -> None:
-    sender: SmsSender = LabsMobileSender(username="u", token="t")
+    sender: Sender = LabsMobileSender(username="u", token="t")
     parser: ReceiptParser = LabsMobileSender(username="u", token="t")
     assert sender.name == "labsmobile"
     assert parser.parse_receipt({"subid": "x", "desc": "DELIVRD"}) is not None
