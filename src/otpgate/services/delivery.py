@@ -123,12 +123,35 @@ class RetryPolicy:
     #: has at least this long to run, so no lease can lapse during its send.
     send_timeout_seconds: float = 10.0
 
-    def delay(self, attempt: int) -> float:
-        """The wait after round ``attempt`` (from 1): ``backoff · 2^(attempt−1)``, at most the
-        cap, plus up to 25 % jitter so that the retries of a burst spread out."""
-        exponent = min(max(0, attempt - 1), 64)  # 2.0 ** a few thousand would overflow
+    def delay(self, rounds: int) -> float:
+        """The wait after round ``rounds`` (from 1) of the route: ``backoff · 2^(rounds−1)``, at
+        most the cap, plus up to 25 % jitter so that the retries of a burst spread out."""
+        exponent = min(max(0, rounds - 1), 64)  # 2.0 ** a few thousand would overflow
         step = min(self.backoff_max_seconds, self.backoff_seconds * 2.0**exponent)
         return step * (1 + secrets.randbelow(250) / 1000)
+
+    def next_attempt_at(
+        self,
+        now: datetime,
+        *,
+        attempt: int,
+        rounds: int,
+        at_once: bool,
+        expires_at: datetime | None,
+    ) -> datetime | None:
+        """When to make the next attempt after attempt number ``attempt`` failed transiently,
+        or None to give up.
+
+        ``at_once`` (the next provider comes later in the route) means now; otherwise after
+        :meth:`delay` of ``rounds``. A verification's message (``expires_at`` set) gives up
+        only when that time would be at or after ``expires_at``: a code that arrives later can
+        no longer be approved. A message without one gives up after ``max_attempts``."""
+        if expires_at is None and attempt >= self.max_attempts:
+            return None
+        retry_at = now if at_once else now + timedelta(seconds=self.delay(rounds))
+        if expires_at is not None and retry_at >= expires_at:
+            return None
+        return retry_at
 
 
 @dataclass(slots=True)
@@ -484,26 +507,24 @@ class Dispatcher:
             )
             return
         attempt = message.attempts  # the claim (or handoff) already counted this attempt
-        if verification is None and attempt >= self._retry.max_attempts:
-            await self._fail(
-                item, provider, with_unanswered(f"gave up after {attempt} attempts: {error}", tally)
-            )
-            return
+        expires_at = verification.expires_at if verification is not None else None
         now = self._clock.now()
-        if self._route.index(following) > self._route.index(provider):
-            delay = 0.0  # on to the next provider of the route at once
-        else:  # round again: back off, by rounds of the route
-            delay = self._retry.delay(math.ceil(attempt / len(self._route)))
-        retry_at = now + timedelta(seconds=delay)
-        if verification is not None and retry_at >= verification.expires_at:
-            await self._fail(
-                item,
-                provider,
-                with_unanswered(
-                    f"gave up: the verification expires before the next attempt: {error}", tally
-                ),
+        retry_at = self._retry.next_attempt_at(
+            now,
+            attempt=attempt,
+            rounds=math.ceil(attempt / len(self._route)),
+            at_once=self._route.index(following) > self._route.index(provider),
+            expires_at=expires_at,
+        )
+        if retry_at is None:
+            reason = (
+                f"gave up after {attempt} attempts"
+                if expires_at is None
+                else "gave up: the verification expires before the next attempt"
             )
+            await self._fail(item, provider, with_unanswered(f"{reason}: {error}", tally))
             return
+        delay = (retry_at - now).total_seconds()
         await self._storage.mark_retry(
             message.id, provider=provider, error=detail, next_attempt_at=retry_at, now=now
         )
@@ -519,7 +540,7 @@ class Dispatcher:
                 "retry_in_seconds": round(delay, 3),
             },
         )
-        if delay == 0.0:
+        if retry_at <= now:
             self._wake.set()
 
     async def _fail(self, item: ClaimedMessage, provider: str | None, error: str) -> None:

@@ -36,7 +36,8 @@ behaviour: the body is encoded as httpx encodes ``json=`` (compact UTF-8, no NaN
 go in a prebuilt ``Authorization`` header, redirects are not followed, HTTPS verifies against
 certifi's CA bundle as httpx does, and proxy settings of the environment are ignored.
 ``timeout_seconds`` bounds each request as a whole (connection, upload and answer), so a send
-does not outlast it by more than aiohttp's rounding of long timeouts up to a whole second.
+does not outlast it by more than aiohttp's rounding of long timeouts up to a whole second; the
+connection must be made within the first half of it.
 """
 
 from __future__ import annotations
@@ -179,7 +180,10 @@ class LabsMobileSender:
         self._urls = {
             path: yarl.URL(f"{self._base_url}{path}") for path in ("/json/send", "/json/balance")
         }
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        # Connecting gets half the budget: a connection not made in that time carried nothing,
+        # so its failure is a plain transient error. Past it, a request without an answer may
+        # have been taken (an unknown outcome, ``DeliveryTimeout``).
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=timeout_seconds / 2)
         # Our own session is made on first use (inside the event loop, as aiohttp wants), so a
         # sender built only to parse receipts (or never used) holds no connection pool.
         self._client = client
