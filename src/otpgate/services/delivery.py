@@ -78,6 +78,9 @@ SEND_GRACE_SECONDS = 1.0
 COMPOSED_CHANNELS = frozenset({Channel.SMS})
 
 # The tally of unanswered sends, at the end of a message's error text: " [unanswered: a=1, b=2]".
+# It must outlive this process (another worker claims the next attempt, or a restart does), and
+# the error text is the one free-form field the outbox row has; a column of its own would be
+# cleaner once the storage port offers one.
 _TALLY = re.compile(r" \[unanswered: ([a-z][a-z0-9_-]*=[0-9]+(?:, [a-z][a-z0-9_-]*=[0-9]+)*)\]\Z")
 
 
