@@ -405,7 +405,8 @@ class Dispatcher:
     def _outbound(self, item: ClaimedMessage, provider: str, text: str) -> OutboundMessage:
         message, service = item.message, item.service
         assert service is not None  # deliver() checked
-        shape = sms.measure(text)  # only SMS is composed today (COMPOSED_CHANNELS)
+        # Only SMS is composed today: _provider_after finds no provider for other channels.
+        shape = sms.measure(text)
         return OutboundMessage(
             message_id=message.id,
             channel=Channel.SMS,
