@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from otpgate.bootstrap import build, prepare_database
-from otpgate.domain.model import OutboundSms, Principal, SendReceipt
+from otpgate.domain.model import Channel, OutboundMessage, Principal, SendReceipt
 from otpgate.entrypoints.api.app import create_app
 from otpgate.settings import Settings
 
@@ -32,11 +32,12 @@ _CODE = re.compile(r"(?:code|codigo)\W+([0-9A-Za-z]{4,10})\b", re.IGNORECASE)
 
 class RecordingSender:
     name = "recording"
+    channels = frozenset({Channel.SMS})
 
     def __init__(self) -> None:
         self.texts: list[str] = []
 
-    async def send(self, sms: OutboundSms) -> SendReceipt:
+    async def send(self, sms: OutboundMessage) -> SendReceipt:
         self.texts.append(sms.text)
         return SendReceipt(provider_ref=sms.message_id.removeprefix("msg_")[:20])
 

@@ -28,7 +28,7 @@ from otpgate.adapters.storage.engine import create_engine
 from otpgate.adapters.storage.migrate import upgrade
 from otpgate.adapters.storage.tables import metadata
 from otpgate.bootstrap import Container, build
-from otpgate.domain.model import OutboundSms, SendReceipt
+from otpgate.domain.model import Channel, OutboundMessage, SendReceipt
 from otpgate.entrypoints.api.app import create_app
 from otpgate.settings import Settings
 
@@ -54,14 +54,15 @@ class FrozenClock:
 
 
 class RecordingSender:
-    """A fake SmsSender that keeps what it was asked to send (fakes over mocks)."""
+    """A fake Sender that keeps what it was asked to send (fakes over mocks)."""
 
     name = "recording"
+    channels = frozenset({Channel.SMS})
 
     def __init__(self) -> None:
-        self.sent: list[OutboundSms] = []
+        self.sent: list[OutboundMessage] = []
 
-    async def send(self, sms: OutboundSms) -> SendReceipt:
+    async def send(self, sms: OutboundMessage) -> SendReceipt:
         self.sent.append(sms)
         return SendReceipt(provider_ref=sms.message_id)
 

@@ -14,13 +14,13 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from otpgate.adapters import providers
 from otpgate.adapters.metrics import PrometheusMetrics
-from otpgate.adapters.providers.console import ConsoleSender
-from otpgate.adapters.providers.labsmobile import LabsMobileSender
 from otpgate.adapters.storage.engine import is_sqlite, sqlite_file
 from otpgate.adapters.storage.executor import Executor
 from otpgate.adapters.storage.migrate import upgrade
@@ -28,8 +28,7 @@ from otpgate.adapters.storage.postgres import PostgresExecutor
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
-from otpgate.domain.model import Channel
-from otpgate.domain.ports import Clock, ReceiptParser, SmsSender, Storage
+from otpgate.domain.ports import Clock, ReceiptParser, Sender, Storage
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.cache import TtlCache
@@ -118,31 +117,10 @@ def _development_key(path: Path) -> bytes:
     return path.read_bytes().strip()
 
 
-def build_sender(settings: Settings) -> SmsSender:
-    """The SMS sender named by ``OTPGATE_SMS_PROVIDER``, with its options checked."""
-    name = settings.sms_provider
-    if name == "console":
-        if settings.env is Environment.PRODUCTION:
-            raise ConfigurationError(
-                "OTPGATE_SMS_PROVIDER=console only prints codes; choose a real provider "
-                "in production"
-            )
-        return ConsoleSender()
-    if name == "labsmobile":
-        if not settings.labsmobile_username or not settings.labsmobile_token.get_secret_value():
-            raise ConfigurationError(
-                "OTPGATE_SMS_PROVIDER=labsmobile needs OTPGATE_LABSMOBILE_USERNAME and "
-                "OTPGATE_LABSMOBILE_TOKEN"
-            )
-        return LabsMobileSender(
-            username=settings.labsmobile_username,
-            token=settings.labsmobile_token.get_secret_value(),
-            base_url=settings.labsmobile_url,
-            timeout_seconds=settings.provider_timeout_seconds,
-        )
-    raise ConfigurationError(
-        f"OTPGATE_SMS_PROVIDER={name!r} is not a provider (choose console or labsmobile)"
-    )
+def build_sender(settings: Settings) -> Sender:
+    """The sender named by ``OTPGATE_SMS_PROVIDER``, made by the factory its provider module
+    registered; the factory checks its own settings (see ``adapters/providers/registry.py``)."""
+    return providers.create_sender(settings.sms_provider, settings)
 
 
 def build_executor(settings: Settings) -> Executor:
@@ -182,7 +160,7 @@ class Container:
     idempotency: Idempotency
     metrics: PrometheusMetrics
     keys: Keys
-    senders: dict[str, SmsSender]
+    senders: dict[str, Sender]
     receipt_parsers: dict[str, ReceiptParser] = field(default_factory=dict)
 
     async def aclose(self) -> None:
@@ -193,16 +171,27 @@ class Container:
 
 
 def build(
-    settings: Settings, *, sender: SmsSender | None = None, clock: Clock | None = None
+    settings: Settings,
+    *,
+    sender: Sender | None = None,
+    route: Sequence[Sender] | None = None,
+    clock: Clock | None = None,
 ) -> Container:
-    """Wire a container. ``sender`` replaces the configured one (tests pass a recording one)."""
+    """Wire a container. The delivery route is the configured provider alone; ``sender``
+    replaces it (tests pass a recording one), and ``route`` replaces it with several providers,
+    tried in that order (their names must differ)."""
     clock = clock or SystemClock()
     keys = derive_keys(load_master_secret(settings))
     vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
+    if route is None:
+        route = [sender or build_sender(settings)]
+    elif sender is not None:
+        raise ValueError("pass either sender or route, not both")
+    senders: dict[str, Sender] = {chosen.name: chosen for chosen in route}
+    if not route or len(senders) != len(route):
+        raise ConfigurationError("a delivery route needs providers with distinct names")
     storage = build_storage(settings)
     metrics = PrometheusMetrics()
-    chosen = sender or build_sender(settings)
-    senders: dict[str, SmsSender] = {chosen.name: chosen}
     parsers: dict[str, ReceiptParser] = {
         name: s for name, s in senders.items() if isinstance(s, ReceiptParser)
     }
@@ -213,13 +202,14 @@ def build(
     dispatcher = Dispatcher(
         storage=storage,
         senders=senders,
-        route=(chosen.name,),
+        route=tuple(senders),
         vault=vault,
         clock=clock,
         metrics=metrics,
         retry=RetryPolicy(
             max_attempts=settings.delivery_max_attempts,
             backoff_seconds=settings.delivery_backoff_seconds,
+            backoff_max_seconds=settings.delivery_backoff_max_seconds,
             lease_seconds=settings.delivery_lease_seconds,
             send_timeout_seconds=settings.provider_timeout_seconds,
         ),
@@ -234,7 +224,7 @@ def build(
         vault=vault,
         clock=clock,
         metrics=metrics,
-        channels_available=frozenset({Channel.SMS}),
+        channels_available=dispatcher.channels,
         lockout=LockoutPolicy(
             threshold=settings.lockout_threshold, seconds=settings.lockout_seconds
         ),

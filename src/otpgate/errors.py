@@ -26,7 +26,8 @@ using the ``status``, ``code`` and ``title`` each class carries.
     ├── Unavailable                     503 unavailable: storage or a dependency is down
     ├── ConfigurationError              bad settings, raised at start-up, never at request time
     └── DeliveryError                   a provider could not take a message
-        ├── TransientDeliveryError      retry later, then fail over (timeouts, 5xx, throttling)
+        ├── TransientDeliveryError      not sent: retry later or fail over (5xx, throttling)
+        │   └── DeliveryTimeout         no answer in time: the provider may have sent it
         └── PermanentDeliveryError      never retry this message on this route (invalid number)
 
 A refusal carries its reason (``code``) and, where a later retry can succeed, the number of
@@ -140,9 +141,18 @@ class DeliveryError(OtpgateError):
 
 
 class TransientDeliveryError(DeliveryError):
-    """Worth retrying later or on another route: timeouts, 5xx, throttling, no credit."""
+    """Worth retrying later or on another route: 5xx, throttling, no credit, connection refused.
+    The message was not sent, except for the subclass :class:`DeliveryTimeout`."""
 
     code, title = "delivery_transient", "Transient delivery error"
+
+
+class DeliveryTimeout(TransientDeliveryError):
+    """The request went out and no answer came back in time (or the connection dropped before
+    it did): the provider may have sent the message. The dispatcher sends such a message at
+    most once more through the same provider, so a hanging provider cannot multiply codes."""
+
+    code, title = "delivery_timeout", "Delivery timeout"
 
 
 class PermanentDeliveryError(DeliveryError):

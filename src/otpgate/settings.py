@@ -47,9 +47,13 @@ class Settings(BaseSettings):
     labsmobile_url: str = "https://api.labsmobile.com"
     provider_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
-    #: Delivery: attempts per message before it fails for good, and the first backoff step.
+    #: Delivery. A verification's message is retried until the verification expires; a message
+    #: without a verification (so without an expiry) makes at most this many attempts.
     delivery_max_attempts: int = Field(default=5, ge=1, le=20)
+    #: The first retry waits this long; each further wait doubles, up to the cap below (each
+    #: wait plus up to 25 % jitter).
     delivery_backoff_seconds: float = Field(default=2.0, gt=0, le=3600)
+    delivery_backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
     #: How long a dispatcher holds a claimed message before another may take it (S22).
     delivery_lease_seconds: int = Field(default=30, ge=1, le=3600)
     #: Run the delivery dispatcher inside the API process (the embedded default).

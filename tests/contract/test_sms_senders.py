@@ -1,4 +1,4 @@
-"""Contract suite of ``SmsSender`` (domain/ports.py), run against every sender, then the
+"""Contract suite of ``Sender`` (domain/ports.py), run against every sender, then the
 LabsMobile adapter's own behaviour against the loopback LabsMobile stub.
 
 Everything stays on 127.0.0.1: the stub serves LabsMobile's JSON API there, and the few answers
@@ -8,9 +8,11 @@ a bare ``aiohttp`` server started by the test itself, which also shows the raw r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import re
 import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,16 +30,26 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from otpgate.adapters.providers import known_providers, register
 from otpgate.adapters.providers.console import BANNER, ConsoleSender
 from otpgate.adapters.providers.labsmobile import LabsMobileSender, subid_for
-from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
-from otpgate.domain.ports import DeliveryReport, ReceiptParser, SmsSender
+from otpgate.bootstrap import build, build_sender
+from otpgate.domain.model import (
+    Channel,
+    MessageStatus,
+    OutboundMessage,
+    SendReceipt,
+    SmsContent,
+)
+from otpgate.domain.ports import DeliveryReport, ReceiptParser, Sender
 from otpgate.errors import (
     ConfigurationError,
     DeliveryError,
+    DeliveryTimeout,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from otpgate.settings import Settings
 from tests.support.labsmobile_stub import LabsMobileStub, ThreadedServer
 
 CODE = "845201"
@@ -54,15 +66,14 @@ def make_sms(
     encoding: str = "GSM-7",
     segments: int = 1,
     receipt_url: str | None = None,
-) -> OutboundSms:
-    return OutboundSms(
+) -> OutboundMessage:
+    return OutboundMessage(
         message_id=message_id,
+        channel=Channel.SMS,
         to=to,
         text=text,
-        sender_id=sender_id,
-        encoding=encoding,
-        segments=segments,
         receipt_url=receipt_url,
+        sms=SmsContent(sender_id=sender_id, encoding=encoding, segments=segments),
     )
 
 
@@ -106,7 +117,7 @@ async def labsmobile(stub: LabsMobileStub) -> AsyncIterator[LabsMobileSender]:
 class SenderCase:
     """A sender under contract, with what the suite needs to observe it."""
 
-    sender: SmsSender
+    sender: Sender
     secrets: tuple[str, ...]
     #: the texts that reached the destination (stub or stream), in order
     delivered_texts: Callable[[], list[str]]
@@ -155,7 +166,7 @@ async def case(request: pytest.FixtureRequest, stub: LabsMobileStub) -> AsyncIte
 
 
 # --------------------------------------------------------------------------------------------
-# The contract every SmsSender keeps
+# The contract every Sender keeps
 
 
 async def test_send_returns_a_receipt_and_the_message_goes_out(case: SenderCase) -> None:
@@ -181,6 +192,12 @@ async def test_name_is_a_stable_identifier(case: SenderCase) -> None:
     assert case.sender.name == type(case.sender).name
 
 
+async def test_channels_say_what_the_sender_carries(case: SenderCase) -> None:
+    assert isinstance(case.sender.channels, frozenset)
+    assert case.sender.channels <= set(Channel)
+    assert Channel.SMS in case.sender.channels  # both senders here carry SMS
+
+
 async def test_reprs_never_carry_the_text_or_secrets(case: SenderCase) -> None:
     sms = make_sms()
     receipt = await case.sender.send(sms)
@@ -199,6 +216,83 @@ async def test_a_failed_send_raises_a_delivery_error_without_the_text(case: Send
     assert isinstance(info.value, DeliveryError)
     assert_no_secret(info.value, *case.secrets)
     assert case.delivered_texts() == []
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: providers by name, each made from the settings by its own factory
+
+
+def test_every_provider_module_is_registered_by_name() -> None:
+    assert known_providers() == ("console", "labsmobile")
+    assert isinstance(build_sender(Settings(sms_provider="console")), ConsoleSender)
+    sender = build_sender(
+        Settings(
+            sms_provider="labsmobile",
+            labsmobile_username="ops@example.com",
+            labsmobile_token="tok-SECRET-42",
+            labsmobile_url="http://127.0.0.1:9",
+            provider_timeout_seconds=3,
+        )
+    )
+    assert isinstance(sender, LabsMobileSender)
+    assert "127.0.0.1:9" in repr(sender) and "tok-SECRET-42" not in repr(sender)
+
+
+def test_an_unknown_provider_names_the_setting_and_the_known_ones() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build_sender(Settings(sms_provider="pigeon"))
+    assert str(info.value) == (
+        "OTPGATE_SMS_PROVIDER='pigeon' is not a provider; known providers: console, labsmobile"
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "named", "not_named"),
+    [
+        ({}, "OTPGATE_LABSMOBILE_USERNAME and OTPGATE_LABSMOBILE_TOKEN", None),
+        ({"labsmobile_username": "ops@example.com"}, "needs OTPGATE_LABSMOBILE_TOKEN", "USERNAME"),
+        ({"labsmobile_token": "tok-SECRET-42"}, "needs OTPGATE_LABSMOBILE_USERNAME", "TOKEN"),
+        (
+            {
+                "labsmobile_username": "ops@example.com",
+                "labsmobile_token": "tok-SECRET-42",
+                "labsmobile_url": "ftp://api.labsmobile.com",
+            },
+            "OTPGATE_LABSMOBILE_URL",
+            "ftp:",
+        ),
+    ],
+)
+def test_a_bad_provider_option_names_its_setting_never_a_secret(
+    values: dict[str, str], named: str, not_named: str | None
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build_sender(Settings(sms_provider="labsmobile", **values))  # type: ignore[arg-type]
+    shown = str(info.value)
+    assert named in shown
+    assert "tok-SECRET-42" not in shown and "ops@example.com" not in shown
+    if not_named is not None:
+        assert not_named not in shown
+
+
+def test_console_is_refused_in_production() -> None:
+    with pytest.raises(ConfigurationError, match="console only prints codes"):
+        build_sender(Settings(sms_provider="console", env="production"))  # type: ignore[arg-type]
+
+
+def test_a_name_is_registered_once_and_well_formed() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        register("console")(lambda settings: ConsoleSender())
+    with pytest.raises(ValueError, match="must match"):
+        register("Not A Name")
+    assert known_providers() == ("console", "labsmobile")
+
+
+def test_a_route_needs_distinct_provider_names() -> None:
+    settings = Settings(secret_key="route-test-" + "k" * 40)  # type: ignore[arg-type]
+    twins = [LabsMobileSender(username="u", token="t"), LabsMobileSender(username="v", token="t")]
+    with pytest.raises(ConfigurationError, match="distinct names"):
+        build(settings, route=twins)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +319,20 @@ async def test_console_banner_shows_the_message_for_development() -> None:
     assert "s3cr3t" not in out  # the receipt URL carries the receipt secret
 
 
+async def test_console_shows_a_message_of_another_channel_without_sms_details() -> None:
+    stream = io.StringIO()
+    voice = OutboundMessage(
+        message_id=MESSAGE_ID, channel=Channel.VOICE, to="+34600000000", text=TEXT
+    )
+
+    await ConsoleSender(stream=stream).send(voice)
+
+    out = stream.getvalue()
+    assert "channel:    voice" in out
+    assert TEXT in out
+    assert "segment" not in out and "sender:" not in out
+
+
 async def test_console_writes_to_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     await ConsoleSender().send(make_sms())
 
@@ -243,6 +351,25 @@ async def test_console_never_logs(caplog: pytest.LogCaptureFixture) -> None:
 # LabsMobile: configuration and repr
 
 
+@pytest.mark.parametrize(
+    ("channel", "content"),
+    [(Channel.SMS, None), (Channel.VOICE, SmsContent(None, "GSM-7", 1))],
+)
+def test_an_outbound_message_has_sms_content_exactly_when_it_is_sms(
+    channel: Channel, content: SmsContent | None
+) -> None:
+    with pytest.raises(ValueError, match="SmsContent"):
+        OutboundMessage(
+            message_id=MESSAGE_ID, channel=channel, to="+34600000000", text=TEXT, sms=content
+        )
+
+
+def test_an_outbound_message_repr_hides_the_text() -> None:
+    for message in (make_sms(), OutboundMessage(MESSAGE_ID, Channel.EMAIL, "a@example.com", TEXT)):
+        assert TEXT not in repr(message) and CODE not in repr(message)
+        assert MESSAGE_ID in repr(message)
+
+
 def test_subid_is_the_first_20_characters_after_the_prefix() -> None:
     assert subid_for(MESSAGE_ID) == "0123456789abcdef0123"
     assert len(subid_for(MESSAGE_ID)) == 20
@@ -258,6 +385,8 @@ def test_subid_is_the_first_20_characters_after_the_prefix() -> None:
         {"username": "u", "token": ""},
         {"username": "u", "token": "t", "base_url": "api.labsmobile.com"},
         {"username": "u", "token": "t", "timeout_seconds": 0},
+        {"username": "u", "token": "t", "name": "Labs Mobile"},
+        {"username": "u", "token": "t", "name": ""},
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any]) -> None:
@@ -292,10 +421,31 @@ async def test_own_client_is_closed_by_aclose_and_a_given_one_is_not(stub: LabsM
 
 
 def test_it_implements_the_ports() -> None:
-    sender: SmsSender = LabsMobileSender(username="u", token="t")
+    sender: Sender = LabsMobileSender(username="u", token="t")
     parser: ReceiptParser = LabsMobileSender(username="u", token="t")
     assert sender.name == "labsmobile"
+    assert sender.channels == {Channel.SMS}
     assert parser.parse_receipt({"subid": "x", "desc": "DELIVRD"}) is not None
+
+
+def test_a_second_account_takes_a_name_of_its_own() -> None:
+    backup = LabsMobileSender(username="u", token="t", name="labsmobile-b")
+    assert backup.name == "labsmobile-b"
+    assert "labsmobile-b" in repr(backup)
+    assert LabsMobileSender(username="u", token="t").name == "labsmobile"
+
+
+@pytest.mark.parametrize("channel", [Channel.VOICE, Channel.EMAIL])
+async def test_labsmobile_refuses_other_channels_for_good(
+    channel: Channel, stub: LabsMobileStub, labsmobile: LabsMobileSender
+) -> None:
+    message = OutboundMessage(message_id=MESSAGE_ID, channel=channel, to="+34600000000", text=TEXT)
+
+    with pytest.raises(PermanentDeliveryError, match="SMS only") as info:
+        await labsmobile.send(message)
+
+    assert_no_secret(info.value, stub.token)
+    assert stub.arrivals == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,11 +607,13 @@ async def test_a_timeout_is_transient(stub: LabsMobileStub) -> None:
     async with LabsMobileSender(
         username=stub.username, token=stub.token, base_url=stub.url, timeout_seconds=0.2
     ) as sender:
-        with pytest.raises(TransientDeliveryError, match="timeout") as info:
+        with pytest.raises(DeliveryTimeout, match="timeout") as info:
             await sender.send(make_sms())
 
+    assert isinstance(info.value, TransientDeliveryError)  # retried, but as an unknown outcome
     assert isinstance(info.value.__cause__, TimeoutError)
     assert_no_secret(info.value, stub.token)
+    assert stub.arrivals == 1  # the request went out: LabsMobile may have sent it
 
 
 async def test_the_timeout_also_applies_to_a_given_client(stub: LabsMobileStub) -> None:
@@ -474,7 +626,7 @@ async def test_the_timeout_also_applies_to_a_given_client(stub: LabsMobileStub) 
             timeout_seconds=0.2,
             client=client,
         )
-        with pytest.raises(TransientDeliveryError, match="timeout"):
+        with pytest.raises(DeliveryTimeout, match="timeout"):
             await sender.send(make_sms())
 
 
@@ -492,6 +644,61 @@ async def test_connection_refused_is_transient(refused_url: str) -> None:
             await sender.send(make_sms())
 
     assert isinstance(info.value.__cause__, aiohttp.ClientConnectionError)
+    assert not isinstance(info.value, DeliveryTimeout)  # nothing went out: not an unknown outcome
+    assert_no_secret(info.value, "tok-xyz")
+
+
+@pytest.fixture
+def unaccepting_url() -> Iterator[str]:
+    """A 127.0.0.1 port whose backlog is full: a new connection is never established."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_a_connection_never_made_is_transient_not_unknown(unaccepting_url: str) -> None:
+    async with LabsMobileSender(
+        username="u", token="tok-xyz", base_url=unaccepting_url, timeout_seconds=0.4
+    ) as sender:
+        with pytest.raises(TransientDeliveryError, match="no connection") as info:
+            await sender.send(make_sms())
+
+    assert not isinstance(info.value, DeliveryTimeout)
+    assert isinstance(info.value.__cause__, aiohttp.ConnectionTimeoutError)
+
+
+async def test_a_connection_dropped_before_the_answer_is_an_unknown_outcome() -> None:
+    """The provider reads the whole request and closes the connection without answering."""
+    received: list[bytes] = []
+
+    async def read_and_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+        received.append(await reader.readexactly(length))
+        writer.close()
+
+    server = await asyncio.start_server(read_and_hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with (
+        server,
+        LabsMobileSender(
+            username="u", token="tok-xyz", base_url=f"http://127.0.0.1:{port}"
+        ) as sender,
+    ):
+        with pytest.raises(DeliveryTimeout, match="connection lost") as info:
+            await sender.send(make_sms())
+
+    assert len(received) == 1 and json.loads(received[0])["message"] == TEXT
     assert_no_secret(info.value, "tok-xyz")
 
 
@@ -795,8 +1002,6 @@ def test_stub_wait_for_messages_times_out(stub: LabsMobileStub) -> None:
 async def test_stub_wait_for_messages_async_while_sending(
     stub: LabsMobileStub, labsmobile: LabsMobileSender
 ) -> None:
-    import asyncio
-
     waiter = asyncio.create_task(stub.wait_for_messages_async(2, timeout_seconds=5.0))
     await labsmobile.send(make_sms())
     await labsmobile.send(make_sms(message_id="msg_" + "f" * 32))

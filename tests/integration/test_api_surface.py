@@ -251,7 +251,7 @@ async def test_service_policy_shapes_the_message(api: Api) -> None:
     assert len(code) == 8 and code.isdigit()
     assert sms.text.splitlines()[-1] == f"@shop.example #{code}"
     assert "Shop" in sms.text and "5 min" in sms.text
-    assert sms.sender_id == "SHOP"
+    assert sms.sms is not None and sms.sms.sender_id == "SHOP"
 
 
 # --- operations --------------------------------------------------------------------------------

@@ -132,8 +132,17 @@ def test_same_idempotency_key_twice_causes_one_sms(server: Server, stub: LabsMob
     assert first.status_code == second.status_code == 201
     assert first.json()["id"] == second.json()["id"]
     stub.wait_for_messages(1, timeout=10)
-    time.sleep(0.5)  # time for a second (wrong) send to arrive, were there one
-    assert len(stub.messages) == 1
+    # No sleep for a second send that should not come: once the one message is recorded as
+    # sent, nothing of this verification is left queued, so nothing more can be sent.
+    url = f"{server.url}/v1/verifications/{first.json()['id']}"
+    auth = {"Authorization": f"Bearer {server.key}"}
+    deadline = time.monotonic() + 10
+    while (body := httpx.get(url, headers=auth).json())["messages"][0]["status"] == "queued":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.02)  # the next look at the condition, not a guess at a duration
+    assert [m["status"] for m in body["messages"]] == ["sent"]
+    assert body["send_attempts"] == 1
+    assert len(stub.requests) == len(stub.messages) == 1
 
 
 def test_basic_auth_with_the_account_username(server: Server) -> None:

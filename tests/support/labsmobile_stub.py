@@ -34,7 +34,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -138,6 +138,16 @@ def _flag(body: Mapping[str, Any], name: str) -> bool:
     return body.get(name) not in (None, "", "0", 0, False)
 
 
+def _subid_of(raw: bytes) -> str | None:
+    """The ``subid`` of a send body, if it has one (read on arrival, before any answer)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    subid = body.get("subid") if isinstance(body, dict) else None
+    return str(subid) if subid not in (None, "") else None
+
+
 def _answer(code: str, *, http_status: int = 200, **extra: Any) -> JSONResponse:
     return JSONResponse(
         {"code": code, "message": RESULT_MESSAGES.get(code, "Error"), **extra},
@@ -226,8 +236,10 @@ class LabsMobileStub:
 
     Knobs, each safe to call from any thread:
 
+    * :meth:`outage` — answer a bare HTTP status to every authenticated API request for a time
+      window, on the wall clock or on a clock the test drives; checked first.
     * :meth:`http_status_next` — answer a bare HTTP status to the next ``n`` authenticated API
-      requests (any endpoint); checked first.
+      requests (any endpoint).
     * :meth:`fail_next` — answer result code ``code`` to the next ``n`` valid sends.
     * ``delay_seconds`` — wait this long before answering any authenticated request.
     """
@@ -257,6 +269,9 @@ class LabsMobileStub:
         self._generation = 0
         #: Authenticated sends that reached the stub, counted on arrival (before any delay).
         self.arrivals = 0
+        self._arrivals_by_subid: collections.Counter[str] = collections.Counter()
+        # (clock, window end, status) of the outage in force, if any.
+        self._outage: tuple[Callable[[], float], float, int] | None = None
         self.app = Starlette(
             routes=[
                 Route("/json/send", self._send, methods=["POST"]),
@@ -312,11 +327,29 @@ class LabsMobileStub:
         with self._cond:
             self._http_statuses.extend([status] * n)
 
+    def outage(
+        self, seconds: float, *, status: int = 503, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Answer a bare HTTP ``status`` to every authenticated API request from now until
+        ``seconds`` have passed on ``clock`` (a reading in seconds, called on the stub's thread);
+        then answer normally again. A test with a frozen clock passes a reading of it, so the
+        outage ends when the test moves its clock, not after a real wait."""
+        with self._cond:
+            self._outage = (clock, clock() + seconds, status)
+
+    def arrivals_for(self, subid: str) -> int:
+        """Authenticated sends with this ``subid`` that arrived, answered or not."""
+        with self._cond:
+            return self._arrivals_by_subid[subid]
+
     def reset(self) -> None:
-        """Forget every record and knob: no delay, the initial credits (credentials stay)."""
+        """Forget every record and knob: no delay, no outage, the initial credits (credentials
+        stay)."""
         with self._cond:
             self._generation += 1
             self.arrivals = 0
+            self._arrivals_by_subid.clear()
+            self._outage = None
             self._requests.clear()
             self._by_subid.clear()
             self._fail_codes.clear()
@@ -472,6 +505,11 @@ class LabsMobileStub:
 
     def _next_http_status(self) -> int | None:
         with self._cond:
+            if self._outage is not None:
+                clock, until, status = self._outage
+                if clock() < until:
+                    return status
+                self._outage = None
             return self._http_statuses.popleft() if self._http_statuses else None
 
     @staticmethod
@@ -560,8 +598,11 @@ class LabsMobileStub:
         if not self._authorized(request):
             self._record(request, raw, None, 401, None, None)
             return self._unauthorized()
+        subid = _subid_of(raw)
         with self._cond:
             self.arrivals += 1
+            if subid is not None:
+                self._arrivals_by_subid[subid] += 1
             self._cond.notify_all()
         if not await self._pause():
             return self._gone()

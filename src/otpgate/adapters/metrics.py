@@ -15,6 +15,10 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
     "message_sent": ("Messages accepted by a provider", ("provider",)),
     "message_retry": ("Transient delivery errors scheduled for retry", ("provider",)),
+    "message_send_timeout": (
+        "Sends without an answer in time (the provider may have sent them)",
+        ("provider",),
+    ),
     "message_failed": ("Messages failed for good", ("provider",)),
     "receipt": ("Delivery receipts applied", ("provider", "status")),
 }

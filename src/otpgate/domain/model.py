@@ -175,19 +175,39 @@ class CheckResult:
 
 
 @dataclass(frozen=True, slots=True)
-class OutboundSms:
-    """What a provider adapter is asked to send. ``text`` holds the code: never log it."""
+class SmsContent:
+    """What only the SMS channel needs to know about a message: the sender id shown on the
+    handset (``None``: the provider account's default) and how the text travels, as measured by
+    ``domain.sms.measure`` (``GSM-7`` or ``UCS-2``, and the number of billed parts)."""
 
-    message_id: str
-    to: str
-    text: str
     sender_id: str | None
     encoding: str
     segments: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """What a sender is asked to deliver, on any channel: a destination (an E.164 number for
+    SMS and voice, an address for e-mail) and the text the recipient reads or hears.
+
+    ``text`` holds the code: never log it. ``sms`` is set exactly when ``channel`` is SMS and is
+    read only by SMS senders; a voice or e-mail sender ignores it. ``receipt_url`` is where the
+    provider reports delivery (it carries a secret), ``None`` for senders without reports.
+    """
+
+    message_id: str
+    channel: Channel
+    to: str
+    text: str
     receipt_url: str | None = None
+    sms: SmsContent | None = None
+
+    def __post_init__(self) -> None:
+        if (self.channel is Channel.SMS) != (self.sms is not None):
+            raise ValueError("an SMS message needs its SmsContent, and only an SMS message")
 
     def __repr__(self) -> str:  # the text carries the code; keep it out of reprs and tracebacks
-        return f"OutboundSms(message_id={self.message_id!r}, segments={self.segments})"
+        return f"OutboundMessage(message_id={self.message_id!r}, channel={self.channel.value!r})"
 
 
 @dataclass(frozen=True, slots=True)

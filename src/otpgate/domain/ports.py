@@ -3,7 +3,8 @@
 Each docstring is the contract every implementation must keep, checked by the suites under
 ``tests/contract``. Methods that look something up return ``None`` when nothing is found; they
 raise only :class:`otpgate.errors.Unavailable` (storage down) or, for senders,
-:class:`otpgate.errors.TransientDeliveryError` / :class:`otpgate.errors.PermanentDeliveryError`.
+:class:`otpgate.errors.TransientDeliveryError` (and its :class:`otpgate.errors.DeliveryTimeout`) /
+:class:`otpgate.errors.PermanentDeliveryError`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    Channel,
     Message,
     MessageStatus,
-    OutboundSms,
+    OutboundMessage,
     SendReceipt,
     Service,
     ServicePolicy,
@@ -37,18 +39,25 @@ class Clock(Protocol):
 # Delivery
 
 
-class SmsSender(Protocol):
-    """Hands one SMS to a provider.
+class Sender(Protocol):
+    """Hands one message to a provider, on one of the channels it carries.
+
+    ``name`` is the sender's stable identifier in routes, metrics, stored messages and receipt
+    URLs (lower case letters, digits, ``-`` and ``_``). ``channels`` says what it can carry;
+    the dispatcher only gives it messages of those channels.
 
     ``send`` returns when the provider has accepted the message, with the provider's reference
-    if it gives one. It raises ``TransientDeliveryError`` when a later attempt (or another route)
-    may succeed and ``PermanentDeliveryError`` when this message can never go out on this route.
-    It never logs ``sms.text``.
+    if it gives one. It raises ``TransientDeliveryError`` when the message certainly did not go
+    out and a later attempt (or another provider) may succeed; its subclass ``DeliveryTimeout``
+    when the request went out but no answer came in time, so the provider may have sent it; and
+    ``PermanentDeliveryError`` when this message can never go out on this route. A send does
+    not outlast the timeout the sender was built with. It never logs ``message.text``.
     """
 
     name: str
+    channels: frozenset[Channel]
 
-    async def send(self, sms: OutboundSms) -> SendReceipt: ...
+    async def send(self, message: OutboundMessage) -> SendReceipt: ...
 
     async def aclose(self) -> None:
         """Release connections; the sender is not used afterwards."""
@@ -70,6 +79,19 @@ class ReceiptParser(Protocol):
     def parse_receipt(self, params: Mapping[str, str]) -> DeliveryReport | None:
         """The report carried by a receipt request's parameters, or ``None`` if it names no
         message. Authentication of the request is the caller's job, not the parser's."""
+        ...
+
+
+class Outbox(Protocol):
+    """Where committed messages are announced (the delivery dispatcher)."""
+
+    def lease_until(self, now: datetime) -> datetime | None:
+        """A lease to write with a message queued now, if the caller's process will send it
+        itself; None to leave it for whichever dispatcher claims it."""
+        ...
+
+    def queued(self, item: ClaimedMessage | None = None) -> None:
+        """A message was committed: ``item`` (leased) to send now, or None to wake a claimer."""
         ...
 
 

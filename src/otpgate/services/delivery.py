@@ -2,12 +2,30 @@
 
 A request never waits for a provider. It commits the verification and its outbox row in one
 transaction and hands it to :meth:`Dispatcher.queued`, already leased; a claim loop takes the rest
-(retries, scale mode, leases left by a dead process) with a lease of its own,
-renders each text from the sealed code and hands it to the route's sender. If the process dies
-between claim and answer, the lease lapses and another dispatcher sends the row again: at most
-once more, with the same code, because the code lives with the verification, not the message
-(S22). Transient errors are retried with exponential backoff; permanent ones fail the message
-at once (S23, DESIGN.md habit 5).
+(retries, scale mode, leases left by a dead process) with a lease of its own, renders each text
+from the sealed code and hands it to a sender of the route. If the process dies between claim and
+answer, the lease lapses and another dispatcher sends the row again: at most once more, with the
+same code, because the code lives with the verification, not the message (S22).
+
+The rules of an attempt, in the order they apply:
+
+* **Route.** The dispatcher walks an ordered route of providers. A fresh message goes to the first
+  provider that carries its channel; after a transient error or a timeout, the next attempt goes to
+  the next such provider of the route, wrapping around to the first. Moving on to a later provider
+  is immediate; coming back round waits for the backoff. A permanent error fails the message.
+* **Retry until expiry.** A verification's message is retried, with capped exponential backoff,
+  for as long as the verification can be approved: it fails only when the next attempt would come
+  at or after ``expires_at``. A message without a verification has no expiry; it makes at most
+  ``RetryPolicy.max_attempts`` attempts.
+* **Unknown outcome.** A send that got no answer (:class:`~otpgate.errors.DeliveryTimeout`, or
+  the dispatcher's own limit) may have gone out. Each provider gets at most
+  :data:`MAX_UNANSWERED_SENDS` such sends of one message, i.e. one more after the first; then the
+  route goes on without it, and with no provider left the message fails rather than risk more
+  copies of the code. The count is kept with the message (in its stored error text, see
+  :func:`unanswered_sends`), so it holds across claims, processes and restarts.
+* **Sent is sent.** Once a provider accepted a message, this process never hands it to a sender
+  again, even while storage refuses to record it: the sent-mark is kept in memory and retried
+  with backoff until storage takes it.
 """
 
 from __future__ import annotations
@@ -16,6 +34,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +44,13 @@ from datetime import datetime, timedelta
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.codes import CodeVault
-from otpgate.domain.model import OutboundSms, VerificationStatus
+from otpgate.domain.model import (
+    Channel,
+    OutboundMessage,
+    SendReceipt,
+    SmsContent,
+    VerificationStatus,
+)
 from otpgate.domain.phone import mask
 from otpgate.domain.ports import (
     ClaimedMessage,
@@ -33,9 +59,10 @@ from otpgate.domain.ports import (
     DeliveryStorage,
     MessageStore,
     Metrics,
-    SmsSender,
+    Sender,
 )
 from otpgate.errors import (
+    DeliveryTimeout,
     PermanentDeliveryError,
     TransientDeliveryError,
     Unavailable,
@@ -43,24 +70,117 @@ from otpgate.errors import (
 
 log = logging.getLogger(__name__)
 
+#: Sends of one message a provider may leave unanswered before the route goes on without it: a
+#: timed-out send may have gone out, so it is sent at most once more through the same provider.
+MAX_UNANSWERED_SENDS = 2
+
+#: The longest error text a message keeps (the size of its stored column).
+MAX_ERROR_LENGTH = 500
+
+#: How much longer than its own timeout a sender may take before the dispatcher gives up on it;
+#: a sender that ignores its timeout must not hold a send slot, or outlast its lease, forever.
+SEND_GRACE_SECONDS = 1.0
+
+#: The channels whose text the dispatcher can compose. Voice and e-mail senders can join a route
+#: (the port is the same) once their text is composed here too.
+COMPOSED_CHANNELS = frozenset({Channel.SMS})
+
+# The tally of unanswered sends, at the end of a message's error text: " [unanswered: a=1, b=2]".
+# It must outlive this process (another worker claims the next attempt, or a restart does), and
+# the error text is the one free-form field the outbox row has; a column of its own would be
+# cleaner once the storage port offers one.
+_TALLY = re.compile(r" \[unanswered: ([a-z][a-z0-9_-]*=[0-9]+(?:, [a-z][a-z0-9_-]*=[0-9]+)*)\]\Z")
+
+
+def unanswered_sends(error: str | None) -> dict[str, int]:
+    """The unanswered sends per provider recorded in a message's error text by
+    :func:`with_unanswered` (empty when there is none).
+
+    >>> unanswered_sends("labsmobile: server error (HTTP 503) [unanswered: labsmobile=1]")
+    {'labsmobile': 1}
+    >>> unanswered_sends("labsmobile: server error (HTTP 503)")
+    {}
+    """
+    match = _TALLY.search(error or "")
+    if match is None:
+        return {}
+    pairs = (item.split("=") for item in match.group(1).split(", "))
+    return {name: int(count) for name, count in pairs}
+
+
+def with_unanswered(error: str, tally: Mapping[str, int]) -> str:
+    """``error`` with the tally of unanswered sends appended, shortened so that the whole fits
+    :data:`MAX_ERROR_LENGTH` with the tally intact.
+
+    >>> with_unanswered("no answer within the timeout", {"labsmobile": 1})
+    'no answer within the timeout [unanswered: labsmobile=1]'
+    """
+    error = _TALLY.sub("", error)
+    if not tally:
+        return error[:MAX_ERROR_LENGTH]
+    suffix = " [unanswered: " + ", ".join(f"{k}={v}" for k, v in sorted(tally.items())) + "]"
+    return error[: MAX_ERROR_LENGTH - len(suffix)] + suffix
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
+    #: Attempts of a message without a verification (no expiry bounds it) before it fails.
     max_attempts: int = 5
+    #: The first wait; it doubles per round of the route, up to ``backoff_max_seconds``.
     backoff_seconds: float = 2.0
+    backoff_max_seconds: float = 30.0
     lease_seconds: int = 30
     #: The longest a provider call may take; a handed-off message is sent only while its lease
     #: has at least this long to run, so no lease can lapse during its send.
     send_timeout_seconds: float = 10.0
 
-    def delay(self, attempt: int) -> float:
-        """Exponential backoff with up to 25 % jitter, so retries of a burst spread out."""
-        base = self.backoff_seconds * 2.0 ** max(0, attempt - 1)
-        return base * (1 + secrets.randbelow(250) / 1000)
+    def delay(self, rounds: int) -> float:
+        """The wait after round ``rounds`` (from 1) of the route: ``backoff · 2^(rounds−1)``, at
+        most the cap, plus up to 25 % jitter so that the retries of a burst spread out."""
+        exponent = min(max(0, rounds - 1), 64)  # 2.0 ** a few thousand would overflow
+        step = min(self.backoff_max_seconds, self.backoff_seconds * 2.0**exponent)
+        return step * (1 + secrets.randbelow(250) / 1000)
+
+    def next_attempt_at(
+        self,
+        now: datetime,
+        *,
+        attempt: int,
+        rounds: int,
+        at_once: bool,
+        expires_at: datetime | None,
+    ) -> datetime | None:
+        """When to make the next attempt after attempt number ``attempt`` failed transiently,
+        or None to give up.
+
+        ``at_once`` (the next provider comes later in the route) means now; otherwise after
+        :meth:`delay` of ``rounds``. A verification's message (``expires_at`` set) gives up
+        only when that time would be at or after ``expires_at``: a code that arrives later can
+        no longer be approved. A message without one gives up after ``max_attempts``."""
+        if expires_at is None and attempt >= self.max_attempts:
+            return None
+        retry_at = now if at_once else now + timedelta(seconds=self.delay(rounds))
+        if expires_at is not None and retry_at >= expires_at:
+            return None
+        return retry_at
+
+
+@dataclass(slots=True)
+class _SentMark:
+    """A send the provider accepted and storage has not recorded yet."""
+
+    message_id: str
+    provider: str
+    receipt: SendReceipt
+    sent_at: datetime
 
 
 class Dispatcher:
-    """Claims due outbox rows and sends them, up to ``concurrency`` at a time."""
+    """Claims due outbox rows and sends them through the route, up to ``concurrency`` at a time.
+
+    ``route`` names the providers in the order they are tried; ``senders`` holds a sender for
+    each (and may hold more). ``channels`` is what the route can deliver.
+    """
 
     #: Pending verifications past their expiry are written ``expired`` this often (S2).
     HOUSEKEEPING_SECONDS = 30.0
@@ -69,7 +189,7 @@ class Dispatcher:
         self,
         *,
         storage: DeliveryStorage,
-        senders: Mapping[str, SmsSender],
+        senders: Mapping[str, Sender],
         route: tuple[str, ...],
         vault: CodeVault,
         clock: Clock,
@@ -81,6 +201,8 @@ class Dispatcher:
     ) -> None:
         if not route or any(name not in senders for name in route):
             raise ValueError("every provider of the route needs a sender")
+        if len(set(route)) != len(route):
+            raise ValueError("a provider appears twice in the route")
         self._storage = storage
         self._senders = senders
         self._route = route
@@ -91,6 +213,8 @@ class Dispatcher:
         self._receipt_urls = receipt_urls
         self._concurrency = concurrency
         self._poll_seconds = poll_seconds
+        carried = frozenset(channel for name in route for channel in senders[name].channels)
+        self.channels: frozenset[Channel] = COMPOSED_CHANNELS & carried
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -100,6 +224,9 @@ class Dispatcher:
         # Set when a claim filled every free slot, so rows may still be waiting: a finished
         # send must then wake the claim loop. Otherwise finishing sends wake nothing.
         self._claims_waiting = False
+        # Accepted by a provider, not yet recorded by storage: never sent again from here.
+        self._unrecorded: dict[str, _SentMark] = {}
+        self._recorder: asyncio.Task[None] | None = None
 
     # The handoff: a request that queues a message in this process gives it to this dispatcher
     # directly, already leased, so the SMS leaves right after the commit without a claim round
@@ -132,6 +259,11 @@ class Dispatcher:
             self._spawn(item)
 
     def _spawn(self, item: ClaimedMessage) -> None:
+        if item.message.id in self._unrecorded:
+            # A provider accepted it already; only storage does not know yet. The recorder
+            # writes it as sent (which also ends this claim's lease).
+            log.info("message already sent, not sent again", extra={"message_id": item.message.id})
+            return
         task = asyncio.create_task(self.deliver(item))
         self._inflight.add(task)
         task.add_done_callback(self._finished)
@@ -141,7 +273,8 @@ class Dispatcher:
             self._runner = asyncio.create_task(self.run_forever(), name="otpgate-dispatcher")
 
     async def stop(self) -> None:
-        """Stop claiming and wait for the sends in flight to finish."""
+        """Stop claiming, wait for the sends in flight to finish, and try once more to record
+        the sends storage has not taken yet (what is still left then is logged by id)."""
         self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
@@ -150,6 +283,17 @@ class Dispatcher:
             self._runner = None
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._recorder is not None:
+            self._recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recorder
+            self._recorder = None
+        await self.record_sent_marks()
+        if self._unrecorded:
+            log.error(
+                "stopping with sends storage has not recorded; they will be sent again",
+                extra={"message_ids": sorted(self._unrecorded)},
+            )
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -206,16 +350,26 @@ class Dispatcher:
             self._wake.set()  # capacity is free again for rows the last claim had to leave
 
     async def drain(self) -> None:
-        """Send everything due now and wait for it (for tests and the one-shot worker)."""
+        """Send everything due now and wait for it (for tests and the one-shot worker). Sends
+        that storage has not recorded yet are tried once before and once after, with no wait."""
+        await self.record_sent_marks()
         while await self.dispatch_due() or self._inflight:
             if self._inflight:
                 await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        await self.record_sent_marks()
+
+    @property
+    def unrecorded_sends(self) -> frozenset[str]:
+        """Ids of messages a provider accepted and storage has not recorded yet."""
+        return frozenset(self._unrecorded)
+
+    # --- one attempt -------------------------------------------------------------------------
 
     async def deliver(self, item: ClaimedMessage) -> None:
-        """Send one claimed message and record the outcome. Never raises."""
+        """Send one claimed message through the provider whose turn it is, and record the
+        outcome. Never raises."""
         message, verification, service = item.message, item.verification, item.service
         now = self._clock.now()
-        provider = self._route[0]
         try:
             if verification is None or service is None or verification.code_sealed is None:
                 await self._storage.mark_failed(
@@ -228,6 +382,19 @@ class Dispatcher:
                     message.id, provider=None, now=now, error="verification expired before sending"
                 )
                 return
+            tally = unanswered_sends(message.error)
+            provider = self._provider_after(message.provider, message.channel, tally)
+            if provider is None:
+                await self._fail(
+                    item,
+                    message.provider,
+                    with_unanswered(
+                        f"no provider of the route can take this {message.channel.value} "
+                        "message any more",
+                        tally,
+                    ),
+                )
+                return
             try:
                 code = self._vault.unseal(verification.id, verification.code_sealed)
             except ValueError:  # sealed under another master key: it can never be sent
@@ -236,73 +403,217 @@ class Dispatcher:
             text = rules.compose_sms(
                 service.policy, code=code, locale=message.locale, context=verification.context
             )
-            shape = sms.measure(text)
-            outbound = OutboundSms(
-                message_id=message.id,
-                to=message.to,
-                text=text,
-                sender_id=service.policy.sender_id,
-                encoding=shape.encoding,
-                segments=shape.segments,
-                receipt_url=self._receipt_urls.get(provider),
-            )
-            sender = self._senders[provider]
-            try:
-                receipt = await sender.send(outbound)
-            except PermanentDeliveryError as exc:
-                await self._fail(item, provider, str(exc))
-            except TransientDeliveryError as exc:
-                await self._retry_or_fail(item, provider, str(exc))
-            except Exception as exc:  # an adapter bug must not lose the message: retry it
-                log.exception("sender %s raised an unexpected error", provider)
-                await self._retry_or_fail(item, provider, f"unexpected: {type(exc).__name__}")
-            else:
-                await self._storage.mark_sent(
-                    message.id, provider=provider, receipt=receipt, now=self._clock.now()
-                )
-                self._metrics.count("message_sent", provider=provider)
-                log.info(
-                    "message sent",
-                    extra={"message_id": message.id, "to": mask(message.to), "provider": provider},
-                )
+            await self._send(item, provider, self._outbound(item, provider, text))
         except Unavailable:
             # The lease lapses and the row is claimed again once storage is back.
             log.warning("storage unavailable while delivering", extra={"message_id": message.id})
         except Exception:
             log.exception("delivery of %s failed unexpectedly", message.id)
 
-    async def _retry_or_fail(self, item: ClaimedMessage, provider: str, error: str) -> None:
-        attempt = item.message.attempts  # the claim already counted this attempt
-        if attempt >= self._retry.max_attempts:
-            await self._fail(item, provider, f"gave up after {attempt} attempts: {error}")
+    def _outbound(self, item: ClaimedMessage, provider: str, text: str) -> OutboundMessage:
+        message, service = item.message, item.service
+        assert service is not None  # deliver() checked
+        # Only SMS is composed today: _provider_after finds no provider for other channels.
+        shape = sms.measure(text)
+        return OutboundMessage(
+            message_id=message.id,
+            channel=Channel.SMS,
+            to=message.to,
+            text=text,
+            receipt_url=self._receipt_urls.get(provider),
+            sms=SmsContent(
+                sender_id=service.policy.sender_id,
+                encoding=shape.encoding,
+                segments=shape.segments,
+            ),
+        )
+
+    async def _send(self, item: ClaimedMessage, provider: str, outbound: OutboundMessage) -> None:
+        sender = self._senders[provider]
+        limit = self._retry.send_timeout_seconds + SEND_GRACE_SECONDS
+        try:
+            async with asyncio.timeout(limit):
+                receipt = await sender.send(outbound)
+        except PermanentDeliveryError as exc:
+            await self._fail(item, provider, str(exc))
+        except DeliveryTimeout as exc:
+            await self._after_unanswered(item, provider, str(exc))
+        except TimeoutError:  # the sender overran its own timeout: same unknown outcome
+            await self._after_unanswered(item, provider, f"{provider}: no answer within {limit} s")
+        except TransientDeliveryError as exc:
+            await self._after_transient(item, provider, str(exc))
+        except Exception as exc:  # an adapter bug must not lose the message: retry it
+            log.exception("sender %s raised an unexpected error", provider)
+            await self._after_transient(item, provider, f"unexpected: {type(exc).__name__}")
+        else:
+            self._metrics.count("message_sent", provider=provider)
+            log.info(
+                "message sent",
+                extra={
+                    "message_id": item.message.id,
+                    "to": mask(item.message.to),
+                    "provider": provider,
+                },
+            )
+            mark = _SentMark(item.message.id, provider, receipt, self._clock.now())
+            await self._record_sent(mark)
+
+    # --- the route ---------------------------------------------------------------------------
+
+    def _provider_after(
+        self, last: str | None, channel: Channel, tally: Mapping[str, int]
+    ) -> str | None:
+        """The provider of the next attempt: for a message no provider has failed yet (``last``
+        is None, or not in the route any more), the first of the route that can take it;
+        after a failure on ``last``, the next one after it, wrapping around (so ``last`` itself
+        when it is the only one left). None when no provider can take the message."""
+        usable = [
+            name
+            for name in self._route
+            if channel in self.channels
+            and channel in self._senders[name].channels
+            and tally.get(name, 0) < MAX_UNANSWERED_SENDS
+        ]
+        if not usable:
+            return None
+        if last is None or last not in self._route:
+            return usable[0]
+        start = self._route.index(last)
+        for step in range(1, len(self._route) + 1):
+            candidate = self._route[(start + step) % len(self._route)]
+            if candidate in usable:
+                return candidate
+        return None  # not reached: usable is a non-empty part of the route
+
+    async def _after_unanswered(self, item: ClaimedMessage, provider: str, error: str) -> None:
+        self._metrics.count("message_send_timeout", provider=provider)
+        tally = unanswered_sends(item.message.error)
+        tally[provider] = tally.get(provider, 0) + 1
+        await self._after_transient(item, provider, error, tally=tally)
+
+    async def _after_transient(
+        self,
+        item: ClaimedMessage,
+        provider: str,
+        error: str,
+        *,
+        tally: dict[str, int] | None = None,
+    ) -> None:
+        """Schedule the next attempt on the provider whose turn it is, or fail the message when
+        there is none, when a message without a verification used its attempts, or when its
+        verification expires before the next attempt could be made."""
+        message, verification = item.message, item.verification
+        if tally is None:
+            tally = unanswered_sends(message.error)
+        detail = with_unanswered(error, tally)
+        following = self._provider_after(provider, message.channel, tally)
+        if following is None:
+            await self._fail(
+                item,
+                provider,
+                with_unanswered(
+                    "not sent again: every provider of the route left it unanswered twice "
+                    f"and may have sent it; last: {error}",
+                    tally,
+                ),
+            )
             return
+        attempt = message.attempts  # the claim (or handoff) already counted this attempt
+        expires_at = verification.expires_at if verification is not None else None
         now = self._clock.now()
-        retry_at = now + timedelta(seconds=self._retry.delay(attempt))
+        retry_at = self._retry.next_attempt_at(
+            now,
+            attempt=attempt,
+            rounds=math.ceil(attempt / len(self._route)),
+            at_once=self._route.index(following) > self._route.index(provider),
+            expires_at=expires_at,
+        )
+        if retry_at is None:
+            reason = (
+                f"gave up after {attempt} attempts"
+                if expires_at is None
+                else "gave up: the verification expires before the next attempt"
+            )
+            await self._fail(item, provider, with_unanswered(f"{reason}: {error}", tally))
+            return
+        delay = (retry_at - now).total_seconds()
         await self._storage.mark_retry(
-            item.message.id, provider=provider, error=error, next_attempt_at=retry_at, now=now
+            message.id, provider=provider, error=detail, next_attempt_at=retry_at, now=now
         )
         self._metrics.count("message_retry", provider=provider)
         log.warning(
             "transient delivery error; will retry",
             extra={
-                "message_id": item.message.id,
+                "message_id": message.id,
                 "provider": provider,
+                "next_provider": following,
                 "error": error,
                 "attempt": attempt,
+                "retry_in_seconds": round(delay, 3),
             },
         )
+        if retry_at <= now:
+            self._wake.set()
 
-    async def _fail(self, item: ClaimedMessage, provider: str, error: str) -> None:
+    async def _fail(self, item: ClaimedMessage, provider: str | None, error: str) -> None:
         failed = await self._storage.mark_failed(
             item.message.id, provider=provider, error=error, now=self._clock.now()
         )
-        self._metrics.count("message_failed", provider=provider)
+        self._metrics.count("message_failed", provider=provider or "none")
         log.warning(
             "message failed",
             extra={"message_id": item.message.id, "provider": provider, "error": error},
         )
         if failed is not None:
             self._metrics.count("verification_failed")
+
+    # --- sent-marks storage has not taken yet ----------------------------------------------
+
+    async def _record_sent(self, mark: _SentMark) -> None:
+        """Record an accepted send. Should storage refuse, keep the mark and retry it in the
+        background: the message must not reach a sender again, and its lease will lapse."""
+        try:
+            await self._storage.mark_sent(
+                mark.message_id, provider=mark.provider, receipt=mark.receipt, now=mark.sent_at
+            )
+        except Exception as exc:
+            self._unrecorded[mark.message_id] = mark
+            log.warning(
+                "provider accepted the message but storage did not record it; retrying",
+                extra={"message_id": mark.message_id, "error": type(exc).__name__},
+            )
+            if self._runner is not None and not self._stopping and self._recorder is None:
+                self._recorder = asyncio.create_task(
+                    self._record_until_stored(), name="otpgate-sent-marks"
+                )
+
+    async def record_sent_marks(self) -> int:
+        """Try once to record every send storage has not taken yet; returns how many remain."""
+        for mark in list(self._unrecorded.values()):
+            try:
+                await self._storage.mark_sent(
+                    mark.message_id, provider=mark.provider, receipt=mark.receipt, now=mark.sent_at
+                )
+            except Exception as exc:
+                log.warning(
+                    "storage still does not record a sent message",
+                    extra={"message_id": mark.message_id, "error": type(exc).__name__},
+                )
+                break  # storage is still down: the rest waits for the next round
+            self._unrecorded.pop(mark.message_id, None)
+        return len(self._unrecorded)
+
+    async def _record_until_stored(self) -> None:
+        """Retry the unrecorded sent-marks with exponential backoff (from the poll interval up
+        to the backoff cap) until storage has taken all of them."""
+        wait = self._poll_seconds
+        try:
+            while self._unrecorded:
+                await asyncio.sleep(wait)
+                if await self.record_sent_marks():
+                    wait = min(wait * 2, max(self._retry.backoff_max_seconds, self._poll_seconds))
+        finally:
+            self._recorder = None
 
 
 class ReceiptService:

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
@@ -45,6 +45,7 @@ from otpgate.domain.ports import (
     Clock,
     Lockout,
     Metrics,
+    Outbox,
     Page,
     VerificationStorage,
 )
@@ -71,19 +72,6 @@ class StartRequest:
     context: dict[str, str] | None = None
     metadata: dict[str, Any] | None = None
     country: str | None = None
-
-
-class Outbox(Protocol):
-    """Where committed messages are announced (the delivery dispatcher)."""
-
-    def lease_until(self, now: datetime) -> datetime | None:
-        """A lease to write with a message queued now, if the caller's process will send it
-        itself; None to leave it for whichever dispatcher claims it."""
-        ...
-
-    def queued(self, item: ClaimedMessage | None = None) -> None:
-        """A message was committed: ``item`` (leased) to send now, or None to wake a claimer."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

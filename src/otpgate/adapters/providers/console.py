@@ -1,4 +1,6 @@
-"""The development SMS sender: prints each message in a clearly marked banner, sends nothing.
+"""The development sender: prints each message in a clearly marked banner, sends nothing.
+
+It carries every channel (SMS, voice, e-mail), so a development server can show any of them.
 
 This is the one documented place where a message text (and so a code) is shown (SECURITY.md S2).
 It writes straight to a text stream and deliberately does not use ``logging``: logs never carry
@@ -12,21 +14,34 @@ import sys
 import threading
 from typing import TextIO
 
-from otpgate.domain.model import OutboundSms, SendReceipt
-from otpgate.errors import TransientDeliveryError
+from otpgate.adapters.providers.registry import register
+from otpgate.domain.model import Channel, OutboundMessage, SendReceipt
+from otpgate.errors import ConfigurationError, TransientDeliveryError
+from otpgate.settings import Environment, Settings
 
-__all__ = ["BANNER", "ConsoleSender"]
+__all__ = ["BANNER", "ConsoleSender", "from_settings"]
 
 BANNER = "==== DEV SMS (console sender, not delivered) ===="
 _FOOTER = "=" * len(BANNER)
 
 
+@register("console")
+def from_settings(settings: Settings) -> ConsoleSender:
+    """The console sender; refused in production, where it would only print codes."""
+    if settings.env is Environment.PRODUCTION:
+        raise ConfigurationError(
+            "OTPGATE_SMS_PROVIDER=console only prints codes; choose a real provider in production"
+        )
+    return ConsoleSender()
+
+
 class ConsoleSender:
-    """``SmsSender`` that writes each message to ``stream`` (``sys.stdout`` at send time by
+    """``Sender`` that writes each message to ``stream`` (``sys.stdout`` at send time by
     default) and returns ``SendReceipt(provider_ref=<message id>)``. A stream that cannot be
     written raises ``TransientDeliveryError``."""
 
     name = "console"
+    channels = frozenset(Channel)
 
     def __init__(self, *, stream: TextIO | None = None) -> None:
         self._stream = stream
@@ -37,22 +52,19 @@ class ConsoleSender:
         target = "stdout" if self._stream is None else type(self._stream).__name__
         return f"ConsoleSender(stream={target})"
 
-    async def send(self, sms: OutboundSms) -> SendReceipt:
-        sender = sms.sender_id if sms.sender_id is not None else "(account default)"
-        block = "\n".join(
-            (
-                "",
-                BANNER,
-                f"to:         {sms.to}",
-                f"message id: {sms.message_id}",
-                f"sender:     {sender}",
-                f"encoding:   {sms.encoding}, {sms.segments} segment(s)",
-                "-" * len(BANNER),
-                sms.text,
-                _FOOTER,
-                "",
-            )
-        )
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        lines = ["", BANNER]
+        if message.channel is not Channel.SMS:
+            lines.append(f"channel:    {message.channel.value}")
+        lines += [f"to:         {message.to}", f"message id: {message.message_id}"]
+        if message.sms is not None:
+            sender = message.sms.sender_id
+            lines += [
+                f"sender:     {sender if sender is not None else '(account default)'}",
+                f"encoding:   {message.sms.encoding}, {message.sms.segments} segment(s)",
+            ]
+        lines += ["-" * len(BANNER), message.text, _FOOTER, ""]
+        block = "\n".join(lines)
         # Resolved now, not at construction, so a replaced sys.stdout (pytest capture) is used.
         stream = self._stream if self._stream is not None else sys.stdout
         try:
@@ -63,7 +75,7 @@ class ConsoleSender:
             raise TransientDeliveryError(
                 f"console: cannot write to the stream ({type(exc).__name__})"
             ) from exc
-        return SendReceipt(provider_ref=sms.message_id)
+        return SendReceipt(provider_ref=message.message_id)
 
     async def aclose(self) -> None:
         """Nothing to release: the stream belongs to the caller."""

@@ -23,9 +23,12 @@ Wire format (``/work/shared/reference/labsmobile.md`` §2, LabsMobile JSON API 2
 Error translation (DESIGN.md habits 4 and 5): result codes 30 (error while sending) and 35 (no
 credit) are transient, every other non-zero code is permanent. HTTP 401/403 are transient (the
 route's credentials are wrong: fail over and alert rather than fail the message), HTTP 400 is
-permanent, 429, 5xx, any other unexpected status, timeouts and transport errors are transient.
-A 2xx answer that cannot be read is transient too: the worker may then send once more, which is
-better than losing a code. No exception or repr ever carries the message text or the token.
+permanent, 429, 5xx, any other unexpected status and a connection that cannot be made are
+transient. A request that went out and got no answer (a timeout, or a connection dropped before
+the answer) raises ``DeliveryTimeout``: LabsMobile may have sent the message, and the dispatcher
+sends it at most once more. A 2xx answer that cannot be read is transient too: the worker may
+then send once more, which is better than losing a code. No exception or repr ever carries the
+message text or the token.
 
 HTTP client: an ``aiohttp.ClientSession``. The send is on the hot path of every verification,
 and aiohttp takes several times less CPU per request than httpx did, with the same wire
@@ -33,7 +36,8 @@ behaviour: the body is encoded as httpx encodes ``json=`` (compact UTF-8, no NaN
 go in a prebuilt ``Authorization`` header, redirects are not followed, HTTPS verifies against
 certifi's CA bundle as httpx does, and proxy settings of the environment are ignored.
 ``timeout_seconds`` bounds each request as a whole (connection, upload and answer), so a send
-does not outlast it by more than aiohttp's rounding of long timeouts up to a whole second.
+does not outlast it by more than aiohttp's rounding of long timeouts up to a whole second; the
+connection must be made within the first half of it.
 """
 
 from __future__ import annotations
@@ -50,16 +54,19 @@ import aiohttp
 import certifi
 import yarl
 
-from otpgate.domain.model import MessageStatus, OutboundSms, SendReceipt
+from otpgate.adapters.providers.registry import PROVIDER_NAME, register
+from otpgate.domain.model import Channel, MessageStatus, OutboundMessage, SendReceipt
 from otpgate.domain.ports import DeliveryReport
 from otpgate.errors import (
     ConfigurationError,
     DeliveryError,
+    DeliveryTimeout,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from otpgate.settings import Settings
 
-__all__ = ["DEFAULT_BASE_URL", "LabsMobileSender", "subid_for"]
+__all__ = ["DEFAULT_BASE_URL", "LabsMobileSender", "from_settings", "subid_for"]
 
 DEFAULT_BASE_URL: Final = "https://api.labsmobile.com"
 
@@ -106,15 +113,41 @@ def subid_for(message_id: str) -> str:
     return ref
 
 
+@register("labsmobile")
+def from_settings(settings: Settings) -> LabsMobileSender:
+    """The sender for ``OTPGATE_LABSMOBILE_USERNAME`` / ``_TOKEN`` / ``_URL`` with
+    ``OTPGATE_PROVIDER_TIMEOUT_SECONDS``; a missing or bad one is named (never its value)."""
+    missing = [
+        setting
+        for setting, value in (
+            ("OTPGATE_LABSMOBILE_USERNAME", settings.labsmobile_username),
+            ("OTPGATE_LABSMOBILE_TOKEN", settings.labsmobile_token.get_secret_value()),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigurationError(f"OTPGATE_SMS_PROVIDER=labsmobile needs {' and '.join(missing)}")
+    if not settings.labsmobile_url.startswith(("http://", "https://")):
+        raise ConfigurationError("OTPGATE_LABSMOBILE_URL must be an http:// or https:// URL")
+    return LabsMobileSender(
+        username=settings.labsmobile_username,
+        token=settings.labsmobile_token.get_secret_value(),
+        base_url=settings.labsmobile_url,
+        timeout_seconds=settings.provider_timeout_seconds,
+    )
+
+
 class LabsMobileSender:
-    """``SmsSender`` and ``ReceiptParser`` for LabsMobile's SMS JSON API.
+    """``Sender`` (SMS only) and ``ReceiptParser`` for LabsMobile's SMS JSON API.
 
     The sender owns (and ``aclose`` closes) its ``aiohttp.ClientSession`` unless one is passed
     in; ``timeout_seconds`` applies to every request either way. After ``aclose`` every request
-    raises ``TransientDeliveryError``.
+    raises ``TransientDeliveryError``. ``name`` is ``labsmobile`` unless another is given, so
+    two LabsMobile accounts can be two providers of one route.
     """
 
     name = "labsmobile"
+    channels = frozenset({Channel.SMS})
 
     def __init__(
         self,
@@ -124,7 +157,10 @@ class LabsMobileSender:
         base_url: str = DEFAULT_BASE_URL,
         timeout_seconds: float = 10.0,
         client: aiohttp.ClientSession | None = None,
+        name: str = "labsmobile",
     ) -> None:
+        if not PROVIDER_NAME.fullmatch(name):
+            raise ConfigurationError(f"labsmobile: name must match {PROVIDER_NAME.pattern}")
         if not username:
             raise ConfigurationError("labsmobile: username (the account e-mail) is required")
         if not token:
@@ -133,6 +169,7 @@ class LabsMobileSender:
             raise ConfigurationError("labsmobile: base_url must be an http(s) URL")
         if timeout_seconds <= 0:
             raise ConfigurationError("labsmobile: timeout_seconds must be positive")
+        self.name = name
         self._username = username
         credentials = base64.b64encode(f"{username}:{token}".encode()).decode("ascii")
         # The token lives only inside these headers; nothing here prints them.
@@ -143,7 +180,10 @@ class LabsMobileSender:
         self._urls = {
             path: yarl.URL(f"{self._base_url}{path}") for path in ("/json/send", "/json/balance")
         }
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        # Connecting gets half the budget: a connection not made in that time carried nothing,
+        # so its failure is a plain transient error. Past it, a request without an answer may
+        # have been taken (an unknown outcome, ``DeliveryTimeout``).
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=timeout_seconds / 2)
         # Our own session is made on first use (inside the event loop, as aiohttp wants), so a
         # sender built only to parse receipts (or never used) holds no connection pool.
         self._client = client
@@ -151,7 +191,10 @@ class LabsMobileSender:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"LabsMobileSender(username={self._username!r}, base_url={self._base_url!r})"
+        return (
+            f"LabsMobileSender(name={self.name!r}, username={self._username!r}, "
+            f"base_url={self._base_url!r})"
+        )
 
     async def __aenter__(self) -> LabsMobileSender:
         return self
@@ -160,14 +203,19 @@ class LabsMobileSender:
         await self.aclose()
 
     # ----------------------------------------------------------------------------------------
-    # SmsSender
+    # Sender
 
-    async def send(self, sms: OutboundSms) -> SendReceipt:
-        """POST the message to ``/json/send``; the receipt's ``provider_ref`` is the ``subid``."""
-        subid = subid_for(sms.message_id)
-        answer = await self._request("POST", "/json/send", body=self._payload(sms, subid))
-        payload = self._answer(answer, text=sms.text)
-        self._raise_for_code(payload, text=sms.text)
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        """POST the message to ``/json/send``; the receipt's ``provider_ref`` is the ``subid``.
+        A message of another channel than SMS is refused (``PermanentDeliveryError``)."""
+        if message.sms is None:
+            raise PermanentDeliveryError(
+                f"{self.name}: LabsMobile carries SMS only, not {message.channel.value}"
+            )
+        subid = subid_for(message.message_id)
+        answer = await self._request("POST", "/json/send", body=self._payload(message, subid))
+        payload = self._answer(answer, text=message.text)
+        self._raise_for_code(payload, text=message.text)
         return SendReceipt(provider_ref=subid)
 
     async def aclose(self) -> None:
@@ -218,19 +266,20 @@ class LabsMobileSender:
     # Internals
 
     @staticmethod
-    def _payload(sms: OutboundSms, subid: str) -> dict[str, Any]:
+    def _payload(message: OutboundMessage, subid: str) -> dict[str, Any]:
+        assert message.sms is not None  # send() refuses other channels
         body: dict[str, Any] = {
-            "recipient": [{"msisdn": sms.to.removeprefix("+")}],
-            "message": sms.text,
+            "recipient": [{"msisdn": message.to.removeprefix("+")}],
+            "message": message.text,
             "subid": subid,
         }
-        if sms.sender_id is not None:
-            body["tpoa"] = sms.sender_id
-        if sms.receipt_url is not None:
-            body["ackurl"] = sms.receipt_url
-        if sms.encoding.upper().replace("-", "") == "UCS2":
+        if message.sms.sender_id is not None:
+            body["tpoa"] = message.sms.sender_id
+        if message.receipt_url is not None:
+            body["ackurl"] = message.receipt_url
+        if message.sms.encoding.upper().replace("-", "") == "UCS2":
             body["ucs2"] = FLAG_ON
-        if sms.segments > 1:
+        if message.sms.segments > 1:
             body["long"] = FLAG_ON
         return body
 
@@ -254,11 +303,19 @@ class LabsMobileSender:
             ) as response:
                 content = await response.read()
                 return _Answer(response.status, content, response.headers.get("retry-after", ""))
-        except TimeoutError as exc:  # before ClientError: aiohttp's timeouts are both
-            raise TransientDeliveryError("labsmobile: no answer within the timeout") from exc
-        except aiohttp.ClientError as exc:
+        # The order matters: aiohttp's timeouts are TimeoutErrors and ClientErrors both, and a
+        # connection that was never made is the one failure that certainly sent nothing.
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise TransientDeliveryError("labsmobile: no connection within the timeout") from exc
+        except aiohttp.ClientConnectorError as exc:
             raise TransientDeliveryError(
                 f"labsmobile: transport error ({type(exc).__name__})"
+            ) from exc
+        except TimeoutError as exc:
+            raise DeliveryTimeout("labsmobile: no answer within the timeout") from exc
+        except aiohttp.ClientError as exc:  # the request may have gone out: outcome unknown
+            raise DeliveryTimeout(
+                f"labsmobile: no answer, connection lost ({type(exc).__name__})"
             ) from exc
 
     def _answer(self, answer: _Answer, *, text: str) -> dict[str, Any]:
