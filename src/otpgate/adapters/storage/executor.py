@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -220,16 +220,20 @@ class DeferredWrites:
 
     A deferred write is executed at the start of the next transaction of the process, before
     the transaction's own statements, and is durable when that transaction commits; if no
-    transaction comes within ``delay_seconds``, ``commit`` (an empty transaction of the
-    executor) is called to carry it. Writes whose carrying transaction fails are put back at
+    transaction comes within ``delay_seconds``, an empty transaction of the executor
+    (``transaction``) is opened to carry it. Writes whose carrying transaction fails are put back at
     the head of the queue and ride with the next one: a write is never dropped while the
     process lives, so the state it records (a message was sent) can never be read as its
     opposite by a later transaction of this process. Their waiters learn of the failure.
     """
 
-    def __init__(self, delay_seconds: float, commit: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        delay_seconds: float,
+        transaction: Callable[[], AbstractAsyncContextManager[Any]],
+    ) -> None:
         self._delay = delay_seconds
-        self._commit = commit
+        self._transaction = transaction
         self._queue: list[Deferred] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -258,6 +262,10 @@ class DeferredWrites:
         if taken:
             self._queue[:0] = taken
             self._schedule()
+
+    async def _commit(self) -> None:
+        async with self._transaction():
+            pass  # the transaction itself executes and commits what is queued
 
     def _schedule(self) -> None:
         if self._timer is None and self._flushing is None:

@@ -153,7 +153,7 @@ class PostgresExecutor:
         self._connect_timeout = connect_timeout_seconds
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
-        self._deferred = DeferredWrites(defer_seconds, self._commit_deferred)
+        self._deferred = DeferredWrites(defer_seconds, self.transaction)
         self.compiled = StatementCache(asyncpg_dialect())  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
@@ -269,10 +269,6 @@ class PostgresExecutor:
                         await transaction.rollback()
                 raise
             self._deferred.committed(deferred)
-
-    async def _commit_deferred(self) -> None:
-        async with self.transaction():
-            pass
 
     async def defer(self, statement: ClauseElement, **params: Any) -> None:
         await self._deferred.add(self.compiled(statement), params)

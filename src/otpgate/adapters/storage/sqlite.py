@@ -146,7 +146,7 @@ class SqliteExecutor:
             self._db.execute(f"PRAGMA {pragma}")
         self.compiled = StatementCache(sqlite_dialect.dialect())
         self._lock_timeout = lock_timeout_seconds
-        self._deferred = DeferredWrites(defer_seconds, self._commit_deferred)
+        self._deferred = DeferredWrites(defer_seconds, self.transaction)
         self._in_transaction = False
         #: The last write's failure, until a write succeeds (``/readyz`` reports it).
         self._write_fault: Unavailable | None = None
@@ -276,10 +276,6 @@ class SqliteExecutor:
             self._in_transaction = False
         self._write_fault = None
         self._deferred.committed(deferred)
-
-    async def _commit_deferred(self) -> None:
-        async with self.transaction():
-            pass
 
     async def defer(self, statement: ClauseElement, **params: Any) -> None:
         await self._deferred.add(self.compiled(statement), params)
