@@ -209,14 +209,14 @@ async def test_storage_errors_carry_no_bound_values(database: Database, tmp_path
         # A second pending row for the number: a unique violation, whose driver text quotes
         # the key (service id and phone number).
         with pytest.raises(Conflict) as conflict:
-            await store.executor.run(q.INSERT_VERIFICATION, **{**values, "id": "ver_" + "0" * 32})
+            await store.executor.run(q.INSERT_VERIFICATION, **{**values, "v_id": "ver_" + "0" * 32})
         failures.append(conflict.value)
         # A value too long for its column (PostgreSQL refuses it; SQLite keeps it).
         long_number = "+3461234567899" * 30
         secrets.append(long_number.encode())
         try:
             await store.executor.run(
-                q.INSERT_VERIFICATION, **{**values, "id": "ver_" + "1" * 32, "to": long_number}
+                q.INSERT_VERIFICATION, **{**values, "v_id": "ver_" + "1" * 32, "v_to": long_number}
             )
         except StorageError as exc:
             failures.append(exc)

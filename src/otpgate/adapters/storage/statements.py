@@ -181,8 +181,46 @@ CANCEL_PENDING_OF_SERVICE = (
 
 # --- verifications ---------------------------------------------------------------------------
 
-INSERT_VERIFICATION = insert(v)
-INSERT_MESSAGE = insert(m)
+
+def _one_row(table: Any, prefix: str) -> dict[str, BindParameter[Any]]:
+    """The values of a one-row INSERT: a parameter per column, named ``prefix`` + column, so
+    that a verification's and a message's values can share one statement's parameters."""
+    return {column.name: p(prefix + column.name, column.type) for column in table.c}
+
+
+INSERT_VERIFICATION = insert(v).values(_one_row(v, "v_"))
+INSERT_MESSAGE = insert(m).values(_one_row(m, "m_"))
+#: Cancel the verification a new one supersedes (parameter ``superseded``).
+CANCEL_SUPERSEDED = (
+    update(v)
+    .where(v.c.id == p("superseded"), v.c.status == PENDING)
+    .values(
+        status=const(VerificationStatus.CANCELED.value),
+        code_sealed=null(),
+        updated_at=p("v_created_at", UTCDateTime),
+    )
+)
+
+
+@functools.cache
+def create_verification(dialect: str, *, superseding: bool) -> tuple[Any, ...]:
+    """The statements that store a new verification and its first message (cancelling the
+    verification it supersedes first), to run in one transaction.
+
+    On PostgreSQL, when nothing is superseded (the common case), one statement chains the two
+    inserts (a data-modifying ``WITH``): one round trip and one commit instead of a
+    transaction's four, and the message is inserted only with its verification. Superseding
+    keeps the transaction: PostgreSQL runs the parts of one statement in no set order, and the
+    cancel must come before the insert that the one-pending-per-destination index would refuse.
+    """
+    if dialect == "postgresql" and not superseding:
+        new = INSERT_VERIFICATION.returning(v.c.id).cte("new_verification")
+        row = select(*_one_row(m, "m_").values()).select_from(new)
+        return (insert(m).from_select([c.name for c in m.c], row),)
+    steps = (INSERT_VERIFICATION, INSERT_MESSAGE)
+    return (CANCEL_SUPERSEDED, *steps) if superseding else steps
+
+
 _destination = select(p("service_id").label("service_id"), p("to").label("to")).subquery(
     "destination"
 )

@@ -174,54 +174,56 @@ def lockout_from_row(row: Row) -> Lockout:
 
 
 def verification_values(v: Verification) -> dict[str, Any]:
+    """The parameters of ``INSERT_VERIFICATION`` (``v_`` + column)."""
     return {
-        "id": v.id,
-        "account_id": v.account_id,
-        "service_id": v.service_id,
-        "to": v.to,
-        "channel": v.channel.value,
-        "status": v.status.value,
-        "code_digest": v.code_digest,
-        "code_sealed": v.code_sealed,
-        "locale": v.locale,
-        "context": v.context,
-        "metadata": v.metadata,
-        "check_attempts": v.check_attempts,
-        "max_check_attempts": v.max_check_attempts,
-        "send_attempts": v.send_attempts,
-        "max_send_attempts": v.max_send_attempts,
-        "created_at": v.created_at,
-        "updated_at": v.updated_at,
-        "expires_at": v.expires_at,
-        "last_sent_at": v.last_sent_at,
+        "v_id": v.id,
+        "v_account_id": v.account_id,
+        "v_service_id": v.service_id,
+        "v_to": v.to,
+        "v_channel": v.channel.value,
+        "v_status": v.status.value,
+        "v_code_digest": v.code_digest,
+        "v_code_sealed": v.code_sealed,
+        "v_locale": v.locale,
+        "v_context": v.context,
+        "v_metadata": v.metadata,
+        "v_check_attempts": v.check_attempts,
+        "v_max_check_attempts": v.max_check_attempts,
+        "v_send_attempts": v.send_attempts,
+        "v_max_send_attempts": v.max_send_attempts,
+        "v_created_at": v.created_at,
+        "v_updated_at": v.updated_at,
+        "v_expires_at": v.expires_at,
+        "v_last_sent_at": v.last_sent_at,
     }
 
 
 def message_values(
     m: Message, body_masked: str, lease_until: datetime | None = None
 ) -> dict[str, Any]:
-    """The outbox row of a message; with ``lease_until`` it is written already claimed (one
-    attempt counted) by the caller's own dispatcher."""
+    """The parameters of ``INSERT_MESSAGE`` (``m_`` + column), the outbox row of a message;
+    with ``lease_until`` it is written already claimed (one attempt counted) by the caller's
+    own dispatcher."""
     return {
-        "id": m.id,
-        "account_id": m.account_id,
-        "verification_id": m.verification_id,
-        "channel": m.channel.value,
-        "to": m.to,
-        "status": m.status.value,
-        "locale": m.locale,
-        "body_masked": body_masked,
-        "segments": m.segments,
-        "encoding": m.encoding,
-        "provider": m.provider,
-        "provider_ref": m.provider_ref,
-        "price": m.price,
-        "error": m.error,
-        "attempts": m.attempts if lease_until is None else m.attempts + 1,
-        "next_attempt_at": m.created_at,
-        "lease_until": lease_until,
-        "created_at": m.created_at,
-        "updated_at": m.updated_at,
+        "m_id": m.id,
+        "m_account_id": m.account_id,
+        "m_verification_id": m.verification_id,
+        "m_channel": m.channel.value,
+        "m_to": m.to,
+        "m_status": m.status.value,
+        "m_locale": m.locale,
+        "m_body_masked": body_masked,
+        "m_segments": m.segments,
+        "m_encoding": m.encoding,
+        "m_provider": m.provider,
+        "m_provider_ref": m.provider_ref,
+        "m_price": m.price,
+        "m_error": m.error,
+        "m_attempts": m.attempts if lease_until is None else m.attempts + 1,
+        "m_next_attempt_at": m.created_at,
+        "m_lease_until": lease_until,
+        "m_created_at": m.created_at,
+        "m_updated_at": m.updated_at,
     }
 
 
@@ -443,17 +445,19 @@ class SqlStore:
         supersede: str | None = None,
         lease_until: datetime | None = None,
     ) -> bool:
+        steps = q.create_verification(self._x.dialect, superseding=supersede is not None)
+        params = {
+            **verification_values(verification),
+            **message_values(message, body_masked, lease_until),
+            "superseded": supersede,
+        }
         try:
-            async with self._x.transaction() as tx:
-                if supersede is not None:
-                    await tx.run(
-                        q.CLOSE,
-                        id=supersede,
-                        status=VerificationStatus.CANCELED.value,
-                        now=verification.created_at,
-                    )
-                await tx.run(q.INSERT_VERIFICATION, **verification_values(verification))
-                await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until))
+            if len(steps) == 1:
+                await self._x.run(steps[0], **params)
+            else:
+                async with self._x.transaction() as tx:
+                    for step in steps:
+                        await tx.run(step, **params)
         except Conflict:
             return False
         return True
