@@ -81,7 +81,8 @@ class InvalidRequest(RequestRefused):
     - a missing required field, or a wrong type;
     - a string that cannot be stored: a lone UTF-16 surrogate (such as `"\\ud800"`) or a NUL
       character, in any field, object key, path or query parameter; and a number JSON cannot
-      carry (`NaN`, `Infinity`, or one too large for a double);
+      carry (`NaN`, `Infinity`, or one too large for a double); and a body nested more than
+      32 levels deep;
     - a `Content-Length` header that is not a number;
     - a service field outside its range or format, including templates that do not fit one
       segment (`param` is `templates`; for the built-in templates it is `webotp_domain` or
@@ -90,9 +91,10 @@ class InvalidRequest(RequestRefused):
     - a bad `locale`, `context`, `metadata`, `custom_code` or `channel`;
     - a start whose `context` would make the message need more than one SMS segment
       (`param: "context"`);
-    - a check `code` that cannot be any code: empty once spaces and dashes are dropped, longer
-      than 64 characters, or holding characters other than digits (of any script) and the
-      letters A–Z; nothing is counted;
+    - a check `code` that cannot be the code of any service: longer than 64 characters as sent,
+      or, once spaces and dashes are dropped, empty, holding characters other than digits (of
+      any script) and the letters A–Z, or shorter than 4 or longer than 10; no attempt is
+      counted;
     - an unknown `status` filter, a `limit` outside 1–200, a cursor otpgate did not issue, or a
       `to` filter that starts with a space (an unencoded `+`: write it as `%2B`);
     - an `Idempotency-Key` that is not 1–255 printable characters;
