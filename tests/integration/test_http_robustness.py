@@ -8,9 +8,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
+import select as io_select
+import socket
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -19,6 +22,7 @@ from otpgate.entrypoints import logs
 from tests.conftest import Api
 from tests.integration.test_delivery import lm_api, stub  # noqa: F401 (fixtures)
 from tests.integration.test_refusals import assert_problem, counts
+from tests.support.served import Served, serve
 
 # --- strings that cannot be stored or rendered ------------------------------------------------
 
@@ -316,6 +320,84 @@ async def test_a_malformed_content_length_is_refused(api: Api) -> None:
         headers={**api.auth(), "Content-Type": "application/json", "Content-Length": "12x"},
     )
     assert_problem(response, 400, "invalid_request", "Content-Length")
+
+
+# --- body size over a real socket, against otpgate serve ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with serve(tmp_path_factory.mktemp("robustness")) as served:
+        yield served
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length, read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_declared_50_mb_body_is_refused_before_a_byte_of_it_is_sent(server: Served) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/verifications HTTP/1.1\r\nHost: otpgate\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 52428800\r\n\r\n"
+        )
+        status, headers, body = read_answer(sock)  # the body was never sent
+    assert status == 413 and headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["code"] == "payload_too_large"
+    assert headers["x-request-id"]
+
+
+def test_concurrent_chunked_50_mb_bodies_do_not_grow_the_server(server: Served) -> None:
+    before = server.rss_bytes()
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+    chunk = b"x" * 65536
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    try:
+        for sock in sockets:
+            sock.sendall(
+                b"POST /v1/services HTTP/1.1\r\nHost: otpgate\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+        answered: dict[socket.socket, int] = {}
+        sent = 0
+        # Each client streams up to 50 MB, until the server answers it.
+        while len(answered) < len(sockets) and sent < 50 * 1_048_576:
+            for sock in sockets:
+                if sock in answered:
+                    continue
+                readable, _, _ = io_select.select([sock], [], [], 0)
+                if readable:
+                    answered[sock] = read_answer(sock)[0]
+                    continue
+                try:
+                    sock.sendall(framed)
+                except (BrokenPipeError, ConnectionResetError):
+                    answered[sock] = read_answer(sock)[0]
+            sent += len(chunk)
+        for sock in sockets:
+            if sock not in answered:
+                answered[sock] = read_answer(sock)[0]
+        assert sorted(answered.values()) == [413] * 8
+        # Each was refused once past the limit, long before its 50 MB.
+        assert sent < 10 * 1_048_576
+        assert server.rss_bytes() - before < 32 * 1_048_576
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
 
 # --- digits of any script, spaces and dashes of any kind ----------------------------------------

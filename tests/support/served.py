@@ -33,12 +33,20 @@ class Served:
     port: int
     key: str
     stderr_path: Path
+    pid: int
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
     def log(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (Linux)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
 
 
 @contextmanager
@@ -74,7 +82,7 @@ def serve(tmp_path: Path, **env: str) -> Iterator[Served]:
             time.sleep(0.1)
         key = re.search(r"otpgate_[A-Za-z0-9_-]{43}", stderr_path.read_text())
         assert key, stderr_path.read_text()
-        yield Served(url, port, key.group(0), stderr_path)
+        yield Served(url, port, key.group(0), stderr_path, process.pid)
     finally:
         process.terminate()
         try:
