@@ -125,7 +125,9 @@ def one_of(values: type[enum.StrEnum], *, listed: bool = False) -> dict[str, Any
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a number sent as a string ("6") or a string as a number is refused, as the
+    # document says, instead of converted.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -137,8 +139,8 @@ class Body(BaseModel):
 class ServiceFields(Body):
     name: str | None = Field(
         None,
-        description="Brand shown in messages ({brand}); required on create, 1–40 characters",
-        json_schema_extra={"maxLength": 40},
+        description="Brand shown in messages ({brand}); required on create; 1–40 characters "
+        "once trimmed",
     )
     code_length: int | None = Field(
         None, description="4–10, default 6", json_schema_extra=_range(4, 10)
@@ -218,14 +220,14 @@ class CheckByDestination(Body):
 
 
 class CreateAccount(Body):
-    name: str = Field(json_schema_extra={"minLength": 1, "maxLength": 200})
+    name: str = Field(description="1–200 characters once trimmed")
     username: str | None = Field(
         None, description="an e-mail address or a simple identifier; default: the account id"
     )
 
 
 class CreateKey(Body):
-    name: str = Field(json_schema_extra={"minLength": 1, "maxLength": 200})
+    name: str = Field(description="1–200 characters once trimmed")
     account_id: str | None = Field(None, description="admin only: another account's id")
 
 
