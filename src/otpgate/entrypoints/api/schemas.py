@@ -119,7 +119,7 @@ def _range(low: int, high: int) -> dict[str, Any]:
 def one_of(values: type[enum.StrEnum], *, listed: bool = False) -> dict[str, Any]:
     """The schema of a nullable field that takes one of an enum's values (or a list of them).
     Only the schema says so: the domain checks the value and words the refusal."""
-    names = {"enum": [member.value for member in values]}
+    names = {"type": "string", "enum": [member.value for member in values]}
     shape = {"type": "array", "items": names} if listed else names
     return {"anyOf": [shape, {"type": "null"}]}
 

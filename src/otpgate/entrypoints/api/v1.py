@@ -131,6 +131,7 @@ def page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]
     tags=["verifications"],
     status_code=201,
     response_model=s.VerificationOut,
+    response_description="a new verification; its code is on its way",
     responses={
         200: {
             "model": s.VerificationOut,
