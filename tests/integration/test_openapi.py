@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -400,3 +402,14 @@ async def test_each_error_page_carries_its_guidance(http: httpx.AsyncClient, err
 async def test_an_unknown_error_code_has_no_page(http: httpx.AsyncClient) -> None:
     response = await http.get("/errors/no_such_code")
     assert response.status_code == 404 and response.headers["content-type"] == PROBLEM
+
+
+def test_the_route_modules_do_not_import_the_app() -> None:
+    """``problem()`` lives in ``problems``: the route modules need nothing of ``app`` (which
+    imports them), so there is no import cycle."""
+    probe = (
+        "import sys; import otpgate.entrypoints.api.receipts, otpgate.entrypoints.api.v1; "
+        "assert 'otpgate.entrypoints.api.app' not in sys.modules, 'app was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()

@@ -21,7 +21,7 @@ from starlette.routing import Match
 from otpgate import __version__
 from otpgate.bootstrap import Container, build
 from otpgate.entrypoints import logs
-from otpgate.entrypoints.api import error_pages, schemas
+from otpgate.entrypoints.api import docs_ui, error_pages, receipts, schemas, v1
 from otpgate.entrypoints.api.middleware import BodyLimit, RequestContext
 from otpgate.entrypoints.api.openapi import build_document
 from otpgate.entrypoints.api.problems import error_response, problem_responses
@@ -114,8 +114,6 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(container: Container, *, run_dispatcher: bool | None = None) -> FastAPI:
     """The otpgate ASGI app around a built container. The in-process dispatcher runs with the
     app unless ``run_dispatcher`` (default: ``OTPGATE_EMBEDDED_WORKER``) is off."""
-    from otpgate.entrypoints.api import docs_ui, receipts, v1
-
     embedded = container.settings.embedded_worker if run_dispatcher is None else run_dispatcher
 
     @asynccontextmanager
