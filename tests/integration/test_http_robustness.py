@@ -526,15 +526,15 @@ async def test_a_custom_code_in_another_script_is_stored_as_ascii(api: Api) -> N
         ("application/x-www-form-urlencoded", b"name=A"),
         ("multipart/form-data; boundary=x", b"--x\r\n\r\nA\r\n--x--\r\n"),
         ("application/xml", b"<name>A</name>"),
+        (None, b'{"name": "A"}'),  # no Content-Type at all
     ],
 )
 async def test_a_body_that_is_not_json_gets_a_clear_answer(
-    api: Api, content_type: str, body: bytes
+    api: Api, content_type: str | None, body: bytes
 ) -> None:
     before = await services_count(api)
-    response = await api.http.post(
-        "/v1/services", content=body, headers={**api.auth(), "Content-Type": content_type}
-    )
+    headers = api.auth() if content_type is None else {**api.auth(), "Content-Type": content_type}
+    response = await api.http.post("/v1/services", content=body, headers=headers)
     assert_problem(response, 415, "unsupported_media_type")
     detail = response.json()["detail"]
     assert "application/json" in detail
