@@ -18,11 +18,15 @@ using the ``status``, ``code`` and ``title`` each class carries.
     │   ├── DestinationBlocked          403 destination_blocked (retry_after when temporary)
     │   ├── Forbidden                   403 forbidden (an admin-only operation)
     │   ├── NotFound                    404 not_found
+    │   ├── MethodNotAllowed            405 method_not_allowed (with an Allow header)
     │   ├── IdempotencyInProgress       409 idempotency_in_progress
+    │   ├── PayloadTooLarge             413 payload_too_large
+    │   ├── UnsupportedMediaType        415 unsupported_media_type
     │   ├── IdempotencyKeyMismatch      422 idempotency_key_mismatch
     │   ├── RateLimited                 429 rate_limited (retry_after)
     │   ├── ResendTooSoon               429 resend_too_soon (retry_after)
     │   └── MaxSendAttemptsReached      429 max_send_attempts_reached
+    ├── InternalError                   500 internal_error: a bug; the log has the traceback
     ├── Unavailable                     503 unavailable: storage or a dependency is down
     ├── ConfigurationError              bad settings, raised at start-up, never at request time
     └── DeliveryError                   a provider could not take a message
@@ -32,6 +36,11 @@ using the ``status``, ``code`` and ``title`` each class carries.
 
 A refusal carries its reason (``code``) and, where a later retry can succeed, the number of
 seconds to wait (``retry_after``), so the API can answer with ``Retry-After``.
+
+The docstring of each class in :data:`PUBLIC_ERRORS` is the guidance for its code, written in
+Markdown: what it means, then a paragraph starting ``Client:`` that says what to do. The page
+at ``/errors/{code}`` is rendered from it and ``docs/errors.md`` carries the same text (a test
+compares them), so there is one source for both.
 """
 
 from __future__ import annotations
@@ -65,66 +74,275 @@ class RequestRefused(OtpgateError):
 
 
 class InvalidRequest(RequestRefused):
+    """**400**. The request is malformed or a value is out of range; `param` names the first
+    offending field or parameter. Raised for:
+
+    - a body that is not JSON, or JSON that is not an object (no `param`);
+    - an unknown field (`param` is its name);
+    - a missing required field, or a wrong type;
+    - a string that cannot be stored: a lone UTF-16 surrogate (such as `"\\ud800"`) or a NUL
+      character, in any field, object key, path or query parameter; and a number JSON cannot
+      carry (`NaN`, `Infinity`, or one too large for a double); and a body nested more than
+      32 levels deep;
+    - a `Content-Length` header that is not a number;
+    - a service field outside its range or format, including templates that do not fit one
+      segment (`param` is `templates`; for the built-in templates it is `webotp_domain` or
+      `android_app_hash` when the autofill lines alone overflow, otherwise `name`);
+    - `name: null` in a PATCH;
+    - a bad `locale`, `context`, `metadata`, `custom_code` or `channel`;
+    - a start whose `context` would make the message need more than one SMS segment
+      (`param: "context"`);
+    - a check `code` that cannot be the code of any service: longer than 64 characters as sent,
+      or, once spaces and dashes are dropped, empty, holding characters other than digits (of
+      any script) and the letters A–Z, or shorter than 4 or longer than 10; no attempt is
+      counted;
+    - an unknown `status` filter, a `limit` outside 1–200, a cursor otpgate did not issue, or a
+      `to` filter that starts with a space (an unencoded `+`: write it as `%2B`);
+    - an `Idempotency-Key` that is not 1–255 printable characters;
+    - a resend of a verification that is not pending (`param: "id"`), or of a pending one whose
+      sealed code no longer opens because the master key changed (`param: "id"`; the
+      verification is closed as `failed`);
+    - an account name or key name that is empty or longer than 200, a bad username, or a
+      username already taken.
+
+    Client: fix the request; retrying it unchanged fails again.
+    """
+
     status, code, title = 400, "invalid_request", "Invalid request"
 
 
 class InvalidPhoneNumber(RequestRefused):
+    """**400**, `param: "to"`. The number cannot be parsed, or it is national without
+    `country`, or it is not a valid number (for example an unassigned range). Raised by start,
+    check by destination, and the `to` filter of the list.
+
+    Client: ask the user for the number again. Send E.164 (`+34600000000`), or a national
+    number together with `country`.
+    """
+
     status, code, title = 400, "invalid_phone_number", "Invalid phone number"
 
 
 class UnsupportedNumberType(RequestRefused):
+    """**400**, `param: "to"`. The number is valid but cannot receive an SMS code. Only mobile
+    numbers (and numbers that may be fixed line or mobile) are accepted. Fixed line, toll free,
+    premium rate, shared cost, VoIP, personal number, pager, UAN, voicemail and unknown types are
+    refused. There is no per-service VoIP option yet.
+
+    Client: ask the user for a mobile number.
+    """
+
     status, code, title = 400, "unsupported_number_type", "Unsupported number type"
 
 
 class Unauthorized(RequestRefused):
+    """**401**, with `WWW-Authenticate: Bearer, Basic realm="otpgate"`. Raised when the
+    `Authorization` header is missing or its scheme is neither Bearer nor Basic; when Basic
+    credentials are malformed; when the key is unknown or revoked; or when the Basic username is
+    not the key's account's.
+
+    Client: check the credentials; do not retry blindly.
+    """
+
     status, code, title = 401, "unauthorized", "Unauthorized"
 
 
 class InsufficientCredit(RequestRefused):
+    """**402**. Reserved for credit checks. No code path raises it yet: otpgate does not keep
+    balances.
+
+    Client: treat it as "top up the account", not as a retryable error.
+    """
+
     status, code, title = 402, "insufficient_credit", "Insufficient credit"
 
 
 class CountryNotAllowed(RequestRefused):
+    """**403**, `param: "to"`. The destination's country is not in the service's
+    `allowed_countries`. Nothing is stored or sent, and the provider is never called.
+
+    Client: tell the user the country is not supported, or widen the service's
+    `allowed_countries`.
+    """
+
     status, code, title = 403, "country_not_allowed", "Country not allowed"
 
 
 class ChannelNotAllowed(RequestRefused):
+    """**403**, `param: "channel"`. The requested channel is not in the service's `channels`,
+    or no sender for it is configured on this server. Only `sms` has a sender today.
+
+    Client: use a channel the service enables (omit `channel` to use its first one).
+    """
+
     status, code, title = 403, "channel_not_allowed", "Channel not allowed"
 
 
 class DestinationBlocked(RequestRefused):
+    """**403**, with `retry_after`. The destination has had too many consecutive failed checks
+    in this service: `OTPGATE_LOCKOUT_THRESHOLD`, 100 by default, across all its verifications.
+    It is locked until `retry_after` seconds from now (`OTPGATE_LOCKOUT_SECONDS`, a day by
+    default). Raised by start and resend. Checks during the lockout answer `valid: false` rather
+    than this error.
+
+    Client: do not retry before `retry_after`. An operator can lift the lock with
+    `otpgate lockouts clear --service svc_… --to +34…`.
+    """
+
     status, code, title = 403, "destination_blocked", "Destination blocked"
 
 
 class Forbidden(RequestRefused):
+    """**403**. Raised in two cases:
+
+    - an admin-only operation with a non-admin key: `GET`/`POST /v1/accounts`, or
+      `POST /v1/keys` with another account's `account_id`;
+    - a delivery receipt whose `token` is missing or wrong; nothing changes.
+
+    Client: use an admin key; for receipts, check `OTPGATE_PUBLIC_URL` and that the master
+    secret has not changed.
+    """
+
     status, code, title = 403, "forbidden", "Forbidden"
 
 
 class NotFound(RequestRefused):
+    """**404**. No such resource exists for this account; another account's ids are reported
+    the same way. Also raised for:
+
+    - an unknown `service_id` in a start (`param: "service_id"`);
+    - a check by destination when that destination never had a verification in the service;
+    - revoking a key that is not live;
+    - a deleted service;
+    - an unknown route, or an error code with no page;
+    - a receipt URL for a provider that takes no receipts.
+
+    Client: check the id and the key's account; retrying does not help.
+    """
+
     status, code, title = 404, "not_found", "Not found"
 
 
+class MethodNotAllowed(RequestRefused):
+    """**405**, with an `Allow` header listing the methods the path takes. The path exists but
+    not with this method (for example `DELETE /v1/verifications`).
+
+    Client: use one of the methods in `Allow`.
+    """
+
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
 class IdempotencyInProgress(RequestRefused):
+    """**409**, `retry_after: 1`. Another request with the same `Idempotency-Key` is still
+    running, or the key is contended. A key left in progress for 5 minutes is taken over by the
+    next request with that key. This happens when the first request's process died, or storage
+    failed before the key could be released.
+
+    Client: retry after `retry_after` with the same key and body. You get the first request's
+    answer, or run it if it failed.
+    """
+
     status, code, title = 409, "idempotency_in_progress", "Idempotent request in progress"
 
 
+class PayloadTooLarge(RequestRefused):
+    """**413**. The request body is larger than `OTPGATE_MAX_BODY_BYTES` (65536 bytes, 64 KiB,
+    by default). The limit is checked against `Content-Length` before anything is read, and
+    counted while a chunked body streams in; either way the request is refused before its body
+    is read whole and before its credentials are checked, and nothing changes.
+
+    Client: send a smaller body. No otpgate request needs more than a few kilobytes; `metadata`
+    is capped at 4096 bytes.
+    """
+
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class UnsupportedMediaType(RequestRefused):
+    """**415**. A request body came with a `Content-Type` other than JSON (`application/json`,
+    or a type ending in `+json`), for example a form or plain text. Nothing is read from it and
+    nothing changes. A body without any `Content-Type` is refused the same way.
+
+    Client: send the body as JSON with `Content-Type: application/json`.
+    """
+
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
 class IdempotencyKeyMismatch(RequestRefused):
+    """**422**, `param: "Idempotency-Key"`. The key was used in the last 24 hours, in this
+    account, with a different method, path or body. Bodies are compared byte for byte.
+
+    Client: use a new key for a new request, or resend the original body exactly.
+    """
+
     status, code, title = 422, "idempotency_key_mismatch", "Idempotency key reused"
 
 
 class RateLimited(RequestRefused):
+    """**429**. Reserved for rate limits. No code path raises it yet.
+
+    Client: wait `retry_after` seconds.
+    """
+
     status, code, title = 429, "rate_limited", "Too many requests"
 
 
 class ResendTooSoon(RequestRefused):
+    """**429**, with `retry_after`. A start (for a destination with a pending verification,
+    including one that would supersede it with a new `context` or `custom_code`) or a resend
+    came before `resend_interval_seconds` had passed since the last send. `retry_after` is the
+    remaining time, rounded up. It is also answered with `retry_after: 1` when a concurrent
+    start for the same destination is still being written.
+
+    Client: show a countdown and offer "send again" after `retry_after` seconds.
+    """
+
     status, code, title = 429, "resend_too_soon", "Resend too soon"
 
 
 class MaxSendAttemptsReached(RequestRefused):
+    """**429**, no `retry_after`. The pending verification has used all its
+    `max_send_attempts` sends. A start that would supersede it gets this answer too, because
+    superseding carries the send count over. It wins over `resend_too_soon` when both apply. The
+    code already sent stays valid until the verification closes. This error is also answered
+    when the verification closed (approved, expired) between the read and the conditional update
+    that counts the send.
+
+    Client: let the user enter the code already sent. A new verification for this destination
+    can start once this one is closed (expired or canceled).
+    """
+
     status, code, title = 429, "max_send_attempts_reached", "Maximum send attempts reached"
 
 
+class InternalError(OtpgateError):
+    """**500**. An unexpected error. The body is a generic problem with no stack trace; the
+    traceback goes to the log together with the request id, and the response carries the same
+    id in `X-Request-ID`.
+
+    Client: retry later if the request is safe to repeat (with the same `Idempotency-Key` for a
+    create), and report the `X-Request-ID` to the operator.
+    """
+
+    status, code, title = 500, "internal_error", "Internal error"
+
+
 class Unavailable(OtpgateError):
+    """**503**, `retry_after: 1` for storage failures. The database is unreachable, does not answer
+    within `OTPGATE_DATABASE_TIMEOUT_SECONDS` (1 s by default: a PostgreSQL connection or answer, a
+    SQLite write lock held by another process), or cannot write (a full disk, an I/O error).
+    `GET /readyz` answers this too while it lasts. The request fails fast instead of hanging, and
+    the server serves other requests meanwhile. A verification and its outbox row are written
+    together, so a start either happened completely or not at all.
+
+    Client: retry with backoff, with the same `Idempotency-Key` if you sent one. A start may
+    have committed before the failure. If so, the retry finds the pending verification and
+    becomes a resend of it, subject to `resend_interval_seconds`: no second code, and no second
+    SMS inside that interval.
+    """
+
     status, code, title = 503, "unavailable", "Service unavailable"
 
 
@@ -161,7 +379,8 @@ class PermanentDeliveryError(DeliveryError):
     code, title = "delivery_permanent", "Permanent delivery error"
 
 
-#: Every error the API may answer with, for the docs page at ``/errors/{code}``.
+#: Every error the API may answer with, in the order of ``docs/errors.md``; each has a page at
+#: ``/errors/{code}`` rendered from its docstring, which is also that code's section of the docs.
 PUBLIC_ERRORS: tuple[type[OtpgateError], ...] = (
     InvalidRequest,
     InvalidPhoneNumber,
@@ -173,10 +392,14 @@ PUBLIC_ERRORS: tuple[type[OtpgateError], ...] = (
     DestinationBlocked,
     Forbidden,
     NotFound,
+    MethodNotAllowed,
     IdempotencyInProgress,
+    PayloadTooLarge,
+    UnsupportedMediaType,
     IdempotencyKeyMismatch,
     RateLimited,
     ResendTooSoon,
     MaxSendAttemptsReached,
+    InternalError,
     Unavailable,
 )

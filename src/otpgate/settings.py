@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     #: made through another process (or node) takes effect within it. 0 turns caching off.
     lookup_cache_seconds: float = Field(default=2.0, ge=0, le=60)
 
+    #: Request bodies larger than this are refused with 413 before they are read whole (and
+    #: before authentication). otpgate's largest request, a service with templates for many
+    #: locales, stays well under the default of 64 KiB.
+    max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1_048_576)
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -115,7 +115,7 @@ def test_a_full_disk_answers_503_sends_nothing_twice_and_recovers(
             },
         ) as server,
     ):
-        http = httpx.Client(base_url=server.url, headers=server.auth, timeout=30)
+        http = httpx.Client(base_url=server.url, headers=server.auth(), timeout=30)
         service = server.service_id
 
         def start(n: int) -> httpx.Response:

@@ -69,9 +69,19 @@ class Server:
     def log(self) -> str:
         return self.output().decode(errors="replace")
 
-    @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (Linux)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
 
     def stop(self, *, grace_seconds: float = 15.0) -> int | None:
         """SIGTERM and wait: the exit status, or None when it had to be killed after
@@ -127,10 +137,15 @@ def _wait_until_healthy(url: str, process: subprocess.Popen[bytes], stderr_path:
 
 @contextmanager
 def running_server(
-    stub: LabsMobileStub, directory: Path, *, extra_env: Mapping[str, str] | None = None
+    stub: LabsMobileStub | None,
+    directory: Path,
+    *,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
-    """Start ``otpgate serve`` with its data in ``directory/var``, wait until it answers, create
-    a service ``Acme`` with the admin key from the first-start banner, and stop it at the end."""
+    """Start ``otpgate serve`` with its data in ``directory/var``, sending through the
+    LabsMobile provider to ``stub`` (or the console sender without one), wait until it answers,
+    create a service ``Acme`` with the admin key from the first-start banner, and stop it at
+    the end."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data_dir = directory / "var"
@@ -138,10 +153,16 @@ def running_server(
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(directory),
         "OTPGATE_DATA_DIR": str(data_dir),
-        "OTPGATE_SMS_PROVIDER": "labsmobile",
-        "OTPGATE_LABSMOBILE_URL": stub.url,
-        "OTPGATE_LABSMOBILE_USERNAME": stub.username,
-        "OTPGATE_LABSMOBILE_TOKEN": stub.token,
+        **(
+            {}
+            if stub is None
+            else {
+                "OTPGATE_SMS_PROVIDER": "labsmobile",
+                "OTPGATE_LABSMOBILE_URL": stub.url,
+                "OTPGATE_LABSMOBILE_USERNAME": stub.username,
+                "OTPGATE_LABSMOBILE_TOKEN": stub.token,
+            }
+        ),
         "OTPGATE_PUBLIC_URL": url,
         "OTPGATE_LOG_LEVEL": "DEBUG",
         **(extra_env or {}),

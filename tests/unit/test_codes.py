@@ -15,6 +15,7 @@ from otpgate.domain.codes import (
     CodeVault,
     generate_code,
     normalize_code,
+    presented_code,
     validate_custom_code,
 )
 from otpgate.domain.model import CodeType
@@ -68,6 +69,71 @@ def test_code_length_outside_4_to_10_is_refused(length: int) -> None:
 )
 def test_normalize(typed: str, code_type: CodeType, expected: str) -> None:
     assert normalize_code(typed, code_type) == expected
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "٤٠٧٢١٥",  # Arabic-Indic
+        "۴۰۷۲۱۵",  # Extended Arabic-Indic (Persian)
+        "४०७२१५",  # Devanagari
+        "৪০৭২১৫",  # Bengali
+        "４０７２１５",  # full-width
+        "407\u00a0215",  # no-break space
+        "407\u202f215",  # narrow no-break space
+        "407\u2009215",  # thin space
+        "407\u200b215",  # zero-width space
+        "\ufeff407215",  # byte-order mark
+        "407\u2013215",  # en dash
+        "407\u2014215",  # em dash
+        "407\u2212215",  # minus sign
+        "407\u2010215",  # hyphen
+        "407\uff0d215",  # full-width hyphen-minus
+        "407\n215\r",
+        "４0७-٢1５",  # all at once
+    ],
+)
+def test_digits_of_any_script_spaces_and_dashes_of_any_kind(typed: str) -> None:
+    assert normalize_code(typed, CodeType.NUMERIC) == "407215"
+    assert presented_code(typed) == "407215"
+
+
+def test_full_width_letters_are_letters() -> None:
+    assert normalize_code("ａｂ２ｃ", CodeType.ALPHANUMERIC) == "AB2C"
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [
+        "",
+        "-",
+        " – ",
+        "\u00a0",
+        "\u200b\u200b",
+        "12.34",
+        "1234!",
+        "12\x0034",
+        "１２٣",
+        "123",
+        "1" * 11,
+    ],
+)
+def test_what_cannot_be_any_code_is_refused(presented: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        presented_code(presented)
+    assert refused.value.param == "code"
+
+
+@pytest.mark.parametrize("presented", [None, 123456, ["123456"], "1" * 65])
+def test_what_is_not_a_short_string_is_refused(presented: object) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        presented_code(presented)
+    assert refused.value.param == "code"
+
+
+def test_normalising_twice_changes_nothing() -> None:
+    once = presented_code(" ４٠७-ab ")
+    assert once == "407AB" and presented_code(once) == once
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import json
 import secrets
+import unicodedata
 from collections.abc import Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -54,16 +56,79 @@ def generate_code(length: int, code_type: CodeType = CodeType.NUMERIC) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
+#: Unicode categories dropped from a presented code: spaces of any width (Zs, which includes
+#: the no-break and thin spaces), line and paragraph separators, invisible format characters
+#: (Cf: zero-width spaces and joiners, the byte-order mark) and dashes of any kind (Pd).
+_DROPPED_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cf", "Pd"})
+#: Dropped too: the whitespace controls, and the minus signs, which Unicode files as maths.
+_DROPPED = frozenset("\t\n\v\f\r\u2212\u207b\u208b")
+#: Every character a code of any service can hold, once normalised.
+_ANY_CODE_CHARACTER = frozenset(NUMERIC_ALPHABET) | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 def normalize_code(presented: str, code_type: CodeType) -> str:
-    """The code as the user meant it: spaces and dashes dropped, alphanumeric codes upper-cased.
+    """The code as the user meant it: digits of any script as ASCII digits, compatibility forms
+    folded (full-width letters and digits), spaces, dashes and invisible characters of any kind
+    dropped, alphanumeric codes upper-cased.
 
     >>> normalize_code(" 123-456 ", CodeType.NUMERIC)
     '123456'
     >>> normalize_code("ab2 c-d", CodeType.ALPHANUMERIC)
     'AB2CD'
+    >>> normalize_code("٤٠٧\u00a0٢١٥", CodeType.NUMERIC)  # Arabic-Indic, a no-break space
+    '407215'
+    >>> normalize_code("４０７–２１５", CodeType.NUMERIC)  # full-width, an en dash
+    '407215'
     """
-    cleaned = "".join(ch for ch in presented if ch not in " -\t")
+    kept: list[str] = []
+    for ch in unicodedata.normalize("NFKC", presented):
+        digit = unicodedata.decimal(ch, None)
+        if digit is not None:
+            kept.append(NUMERIC_ALPHABET[digit])
+        elif ch not in _DROPPED and unicodedata.category(ch) not in _DROPPED_CATEGORIES:
+            kept.append(ch)
+    cleaned = "".join(kept)
     return cleaned.upper() if code_type is CodeType.ALPHANUMERIC else cleaned
+
+
+def presented_code(presented: Any) -> str:
+    """A code as presented to a check, normalised (upper-cased, which is harmless for numeric
+    codes), or ``InvalidRequest`` naming ``code`` when it cannot be the code of any service.
+
+    Refused, so that no attempt is counted for them: a non-string, more than
+    :data:`MAX_PRESENTED_CODE_LENGTH` characters as sent, nothing left once spaces and dashes
+    are dropped, a character that is neither a digit (of any script) nor a letter A–Z, or a
+    length no service uses. A code of the right alphabet but the wrong length or letters for
+    this service is an ordinary wrong code: only the check, not the presented text, can tell.
+
+    >>> presented_code(" ab2-cd ")
+    'AB2CD'
+    >>> presented_code("٤٠٧ ٢١٥")
+    '407215'
+    """
+    if not isinstance(presented, str):
+        raise InvalidRequest("code must be a string", param="code")
+    if len(presented) > MAX_PRESENTED_CODE_LENGTH:
+        raise InvalidRequest(
+            f"code must be at most {MAX_PRESENTED_CODE_LENGTH} characters", param="code"
+        )
+    normalized = normalize_code(presented, CodeType.ALPHANUMERIC)
+    if not normalized:
+        raise InvalidRequest(
+            "code holds no digits or letters once spaces and dashes are dropped", param="code"
+        )
+    if not set(normalized) <= _ANY_CODE_CHARACTER:
+        raise InvalidRequest(
+            "code may hold only digits (of any script), letters A–Z, spaces and dashes",
+            param="code",
+        )
+    if not MIN_CODE_LENGTH <= len(normalized) <= MAX_CODE_LENGTH:
+        raise InvalidRequest(
+            f"a code has {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH} digits or letters; this one has"
+            f" {len(normalized)}",
+            param="code",
+        )
+    return normalized
 
 
 def validate_custom_code(code: str, *, length: int, code_type: CodeType) -> str:

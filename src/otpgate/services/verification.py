@@ -15,10 +15,10 @@ from typing import Any
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.codes import (
-    MAX_PRESENTED_CODE_LENGTH,
     CodeVault,
     generate_code,
     normalize_code,
+    presented_code,
     validate_custom_code,
 )
 from otpgate.domain.model import (
@@ -404,13 +404,9 @@ class VerificationService:
 
     @staticmethod
     def _presented(code: Any) -> str:
-        if not isinstance(code, str) or not code.strip():
-            raise InvalidRequest("code must be a non-empty string", param="code")
-        if len(code) > MAX_PRESENTED_CODE_LENGTH:
-            raise InvalidRequest(
-                f"code must be at most {MAX_PRESENTED_CODE_LENGTH} characters", param="code"
-            )
-        return code
+        """The presented code normalised, or ``InvalidRequest`` before any lookup, and so
+        before any attempt is counted, when it cannot be a code (``codes.presented_code``)."""
+        return presented_code(code)
 
     async def _check(
         self,

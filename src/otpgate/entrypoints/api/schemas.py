@@ -1,86 +1,347 @@
-"""Request bodies and response renderings of the native ``/v1`` API (API.md).
+"""Request bodies, response models and renderings of the native ``/v1`` API.
 
 Request models check shape and types only, and refuse unknown fields; the ranges and rules
 live in the domain (``domain.policy``), which answers with ``invalid_request`` naming the field.
+The ranges are also written into the OpenAPI document (``json_schema_extra``) so a generated
+client knows them, without pydantic's wording replacing the domain's.
+
+Every string, object key and number of a request body is checked before anything else looks
+at it (:func:`refuse_unstorable`): text that no database or encoder can hold is refused with
+``invalid_request`` naming where it is.
+
+Responses are rendered by the ``render_*`` functions (plain dicts, sent as they are: the hot
+path pays for no response validation); the ``*Out`` models describe the same shapes for the
+OpenAPI document, and the test suite checks real responses against it.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    Channel,
     CheckResult,
+    CodeType,
     Message,
+    MessageStatus,
     Service,
     Verification,
+    VerificationStatus,
 )
+from otpgate.errors import InvalidRequest
+
+#: Deeper than this, a request body is refused: no otpgate field needs more, and rendering or
+#: storing a deeper value would only spend stack.
+MAX_BODY_DEPTH = 32
+
+
+def _unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be stored or rendered, or None when it can."""
+    if "\x00" in text:
+        return "a NUL character, which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a lone UTF-16 surrogate, which is not Unicode text; send valid UTF-8"
+    return None
+
+
+def _dotted(path: tuple[str | int, ...]) -> str | None:
+    return ".".join(str(part) for part in path) or None
+
+
+def refuse_unstorable(data: Any) -> None:
+    """Raise ``InvalidRequest`` for the first string (value or object key), number or nesting
+    level of a parsed JSON body that cannot be stored or rendered.
+
+    ``param`` names the path of the offending value (``metadata.a.1.b``); for an offending key,
+    the object that holds it (a key that cannot be rendered cannot be named). Iterative, so a
+    deeply nested body cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            reason = _unstorable(value)
+            if reason:
+                raise InvalidRequest(
+                    f"{_dotted(path) or 'the body'} holds {reason}", param=_dotted(path)
+                )
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidRequest(
+                    f"{_dotted(path)} must be a finite number JSON can carry (not NaN, Infinity"
+                    " or beyond a double's range)",
+                    param=_dotted(path),
+                )
+        elif isinstance(value, dict | list):
+            if len(path) >= MAX_BODY_DEPTH:
+                raise InvalidRequest(
+                    f"{path[0]} is nested more than {MAX_BODY_DEPTH} levels deep",
+                    param=str(path[0]),
+                )
+            if isinstance(value, list):
+                children = list(enumerate(value))
+            else:
+                children = []
+                for key, child in value.items():
+                    reason = _unstorable(key) if isinstance(key, str) else None
+                    if reason:
+                        where = f"an object key in {_dotted(path)}" if path else "a field name"
+                        raise InvalidRequest(f"{where} holds {reason}", param=_dotted(path))
+                    children.append((key, child))
+            stack.extend((child, (*path, key)) for key, child in reversed(children))
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise PydanticCustomError("nul_character", "must not contain a NUL character")
+    return value
+
+
+#: A path or query parameter: any text but NUL, which no database can compare or store.
+#: (Percent-decoding never yields a lone surrogate: invalid UTF-8 becomes U+FFFD.)
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _range(low: int, high: int) -> dict[str, Any]:
+    return {"minimum": low, "maximum": high}
+
+
+def one_of(values: type[enum.StrEnum], *, listed: bool = False) -> dict[str, Any]:
+    """The schema of a nullable field that takes one of an enum's values (or a list of them).
+    Only the schema says so: the domain checks the value and words the refusal."""
+    names = {"type": "string", "enum": [member.value for member in values]}
+    shape = {"type": "array", "items": names} if listed else names
+    return {"anyOf": [shape, {"type": "null"}]}
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a number sent as a string ("6") or a string as a number is refused, as the
+    # document says, instead of converted.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        refuse_unstorable(data)
+        return data
 
 
 class ServiceFields(Body):
     name: str | None = Field(
-        None, description="Brand shown in messages ({brand}); required on create, 1–40 characters"
+        None,
+        description="Brand shown in messages ({brand}); required on create; 1–40 characters "
+        "once trimmed",
     )
-    code_length: int | None = Field(None, description="4–10, default 6")
-    code_type: str | None = Field(None, description="numeric | alphanumeric")
-    ttl_seconds: int | None = Field(None, description="60–86400, default 600")
-    max_check_attempts: int | None = Field(None, description="1–20, default 5")
-    max_send_attempts: int | None = Field(None, description="1–10, default 5")
-    resend_interval_seconds: int | None = Field(None, description="0–3600, default 30")
-    channels: list[str] | None = Field(None, description="sms, voice, email in fallback order")
-    allowed_countries: list[str] | None = Field(None, description="ISO alpha-2; null = all")
-    sender_id: str | None = None
-    templates: dict[str, str] | None = None
-    default_locale: str | None = None
-    webotp_domain: str | None = None
-    android_app_hash: str | None = None
-    webhook_url: str | None = None
+    code_length: int | None = Field(
+        None, description="4–10, default 6", json_schema_extra=_range(4, 10)
+    )
+    code_type: str | None = Field(
+        None, description="default numeric", json_schema_extra=one_of(CodeType)
+    )
+    ttl_seconds: int | None = Field(
+        None, description="60–86400, default 600", json_schema_extra=_range(60, 86_400)
+    )
+    max_check_attempts: int | None = Field(
+        None, description="1–20, default 5", json_schema_extra=_range(1, 20)
+    )
+    max_send_attempts: int | None = Field(
+        None, description="1–10, default 5", json_schema_extra=_range(1, 10)
+    )
+    resend_interval_seconds: int | None = Field(
+        None, description="0–3600, default 30", json_schema_extra=_range(0, 3_600)
+    )
+    channels: list[str] | None = Field(
+        None,
+        description="in fallback order; no repeats; default [sms]",
+        json_schema_extra=one_of(Channel, listed=True),
+    )
+    allowed_countries: list[str] | None = Field(
+        None, description="ISO 3166-1 alpha-2 codes; null = all"
+    )
+    sender_id: str | None = Field(
+        None, description="1–11 letters/digits/spaces with a letter, or up to 15 digits"
+    )
+    templates: dict[str, str] | None = Field(None, description="locale → template")
+    default_locale: str | None = Field(None, description="such as en or es-MX; default en")
+    webotp_domain: str | None = Field(None, description="a bare host; adds the WebOTP line")
+    android_app_hash: str | None = Field(None, description="11 characters of A-Za-z0-9+/")
+    webhook_url: str | None = Field(None, description="an http(s) URL")
 
 
 class StartVerification(Body):
     service_id: str
     to: str = Field(description="E.164, or national format with country")
     country: str | None = Field(None, description="ISO alpha-2 when to is national")
-    channel: str | None = None
-    locale: str | None = None
-    custom_code: str | None = None
-    context: dict[str, Any] | None = Field(None, description="amount and/or payee")
-    metadata: dict[str, Any] | None = None
+    channel: str | None = Field(
+        None,
+        description="default: the service's first channel",
+        json_schema_extra=one_of(Channel),
+    )
+    locale: str | None = Field(None, description="such as en or es-MX")
+    custom_code: str | None = Field(
+        None, description="a code of the service's length and alphabet, instead of a random one"
+    )
+    context: dict[str, Any] | None = Field(
+        None, description="amount and/or payee: strings of 1–32 characters"
+    )
+    metadata: dict[str, Any] | None = Field(
+        None, description="any object, at most 4096 bytes as JSON; returned as given"
+    )
 
 
 class ResendVerification(Body):
-    channel: str | None = None
+    channel: str | None = Field(None, json_schema_extra=one_of(Channel))
 
 
 class CheckCode(Body):
-    code: str
-    context: dict[str, Any] | None = None
+    code: str = Field(
+        description="as the user typed it: digits of any script, spaces and dashes are fine",
+        json_schema_extra={"maxLength": 64},
+    )
+    context: dict[str, Any] | None = Field(None, description="the start's context, if any")
 
 
 class CheckByDestination(Body):
     service_id: str
     to: str
     country: str | None = None
-    code: str
+    code: str = Field(json_schema_extra={"maxLength": 64})
     context: dict[str, Any] | None = None
 
 
 class CreateAccount(Body):
-    name: str
-    username: str | None = None
+    name: str = Field(description="1–200 characters once trimmed")
+    username: str | None = Field(
+        None, description="an e-mail address or a simple identifier; default: the account id"
+    )
 
 
 class CreateKey(Body):
-    name: str
+    name: str = Field(description="1–200 characters once trimmed")
     account_id: str | None = Field(None, description="admin only: another account's id")
+
+
+# --- responses (for the OpenAPI document; the renderers below produce the same shapes) ------
+
+
+class Out(BaseModel):
+    """A response shape. Every field is always present (null where the type says so)."""
+
+
+class MessageOut(Out):
+    id: str
+    channel: Channel
+    status: MessageStatus
+    provider: str | None
+    segments: int
+    encoding: str
+    price: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class VerificationOut(Out):
+    id: str
+    service_id: str
+    to: str = Field(description="E.164")
+    channel: Channel
+    status: VerificationStatus
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    check_attempts: int
+    max_check_attempts: int
+    send_attempts: int
+    max_send_attempts: int
+    context: dict[str, str] | None
+    metadata: dict[str, Any]
+    messages: list[MessageOut]
+
+
+class CheckResultOut(Out):
+    id: str
+    status: VerificationStatus
+    valid: bool
+    remaining_attempts: int
+
+
+class ServiceOut(Out):
+    id: str
+    name: str
+    code_length: int
+    code_type: CodeType
+    ttl_seconds: int
+    max_check_attempts: int
+    max_send_attempts: int
+    resend_interval_seconds: int
+    channels: list[Channel]
+    allowed_countries: list[str] | None
+    sender_id: str | None
+    templates: dict[str, str]
+    default_locale: str
+    webotp_domain: str | None
+    android_app_hash: str | None
+    webhook_url: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AccountOut(Out):
+    id: str
+    name: str
+    username: str
+    is_admin: bool
+    created_at: datetime
+
+
+class KeyOut(Out):
+    id: str
+    account_id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewKeyOut(KeyOut):
+    key: str = Field(description="the secret; shown in this response only")
+
+
+class VerificationPage(Out):
+    data: list[VerificationOut]
+    next_cursor: str | None
+
+
+class ServicePage(Out):
+    data: list[ServiceOut]
+    next_cursor: str | None
+
+
+class AccountPage(Out):
+    data: list[AccountOut]
+    next_cursor: str | None
+
+
+class KeyPage(Out):
+    data: list[KeyOut]
+    next_cursor: None = Field(description="always null: every key is in one page")
+
+
+class HealthOut(Out):
+    status: Literal["ok"]
+
+
+class ReadyOut(Out):
+    status: Literal["ready"]
 
 
 def timestamp(value: datetime | None) -> str | None:

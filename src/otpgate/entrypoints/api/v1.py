@@ -1,4 +1,9 @@
-"""The native ``/v1`` API (API.md §3, §4, §8)."""
+"""The native ``/v1`` API: verifications, services, accounts and keys.
+
+Every handler answers with a response object built from the ``render_*`` functions (no
+per-request response validation; the busiest routes come first), and declares its success
+model and its real error answers (``problem_responses``) for the OpenAPI document.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,28 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from otpgate.bootstrap import Container
-from otpgate.domain.model import Principal
+from otpgate.domain.model import Principal, VerificationStatus
 from otpgate.entrypoints.api import schemas as s
-from otpgate.errors import Unauthorized
+from otpgate.entrypoints.api.problems import problem_responses
+from otpgate.errors import (
+    ChannelNotAllowed,
+    CountryNotAllowed,
+    DestinationBlocked,
+    Forbidden,
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    InvalidPhoneNumber,
+    InvalidRequest,
+    MaxSendAttemptsReached,
+    NotFound,
+    OtpgateError,
+    PayloadTooLarge,
+    ResendTooSoon,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+    UnsupportedNumberType,
+)
 from otpgate.services.idempotency import request_fingerprint
 from otpgate.services.verification import StartRequest
 
@@ -50,6 +74,32 @@ async def principal_of(request: Request) -> Principal:
 
 Caller = Annotated[Principal, Depends(principal_of)]
 Limit = Annotated[int, Query(ge=1, le=200)]
+Cursor = Annotated[s.Text | None, Query(description="`next_cursor` of the previous page")]
+
+#: What every authenticated route may answer: a bad parameter, bad credentials, storage down.
+AUTHENTICATED: tuple[type[OtpgateError], ...] = (InvalidRequest, Unauthorized, Unavailable)
+#: What a route that reads a JSON body may answer besides.
+READS_BODY: tuple[type[OtpgateError], ...] = (PayloadTooLarge, UnsupportedMediaType)
+#: What a create under an ``Idempotency-Key`` may answer besides.
+IDEMPOTENT: tuple[type[OtpgateError], ...] = (IdempotencyInProgress, IdempotencyKeyMismatch)
+#: The ``Idempotency-Key`` header, read by hand in :func:`idempotent`, for the document.
+IDEMPOTENCY_KEY = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "1–255 printable characters, scoped to the account and kept 24 h: "
+            "a retry with the same key and body answers the first response again",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+    ]
+}
+
+
+def ok(body: Any, status: int = 200) -> Response:
+    """A JSON answer sent as it is (the renderers' output is already JSON-ready)."""
+    return JSONResponse(body, status_code=status)
 
 
 async def idempotent(
@@ -64,7 +114,7 @@ async def idempotent(
     key = request.headers.get("idempotency-key")
     if key is None:
         status, body = await action()
-        return JSONResponse(body, status_code=status)
+        return ok(body, status)
     container = container_of(request)
     fingerprint = request_fingerprint(request.method, request.url.path, await request.body())
     outcome = await container.idempotency.run(
@@ -81,7 +131,33 @@ def page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]
 # --- verifications (first, so the busiest routes are matched first) ---------------------
 
 
-@router.post("/verifications", tags=["verifications"], status_code=201)
+@router.post(
+    "/verifications",
+    tags=["verifications"],
+    status_code=201,
+    response_model=s.VerificationOut,
+    response_description="a new verification; its code is on its way",
+    responses={
+        200: {
+            "model": s.VerificationOut,
+            "description": "the destination's pending verification, its code sent again",
+        },
+        **problem_responses(
+            *AUTHENTICATED,
+            *READS_BODY,
+            *IDEMPOTENT,
+            InvalidPhoneNumber,
+            UnsupportedNumberType,
+            CountryNotAllowed,
+            ChannelNotAllowed,
+            DestinationBlocked,
+            NotFound,
+            ResendTooSoon,
+            MaxSendAttemptsReached,
+        ),
+    },
+    openapi_extra=IDEMPOTENCY_KEY,
+)
 async def start_verification(
     request: Request, principal: Caller, body: s.StartVerification
 ) -> Response:
@@ -107,9 +183,14 @@ async def start_verification(
     return await idempotent(request, principal, action)
 
 
-@router.post("/verifications/{verification_id}/check", tags=["verifications"])
+@router.post(
+    "/verifications/{verification_id}/check",
+    tags=["verifications"],
+    response_model=s.CheckResultOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, NotFound),
+)
 async def check_verification(
-    request: Request, principal: Caller, verification_id: str, body: s.CheckCode
+    request: Request, principal: Caller, verification_id: s.Text, body: s.CheckCode
 ) -> Response:
     """Always 200 when the verification exists; a wrong code is ``valid: false``."""
     result = await container_of(request).verifications.check(
@@ -119,28 +200,55 @@ async def check_verification(
     return JSONResponse(s.render_check(result))
 
 
-@router.get("/verifications", tags=["verifications"])
+@router.get(
+    "/verifications",
+    tags=["verifications"],
+    response_model=s.VerificationPage,
+    responses=problem_responses(*AUTHENTICATED, InvalidPhoneNumber),
+)
 async def list_verifications(
     request: Request,
     principal: Caller,
-    service_id: str | None = None,
-    status: str | None = None,
-    to: str | None = None,
+    service_id: s.Text | None = None,
+    status: Annotated[
+        s.Text | None,
+        Query(
+            description="the reported status: expired includes pending ones past expires_at",
+            json_schema_extra=s.one_of(VerificationStatus),
+        ),
+    ] = None,
+    to: Annotated[
+        s.Text | None, Query(description="E.164; write the + as %2B in the query string")
+    ] = None,
     limit: Limit = 50,
-    cursor: str | None = None,
-) -> dict[str, Any]:
+    cursor: Cursor = None,
+) -> Response:
+    """Newest first. ``status`` is the reported one: ``expired`` includes pending rows past
+    their expiry."""
+    if to is not None and to.startswith(" "):
+        # "+" in a query string means a space: the client did not encode it.
+        raise InvalidRequest(
+            "to must be E.164 such as +34600000000; in a query string write + as %2B "
+            "(a bare + arrives as a space)",
+            param="to",
+        )
     verifications = container_of(request).verifications
     result = await verifications.list(
         principal, service_id=service_id, status=status, to=to, limit=limit, cursor=cursor
     )
     now = verifications.now()
-    return page([s.render_verification(v, now) for v in result.items], result.next_cursor)
+    return ok(page([s.render_verification(v, now) for v in result.items], result.next_cursor))
 
 
-@router.post("/verifications/check", tags=["verifications"])
+@router.post(
+    "/verifications/check",
+    tags=["verifications"],
+    response_model=s.CheckResultOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, InvalidPhoneNumber, NotFound),
+)
 async def check_by_destination(
     request: Request, principal: Caller, body: s.CheckByDestination
-) -> dict[str, Any]:
+) -> Response:
     """Check the most recent verification of a destination in a service."""
     result = await container_of(request).verifications.check_destination(
         principal,
@@ -150,25 +258,47 @@ async def check_by_destination(
         context=body.context,
         country=body.country,
     )
-    return s.render_check(result)
+    return ok(s.render_check(result))
 
 
-@router.get("/verifications/{verification_id}", tags=["verifications"])
+@router.get(
+    "/verifications/{verification_id}",
+    tags=["verifications"],
+    response_model=s.VerificationOut,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
 async def get_verification(
-    request: Request, principal: Caller, verification_id: str
-) -> dict[str, Any]:
+    request: Request, principal: Caller, verification_id: s.Text
+) -> Response:
+    """The verification, with every message queued for it."""
     verifications = container_of(request).verifications
     verification = await verifications.get(principal, verification_id)
-    return s.render_verification(verification, verifications.now())
+    return ok(s.render_verification(verification, verifications.now()))
 
 
-@router.post("/verifications/{verification_id}/resend", tags=["verifications"])
+@router.post(
+    "/verifications/{verification_id}/resend",
+    tags=["verifications"],
+    response_model=s.VerificationOut,
+    responses=problem_responses(
+        *AUTHENTICATED,
+        *READS_BODY,
+        *IDEMPOTENT,
+        NotFound,
+        ChannelNotAllowed,
+        DestinationBlocked,
+        ResendTooSoon,
+        MaxSendAttemptsReached,
+    ),
+    openapi_extra=IDEMPOTENCY_KEY,
+)
 async def resend_verification(
     request: Request,
     principal: Caller,
-    verification_id: str,
+    verification_id: s.Text,
     body: s.ResendVerification | None = None,
 ) -> Response:
+    """Send the same code again on a pending verification."""
     verifications = container_of(request).verifications
 
     async def action() -> tuple[int, Any]:
@@ -180,34 +310,57 @@ async def resend_verification(
     return await idempotent(request, principal, action)
 
 
-@router.post("/verifications/{verification_id}/cancel", tags=["verifications"])
+@router.post(
+    "/verifications/{verification_id}/cancel",
+    tags=["verifications"],
+    response_model=s.VerificationOut,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
 async def cancel_verification(
-    request: Request, principal: Caller, verification_id: str
-) -> dict[str, Any]:
+    request: Request, principal: Caller, verification_id: s.Text
+) -> Response:
+    """A pending verification becomes canceled; a closed one is returned unchanged."""
     verifications = container_of(request).verifications
     verification = await verifications.cancel(principal, verification_id)
-    return s.render_verification(verification, verifications.now())
+    return ok(s.render_verification(verification, verifications.now()))
 
 
 # --- account and keys -----------------------------------------------------------------------
 
 
-@router.get("/account", tags=["accounts"])
-async def get_account(principal: Caller) -> dict[str, Any]:
+@router.get(
+    "/account",
+    tags=["accounts"],
+    response_model=s.AccountOut,
+    responses=problem_responses(Unauthorized, Unavailable),
+)
+async def get_account(principal: Caller) -> Response:
     """The calling key's account."""
-    return s.render_account(principal.account)
+    return ok(s.render_account(principal.account))
 
 
-@router.get("/accounts", tags=["accounts"])
+@router.get(
+    "/accounts",
+    tags=["accounts"],
+    response_model=s.AccountPage,
+    responses=problem_responses(*AUTHENTICATED, Forbidden),
+)
 async def list_accounts(
-    request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request, principal: Caller, limit: Limit = 50, cursor: Cursor = None
+) -> Response:
     """Admin only: every account."""
     result = await container_of(request).access.list_accounts(principal, limit=limit, cursor=cursor)
-    return page([s.render_account(a) for a in result.items], result.next_cursor)
+    return ok(page([s.render_account(a) for a in result.items], result.next_cursor))
 
 
-@router.post("/accounts", tags=["accounts"], status_code=201)
+@router.post(
+    "/accounts",
+    tags=["accounts"],
+    status_code=201,
+    response_model=s.AccountOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, *IDEMPOTENT, Forbidden),
+    openapi_extra=IDEMPOTENCY_KEY,
+)
 async def create_account(request: Request, principal: Caller, body: s.CreateAccount) -> Response:
     """Admin only: a new account (its username defaults to its id)."""
     access = container_of(request).access
@@ -220,7 +373,14 @@ async def create_account(request: Request, principal: Caller, body: s.CreateAcco
     return await idempotent(request, principal, action)
 
 
-@router.post("/keys", tags=["accounts"], status_code=201)
+@router.post(
+    "/keys",
+    tags=["accounts"],
+    status_code=201,
+    response_model=s.NewKeyOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, *IDEMPOTENT, Forbidden, NotFound),
+    openapi_extra=IDEMPOTENCY_KEY,
+)
 async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> Response:
     """A new API key; ``key`` is in this response only. A replay of the same request under
     the same ``Idempotency-Key`` answers with the key's id and ``key: null``: the secret is
@@ -237,14 +397,27 @@ async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> 
     return await idempotent(request, principal, action, redact=s.without_secret)
 
 
-@router.get("/keys", tags=["accounts"])
-async def list_keys(request: Request, principal: Caller) -> dict[str, Any]:
+@router.get(
+    "/keys",
+    tags=["accounts"],
+    response_model=s.KeyPage,
+    responses=problem_responses(Unauthorized, Unavailable),
+)
+async def list_keys(request: Request, principal: Caller) -> Response:
+    """This account's keys, revoked ones included, never the secret; all in one page."""
     keys = await container_of(request).access.list_keys(principal)
-    return page([s.render_key(k) for k in keys], None)
+    return ok(page([s.render_key(k) for k in keys], None))
 
 
-@router.delete("/keys/{key_id}", tags=["accounts"], status_code=204)
-async def revoke_key(request: Request, principal: Caller, key_id: str) -> Response:
+@router.delete(
+    "/keys/{key_id}",
+    tags=["accounts"],
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
+async def revoke_key(request: Request, principal: Caller, key_id: s.Text) -> Response:
+    """Revoke a live key of this account."""
     await container_of(request).access.revoke_key(principal, key_id)
     return Response(status_code=204)
 
@@ -252,8 +425,16 @@ async def revoke_key(request: Request, principal: Caller, key_id: str) -> Respon
 # --- services --------------------------------------------------------------------------------
 
 
-@router.post("/services", tags=["services"], status_code=201)
+@router.post(
+    "/services",
+    tags=["services"],
+    status_code=201,
+    response_model=s.ServiceOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, *IDEMPOTENT),
+    openapi_extra=IDEMPOTENCY_KEY,
+)
 async def create_service(request: Request, principal: Caller, body: s.ServiceFields) -> Response:
+    """A new service; ``name`` is required, every other field has a default."""
     catalog = container_of(request).catalog
 
     async def action() -> tuple[int, Any]:
@@ -263,30 +444,54 @@ async def create_service(request: Request, principal: Caller, body: s.ServiceFie
     return await idempotent(request, principal, action)
 
 
-@router.get("/services", tags=["services"])
+@router.get(
+    "/services",
+    tags=["services"],
+    response_model=s.ServicePage,
+    responses=problem_responses(*AUTHENTICATED),
+)
 async def list_services(
-    request: Request, principal: Caller, limit: Limit = 50, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request, principal: Caller, limit: Limit = 50, cursor: Cursor = None
+) -> Response:
     result = await container_of(request).catalog.list(principal, limit=limit, cursor=cursor)
-    return page([s.render_service(x) for x in result.items], result.next_cursor)
+    return ok(page([s.render_service(x) for x in result.items], result.next_cursor))
 
 
-@router.get("/services/{service_id}", tags=["services"])
-async def get_service(request: Request, principal: Caller, service_id: str) -> dict[str, Any]:
-    return s.render_service(await container_of(request).catalog.get(principal, service_id))
+@router.get(
+    "/services/{service_id}",
+    tags=["services"],
+    response_model=s.ServiceOut,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
+async def get_service(request: Request, principal: Caller, service_id: s.Text) -> Response:
+    return ok(s.render_service(await container_of(request).catalog.get(principal, service_id)))
 
 
-@router.patch("/services/{service_id}", tags=["services"])
+@router.patch(
+    "/services/{service_id}",
+    tags=["services"],
+    response_model=s.ServiceOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, NotFound),
+)
 async def update_service(
-    request: Request, principal: Caller, service_id: str, body: s.ServiceFields
-) -> dict[str, Any]:
+    request: Request, principal: Caller, service_id: s.Text, body: s.ServiceFields
+) -> Response:
+    """Change the fields given; ``null`` resets a field to its default. The whole policy is
+    checked again, and a refused change changes nothing."""
     service = await container_of(request).catalog.update(
         principal, service_id, body.model_dump(exclude_unset=True)
     )
-    return s.render_service(service)
+    return ok(s.render_service(service))
 
 
-@router.delete("/services/{service_id}", tags=["services"], status_code=204)
-async def delete_service(request: Request, principal: Caller, service_id: str) -> Response:
+@router.delete(
+    "/services/{service_id}",
+    tags=["services"],
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
+async def delete_service(request: Request, principal: Caller, service_id: s.Text) -> Response:
+    """Delete the service; its pending verifications are canceled with it."""
     await container_of(request).catalog.delete(principal, service_id)
     return Response(status_code=204)
