@@ -1,17 +1,19 @@
-"""Count what one verification round trip costs inside otpgate: SQL statements, transactions,
-aiosqlite thread hops and CPU time, per phase (start, dispatch, check).
+"""Count what one verification round trip costs inside otpgate: statements, transactions,
+database round trips and CPU time, per phase (start, dispatch, check).
 
-``python -m benchmarks.statements [--round-trips N]`` runs otpgate in this process on a
-temporary SQLite database (the embedded default), through its ASGI app (no sockets at all) and
-with a recording SMS sender, so the numbers are otpgate's own work without HTTP transport or
-the load client. It is the quick way to see whether a change to the storage path made a round
-trip cheaper; ``benchmarks.roundtrip`` is the end-to-end measurement.
+``python -m benchmarks.statements [--round-trips N] [--database sqlite|postgres]`` runs otpgate
+in this process on a temporary SQLite database (the embedded default) or a fresh schema of the
+local PostgreSQL, through its ASGI app (no sockets but the database's) and with a recording SMS
+sender, so the numbers are otpgate's own work without HTTP transport or the load client. It is
+the quick way to see whether a change to the storage path made a round trip cheaper;
+``benchmarks.roundtrip`` is the end-to-end measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import tempfile
@@ -20,8 +22,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
+from otpgate.adapters.storage.migrate import upgrade
+from otpgate.adapters.storage.postgres import PostgresExecutor
+from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.bootstrap import build, prepare_database
 from otpgate.domain.model import Channel, OutboundMessage, Principal, SendReceipt
 from otpgate.entrypoints.api.app import create_app
@@ -46,61 +52,71 @@ class RecordingSender:
 
 
 class Tally:
-    """Statements (by verb), transactions and aiosqlite thread hops since the last reset."""
+    """Statements (by verb) and transactions since the last reset."""
 
     def __init__(self) -> None:
         self.statements: Counter[str] = Counter()
-        self.hops = 0
 
     def reset(self) -> None:
         self.statements.clear()
-        self.hops = 0
+
+    def count(self, sql: str) -> None:
+        self.statements[sql.split(None, 1)[0].upper()] += 1
 
     def snapshot(self) -> dict[str, Any]:
         total = sum(self.statements.values())
-        begins = self.statements.get("BEGIN", 0)
+        ends = sum(self.statements.get(verb, 0) for verb in ("BEGIN", "COMMIT", "ROLLBACK"))
         return {
-            "transactions": begins,
-            "statements": total - begins,
-            "by_verb": {k: v for k, v in sorted(self.statements.items()) if k != "BEGIN"},
-            "aiosqlite_hops": self.hops,
+            "transactions": self.statements.get("BEGIN", 0),
+            "statements": total - ends,
+            "by_verb": dict(sorted(self.statements.items())),
         }
 
 
-def _count_hops(tally: Tally) -> bool:
-    """Wrap aiosqlite's one entry point to its worker thread; False if it is not there."""
-    try:
-        from aiosqlite.core import Connection
-    except ImportError:  # pragma: no cover - aiosqlite is a dependency
-        return False
-    original = getattr(Connection, "_execute", None)
-    if original is None:
-        return False
+def trace(executor: Any, tally: Tally) -> None:
+    """Count every statement the executor sends to its database."""
+    if isinstance(executor, SqliteExecutor):
+        # SQLite reports every statement it runs on the executor's connection.
+        executor._db.set_trace_callback(tally.count)
+        return
+    assert isinstance(executor, PostgresExecutor)
+    fetch, execute, call = executor.fetch, executor.execute, executor._call
 
-    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        tally.hops += 1
-        return await original(self, fn, *args, **kwargs)
+    async def counted_fetch(conn: Any, compiled: Any, params: Any) -> Any:
+        tally.count(compiled.sql)
+        return await fetch(conn, compiled, params)
 
-    Connection._execute = counted  # type: ignore[method-assign]
-    return True
+    async def counted_execute(conn: Any, compiled: Any, params: Any) -> Any:
+        tally.count(compiled.sql)
+        return await execute(conn, compiled, params)
+
+    async def counted_call(awaitable: Any, doing: str, conn: Any = None) -> Any:
+        verb = {"begin": "BEGIN", "commit": "COMMIT", "deferred write": "UPDATE"}.get(doing)
+        if verb is not None:
+            tally.count(verb)
+        return await call(awaitable, doing, conn)
+
+    executor.fetch, executor.execute = counted_fetch, counted_execute  # type: ignore[method-assign]
+    executor._call = counted_call  # type: ignore[method-assign]
 
 
-async def run(round_trips: int) -> None:
+async def run(round_trips: int, database: str, postgres_url: str) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="otpgate-statements-"))
+    schema = "otpgate_statements_" + os.urandom(4).hex() if database == "postgres" else ""
     settings = Settings(
-        data_dir=data_dir, database_url="", sms_provider="console", log_level="WARNING"
+        data_dir=data_dir,
+        database_url=postgres_url if schema else "",
+        database_schema=schema,
+        sms_provider="console",
+        log_level="WARNING",
     )
+    if schema:
+        await upgrade(postgres_url, schema=schema)
     await prepare_database(settings)
     sender = RecordingSender()
     container = build(settings, sender=sender)
     tally = Tally()
-    hops_counted = _count_hops(tally)
-
-    def _count(sql: str) -> None:
-        tally.statements[sql.split(None, 1)[0].upper()] += 1
-
-    # SQLite reports every statement it runs on the executor's connection.
-    container.storage.executor._db.set_trace_callback(_count)  # type: ignore[attr-defined]
+    trace(container.storage.executor, tally)  # type: ignore[attr-defined]
 
     account, _ = await container.access.ensure_default_account()
     issued = await container.access.create_key(account.id, name="statements")
@@ -151,21 +167,38 @@ async def run(round_trips: int) -> None:
             await one(n)
         cpu_ms = (time.process_time() - cpu) * 1000 / round_trips
     await container.aclose()
-
     shutil.rmtree(data_dir, ignore_errors=True)
-    print("one round trip inside otpgate (embedded SQLite, recording sender):\n")
-    print(f"{'phase':<9} {'transactions':>12} {'statements':>10} {'aiosqlite hops':>14}  verbs")
+    if schema:
+        conn = await asyncpg.connect(postgres_url, timeout=5)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    where = "embedded SQLite" if not schema else "PostgreSQL"
+    print(f"one round trip inside otpgate ({where}, recording sender):\n")
+    print(f"{'phase':<9} {'transactions':>12} {'statements':>10} {'round trips':>11}  verbs")
     totals = Counter[str]()
     for name, phase in phases.items():
-        hops = phase["aiosqlite_hops"] if hops_counted else "-"
+        trips = sum(phase["by_verb"].values())
         print(
-            f"{name:<9} {phase['transactions']:>12} {phase['statements']:>10} {hops:>14}  "
+            f"{name:<9} {phase['transactions']:>12} {phase['statements']:>10} {trips:>11}  "
             + ", ".join(f"{verb} {count}" for verb, count in phase["by_verb"].items())
         )
-        totals.update({k: phase[k] for k in ("transactions", "statements", "aiosqlite_hops")})
+        totals.update(
+            {
+                "transactions": phase["transactions"],
+                "statements": phase["statements"],
+                "trips": trips,
+            }
+        )
     print(
         f"{'total':<9} {totals['transactions']:>12} {totals['statements']:>10} "
-        f"{totals['aiosqlite_hops'] if hops_counted else '-':>14}"
+        f"{totals['trips']:>11}"
+    )
+    print(
+        "\n(round trips: every statement plus BEGIN and COMMIT; on SQLite they are calls into "
+        "the library, on PostgreSQL messages to the server)"
     )
     print(
         f"\nCPU per round trip, in process (ASGI, no sockets; includes the httpx test client): "
@@ -176,10 +209,16 @@ async def run(round_trips: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--round-trips", type=int, default=200)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL for --database postgres (loopback); a fresh schema is made and dropped",
+    )
     args = parser.parse_args()
     if not 1 <= args.round_trips <= 100_000:
         parser.error("--round-trips must be 1 to 100000")
-    asyncio.run(run(args.round_trips))
+    asyncio.run(run(args.round_trips, args.database, args.postgres_url))
 
 
 if __name__ == "__main__":
