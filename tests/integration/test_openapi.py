@@ -296,7 +296,10 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
     await call("GET", "/v1/keys", "/v1/keys", headers=auth)
     other = {"Authorization": f"Bearer {key.json()['key']}"}
     await call("GET", "/v1/accounts", "/v1/accounts", headers=other)  # 403
-    own = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=auth)
+    once = {**auth, "Idempotency-Key": "key-once"}
+    own = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=once)
+    replayed = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=once)
+    assert replayed.json()["key"] is None  # the secret is never kept for replays
     revoke = "/v1/keys/{key_id}"
     await call("DELETE", revoke, f"/v1/keys/{own.json()['id']}", headers=auth)
     await call("DELETE", revoke, f"/v1/keys/{own.json()['id']}", headers=auth)  # 404

@@ -313,7 +313,10 @@ class KeyOut(Out):
 
 
 class NewKeyOut(KeyOut):
-    key: str = Field(description="the secret; shown in this response only")
+    key: str | None = Field(
+        description="the secret, shown in this response only; null when the response is a "
+        "replay under the same Idempotency-Key, since the secret is never stored"
+    )
 
 
 class VerificationPage(Out):
