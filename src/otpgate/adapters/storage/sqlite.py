@@ -173,9 +173,12 @@ class SqliteExecutor:
             self._write_fault = error
         return error
 
-    async def _retrying(self, compiled: Compiled, params: dict[str, Any]) -> sqlite3.Cursor:
-        """Execute one statement on its own, retrying a busy database without blocking the
-        loop until the lock timeout."""
+    async def _waiting(
+        self, sql: str, params: tuple[Any, ...], *, doing: str, writes: bool
+    ) -> sqlite3.Cursor:
+        """Execute ``sql`` outside any transaction, retrying while the database is busy (a lock
+        held by another process) with ``asyncio.sleep`` backoffs, so the loop never blocks,
+        until the lock timeout; then ``Unavailable``."""
         if self._in_transaction:
             # Only possible if a transaction body suspended: a bug that would mix statements.
             raise RuntimeError("a statement ran while a transaction was open on the connection")
@@ -183,17 +186,21 @@ class SqliteExecutor:
         backoff = _FIRST_BACKOFF
         while True:
             try:
-                cursor = self._db.execute(compiled.sql, compiled.bind(params))
-                break
+                return self._db.execute(sql, params)
             except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise self._failed(exc, "statement", compiled.writes) from None
                 now = time.monotonic()
                 deadline = deadline or now + self._lock_timeout
-                if now >= deadline:
-                    raise self._failed(exc, "statement", compiled.writes) from None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+                if not _is_busy(exc) or now >= deadline:
+                    raise self._failed(exc, doing, writes) from None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _retrying(self, compiled: Compiled, params: dict[str, Any]) -> sqlite3.Cursor:
+        """Execute one statement on its own (SQLite makes it atomic), waiting out a busy
+        database as :meth:`_waiting` does."""
+        cursor = await self._waiting(
+            compiled.sql, compiled.bind(params), doing="statement", writes=compiled.writes
+        )
         if compiled.writes:
             self._write_fault = None
         return cursor
@@ -226,23 +233,7 @@ class SqliteExecutor:
     # --- transactions ------------------------------------------------------------------------
 
     async def _begin(self) -> None:
-        deadline = None
-        backoff = _FIRST_BACKOFF
-        while True:
-            if self._in_transaction:
-                raise RuntimeError("a transaction began while another was open")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise self._failed(exc, "begin", True) from None
-                now = time.monotonic()
-                deadline = deadline or now + self._lock_timeout
-                if now >= deadline:
-                    raise self._failed(exc, "begin", True) from None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+        await self._waiting("BEGIN IMMEDIATE", (), doing="begin", writes=True)
 
     def _rollback(self) -> None:
         # After some errors (a full disk) SQLite has rolled back already; a second ROLLBACK
