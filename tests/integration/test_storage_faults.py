@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import sqlite3
 import subprocess
 import time
@@ -91,10 +91,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill(disk: Path) -> Path:
     """Take every free byte of ``disk``; the returned file gives them back when deleted."""
     filler = disk / "filler"
-    with filler.open("wb") as handle, contextlib.suppress(OSError):
+    # Unbuffered: the write that meets the full disk is the last one, nothing is left to flush.
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
         while True:
-            handle.write(b"\0" * 65536)
-            handle.flush()
+            os.write(descriptor, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
     return filler
 
 

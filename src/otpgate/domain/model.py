@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from otpgate.domain.billing import BillingMode, credits_text
+
 
 def new_id(prefix: str) -> str:
     """A fresh id such as ``ver_3f0c…``: 128 random bits from the OS CSPRNG."""
@@ -37,6 +39,8 @@ class MessageStatus(enum.StrEnum):
     DELIVERED = "delivered"
     UNDELIVERED = "undelivered"
     FAILED = "failed"
+    #: A scheduled message canceled before it went out.
+    CANCELED = "canceled"
 
 
 class Channel(enum.StrEnum):
@@ -57,6 +61,9 @@ class Account:
     username: str
     is_admin: bool
     created_at: datetime
+    billing: BillingMode = BillingMode.UNLIMITED
+    #: Credit in units of 1/10,000 credit (``domain.billing``); only a prepaid account spends it.
+    balance: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +133,21 @@ class Message:
     updated_at: datetime
     provider: str | None = None
     provider_ref: str | None = None
-    price: str | None = None
+    #: What the message costs, in units; None when no price applies (no price table loaded).
+    price_units: int | None = None
     error: str | None = None
     attempts: int = 0
+    #: A plain SMS's sender, the caller's own reference (LabsMobile ``subid``), its label and
+    #: where its delivery reports are forwarded; None for verification messages.
+    sender_id: str | None = None
+    client_ref: str | None = None
+    label: str | None = None
+    ack_url: str | None = None
+
+    @property
+    def price(self) -> str | None:
+        """The price as decimal credits, as the API shows it."""
+        return None if self.price_units is None else credits_text(self.price_units)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +172,10 @@ class Verification:
     context: dict[str, str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     messages: tuple[Message, ...] = ()
+    #: A template and a sender of this verification's own (LabsMobile's ``sendCode`` message and
+    #: sender), used instead of the service's.
+    template: str | None = None
+    sender_id: str | None = None
 
     def status_at(self, now: datetime) -> VerificationStatus:
         """The status as the API reports it: a pending verification past its expiry is expired,

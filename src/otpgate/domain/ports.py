@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from otpgate.domain.billing import LedgerEntry
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -110,6 +111,18 @@ class ClaimedMessage:
     service: Service | None
     #: Until when this dispatcher holds the message (no other may claim it before).
     lease_until: datetime | None = None
+    #: The text of a plain SMS (a verification's message is rendered from its sealed code
+    #: instead, and its stored body is masked).
+    body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlainMessage:
+    """A plain SMS to store in the outbox: the message (with its price, when one applies) and
+    its text, which carries no code and is kept as it is."""
+
+    message: Message
+    body: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +148,8 @@ class Page(Generic[T]):
 
 class AccountStore(Protocol):
     async def create_account(self, account: Account) -> None:
-        """Insert; ``InvalidRequest(param="username")`` if the username is taken."""
+        """Insert (with its billing mode and balance); ``InvalidRequest(param="username")`` if
+        the username is taken."""
         ...
 
     async def get_account(self, account_id: str) -> Account | None: ...
@@ -197,9 +211,12 @@ class VerificationStore(Protocol):
     ) -> bool:
         """In one transaction: cancel ``supersede`` if it is still pending, insert the
         verification and its first outbox message (kept with ``body_masked``, the text with
-        the code masked). With ``lease_until`` the message is inserted already claimed (one
+        the code masked), and, when the message has a price, debit it from the account with a
+        ledger entry. With ``lease_until`` the message is inserted already claimed (one
         attempt counted) by the caller's own dispatcher. False (nothing written) when another
-        verification for the same (service, to) is pending already."""
+        verification for the same (service, to) is pending already; ``InsufficientCredit``
+        (nothing written) when the account is prepaid and its balance does not cover the
+        price."""
         ...
 
     async def record_resend(
@@ -213,10 +230,11 @@ class VerificationStore(Protocol):
         lease_until: datetime | None = None,
     ) -> Verification | None:
         """In one transaction, if the verification is pending, unexpired, below its send cap
-        and its last send is at least ``interval_seconds`` old: count the send and queue
-        ``message`` (claimed until ``lease_until``, as in ``create_verification``). Returns
-        the updated verification, or ``None`` when a condition failed
-        (the caller re-reads to tell which)."""
+        and its last send is at least ``interval_seconds`` old: count the send, queue
+        ``message`` (claimed until ``lease_until``, as in ``create_verification``) and debit
+        its price as ``create_verification`` does (``InsufficientCredit``, nothing written).
+        Returns the updated verification, or ``None`` when a condition failed (the caller
+        re-reads to tell which)."""
         ...
 
     async def get_verification(
@@ -284,6 +302,32 @@ class LockoutStore(Protocol):
         ...
 
 
+class PriceStore(Protocol):
+    async def price_table(self) -> dict[str, int]:
+        """Units per SMS segment by ISO country code (``*`` for the default); empty when no
+        price table is loaded."""
+        ...
+
+    async def replace_prices(self, prices: Mapping[str, int], now: datetime) -> None:
+        """Replace the whole table with ``prices``, in one transaction."""
+        ...
+
+
+class BillingStore(Protocol):
+    async def add_credit(
+        self, account_id: str, amount: int, *, note: str | None, now: datetime
+    ) -> LedgerEntry | None:
+        """Top up an account by ``amount`` units with a ledger entry, atomically; None when
+        there is no such account."""
+        ...
+
+    async def list_ledger(
+        self, account_id: str, *, limit: int, cursor: str | None
+    ) -> Page[LedgerEntry]:
+        """The account's ledger, newest first."""
+        ...
+
+
 class MessageStore(Protocol):
     async def claim_due(
         self, *, now: datetime, lease_seconds: int, limit: int
@@ -310,15 +354,30 @@ class MessageStore(Protocol):
     async def mark_failed(
         self, message_id: str, *, provider: str | None, error: str, now: datetime
     ) -> Verification | None:
-        """Fail the message for good. If its verification is pending and has no other message
-        that is queued, sent or delivered, the verification becomes ``failed`` too (sealed code
-        erased) and is returned."""
+        """Fail the message for good and refund its price (with a ledger entry), in one
+        transaction. If its verification is pending and has no other message that is queued,
+        sent or delivered, the verification becomes ``failed`` too (sealed code erased) and is
+        returned."""
         ...
 
     async def apply_report(self, provider: str, report: DeliveryReport, now: datetime) -> bool:
         """Apply a delivery report to the message with this provider and reference; False when
         no such message exists (the receipt is then acknowledged and ignored)."""
         ...
+
+
+class PlainMessageStore(Protocol):
+    async def create_messages(
+        self, messages: Sequence[PlainMessage], *, lease_until: datetime | None = None
+    ) -> None:
+        """Queue every message in one transaction, debiting the sum of their prices from their
+        account (one ledger entry each): all or nothing. ``InsufficientCredit`` (nothing
+        written) when the account is prepaid and its balance does not cover the sum. With
+        ``lease_until`` the messages are written already claimed, as in
+        ``create_verification``."""
+        ...
+
+    async def get_message(self, account_id: str, message_id: str) -> Message | None: ...
 
 
 class IdempotencyStore(Protocol):
@@ -366,6 +425,9 @@ class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
 
 
 class Storage(
+    PriceStore,
+    BillingStore,
+    PlainMessageStore,
     AccountStore,
     ServiceStore,
     VerificationStore,

@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Integer,
     String,
     and_,
@@ -37,6 +38,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    true,
     tuple_,
     update,
 )
@@ -47,11 +49,13 @@ from sqlalchemy.sql.elements import BindParameter
 
 from otpgate.adapters.storage import tables as t
 from otpgate.adapters.storage.tables import UTCDateTime
+from otpgate.domain.billing import BillingMode
 from otpgate.domain.model import MessageStatus, VerificationStatus
 
 accounts, api_keys, services = t.accounts, t.api_keys, t.services
 verifications, messages = t.verifications, t.messages
 failures, idempotency = t.destination_failures, t.idempotency_keys
+prices, ledger = t.prices, t.ledger
 v, m = verifications, messages
 
 
@@ -73,6 +77,7 @@ def const(value: str) -> ColumnElement[str]:
 
 
 PENDING = const(VerificationStatus.PENDING.value)
+PREPAID = const(BillingMode.PREPAID.value)
 QUEUED = const(MessageStatus.QUEUED.value)
 SENT = const(MessageStatus.SENT.value)
 
@@ -133,6 +138,8 @@ LIVE_KEY_WITH_ACCOUNT = (
         accounts.c.username,
         accounts.c.is_admin,
         accounts.c.created_at.label("account_created_at"),
+        accounts.c.billing,
+        accounts.c.balance_units,
     )
     .join_from(api_keys, accounts, accounts.c.id == api_keys.c.account_id)
     .where(api_keys.c.key_hash == p("key_hash"), api_keys.c.revoked_at.is_(None))
@@ -151,6 +158,49 @@ REVOKE_KEY = (
     )
     .values(revoked_at=now())
 )
+
+# --- credit ----------------------------------------------------------------------------------
+
+#: Take ``amount`` units from a prepaid account that has them; an unlimited account keeps its
+#: balance and always answers. No row: a prepaid balance that cannot cover the amount.
+DEBIT = (
+    update(accounts)
+    .where(
+        accounts.c.id == p("account_id"),
+        or_(accounts.c.billing != PREPAID, accounts.c.balance_units >= p("amount", BigInteger)),
+    )
+    .values(
+        balance_units=case(
+            (accounts.c.billing == PREPAID, accounts.c.balance_units - p("amount", BigInteger)),
+            else_=accounts.c.balance_units,
+        )
+    )
+    .returning(accounts.c.billing, accounts.c.balance_units)
+)
+#: Give back a debit to a prepaid account (an unlimited one was never charged).
+REFUND = (
+    update(accounts)
+    .where(accounts.c.id == p("account_id"))
+    .values(
+        balance_units=case(
+            (accounts.c.billing == PREPAID, accounts.c.balance_units + p("amount", BigInteger)),
+            else_=accounts.c.balance_units,
+        )
+    )
+    .returning(accounts.c.balance_units)
+)
+TOP_UP = (
+    update(accounts)
+    .where(accounts.c.id == p("account_id"))
+    .values(balance_units=accounts.c.balance_units + p("amount", BigInteger))
+    .returning(accounts.c.balance_units)
+)
+INSERT_LEDGER = insert(ledger).values(
+    {column.name: p("l_" + column.name, column.type) for column in ledger.c}
+)
+PRICES = select(prices.c.country, prices.c.unit_price)
+DELETE_PRICES = delete(prices)
+INSERT_PRICE = insert(prices)
 
 # --- services --------------------------------------------------------------------------------
 
@@ -202,23 +252,51 @@ CANCEL_SUPERSEDED = (
 )
 
 
-@functools.cache
-def create_verification(dialect: str, *, superseding: bool) -> tuple[Any, ...]:
-    """The statements that store a new verification and its first message (cancelling the
-    verification it supersedes first), to run in one transaction.
+MESSAGE_OF_ACCOUNT = select(m).where(m.c.id == p("id"), m.c.account_id == p("account_id"))
 
-    On PostgreSQL, when nothing is superseded (the common case), one statement chains the two
-    inserts (a data-modifying ``WITH``): one round trip and one commit instead of a
-    transaction's four, and the message is inserted only with its verification. Superseding
-    keeps the transaction: PostgreSQL runs the parts of one statement in no set order, and the
-    cancel must come before the insert that the one-pending-per-destination index would refuse.
+
+@functools.cache
+def create_verification(dialect: str, *, superseding: bool, charged: bool) -> tuple[Any, ...]:
+    """The statements that store a new verification and its first message (cancelling the
+    verification it supersedes first), to run in one transaction. ``charged``: the message has
+    a price; the account is debited (``DEBIT``, no row: refused) and a ledger entry written,
+    by the chained statement below or, for the other forms, by the caller in the same
+    transaction.
+
+    On PostgreSQL, when nothing is superseded (the common case), one statement chains the
+    writes (a data-modifying ``WITH``): one round trip and one commit instead of a
+    transaction's four or more. Each insert selects from the step before it, so when the debit
+    is refused nothing is inserted (the statement inserts no row), and the message goes in only
+    with its verification. Superseding keeps the transaction: PostgreSQL runs the parts of one
+    statement in no set order, and the cancel must come before the insert that the
+    one-pending-per-destination index would refuse.
     """
     if dialect == "postgresql" and not superseding:
-        new = INSERT_VERIFICATION.returning(v.c.id).cte("new_verification")
-        row = select(*_one_row(m, "m_").values()).select_from(new)
-        return (insert(m).from_select([c.name for c in m.c], row),)
-    steps = (INSERT_VERIFICATION, INSERT_MESSAGE)
+        gate = DEBIT.cte("debit") if charged else None
+        new = _insert_from(INSERT_VERIFICATION, verifications, "v_", gate).returning(v.c.id)
+        new_verification = new.cte("new_verification")
+        message = _insert_from(INSERT_MESSAGE, messages, "m_", new_verification)
+        if not charged:
+            return (message,)
+        assert gate is not None
+        new_message = message.returning(m.c.id).cte("new_message")
+        entry: dict[str, Any] = {c.name: p("l_" + c.name, c.type) for c in ledger.c}
+        entry["balance"] = gate.c.balance_units  # the balance right after the debit
+        row = select(*entry.values()).select_from(gate.join(new_message, true()))
+        return (insert(ledger).from_select(list(entry), row),)
+    steps: tuple[Any, ...] = (INSERT_VERIFICATION, INSERT_MESSAGE)
+    # The caller adds the debit and its ledger entry (``DEBIT``, ``INSERT_LEDGER``) to the
+    # same transaction when the message is charged.
     return (CANCEL_SUPERSEDED, *steps) if superseding else steps
+
+
+def _insert_from(statement: Any, table: Any, prefix: str, source: Any) -> Any:
+    """``statement``'s one row, inserted by selecting its parameters from ``source`` (a CTE):
+    one row when ``source`` has one, none when it has none."""
+    row = select(*_one_row(table, prefix).values())
+    if source is not None:
+        row = row.select_from(source)
+    return insert(table).from_select([c.name for c in table.c], row)
 
 
 _destination = select(p("service_id").label("service_id"), p("to").label("to")).subquery(
@@ -365,6 +443,11 @@ def accounts_page(with_cursor: bool) -> Select[Any]:
 
 
 @functools.cache
+def ledger_page(with_cursor: bool) -> Select[Any]:
+    return _paged(select(ledger).where(ledger.c.account_id == p("account_id")), ledger, with_cursor)
+
+
+@functools.cache
 def services_page(with_cursor: bool) -> Select[Any]:
     return _paged(select(services).where(_live_service()), services, with_cursor)
 
@@ -448,7 +531,6 @@ MARK_SENT = (
         status=SENT,
         provider=p("provider"),
         provider_ref=p("provider_ref"),
-        price=p("price"),
         error=null(),
         lease_until=null(),
         next_attempt_at=null(),
@@ -477,7 +559,7 @@ MARK_FAILED = (
         next_attempt_at=null(),
         updated_at=now(),
     )
-    .returning(m.c.verification_id)
+    .returning(m.c.verification_id, m.c.account_id, m.c.price_units)
 )
 #: Messages of a verification, other than one, that may still reach the phone.
 OTHER_LIVE_MESSAGES = (

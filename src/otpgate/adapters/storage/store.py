@@ -16,6 +16,7 @@ from typing import Any
 
 from otpgate.adapters.storage import statements as q
 from otpgate.adapters.storage.executor import Conflict, Executor, Row, Session
+from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -28,11 +29,20 @@ from otpgate.domain.model import (
     ServicePolicy,
     Verification,
     VerificationStatus,
+    new_id,
 )
-from otpgate.domain.ports import NO_LOCKOUT, ClaimedMessage, DeliveryReport, Lockout, Page
+from otpgate.domain.ports import (
+    NO_LOCKOUT,
+    ClaimedMessage,
+    DeliveryReport,
+    Lockout,
+    Page,
+    PlainMessage,
+)
 from otpgate.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
+    InsufficientCredit,
     InvalidRequest,
 )
 
@@ -95,6 +105,21 @@ def account_from_row(row: Row) -> Account:
         username=row["username"],
         is_admin=bool(row["is_admin"]),
         created_at=row["created_at"],
+        billing=BillingMode(row["billing"]),
+        balance=int(row["balance_units"]),
+    )
+
+
+def ledger_from_row(row: Row) -> LedgerEntry:
+    return LedgerEntry(
+        id=row["id"],
+        account_id=row["account_id"],
+        kind=LedgerKind(row["kind"]),
+        amount=int(row["amount"]),
+        balance=int(row["balance"]),
+        created_at=row["created_at"],
+        message_id=row["message_id"],
+        note=row["note"],
     )
 
 
@@ -134,9 +159,13 @@ def message_from_row(row: Row) -> Message:
         updated_at=row["updated_at"],
         provider=row["provider"],
         provider_ref=row["provider_ref"],
-        price=row["price"],
+        price_units=row["price_units"],
         error=row["error"],
         attempts=row["attempts"],
+        sender_id=row["sender_id"],
+        client_ref=row["client_ref"],
+        label=row["label"],
+        ack_url=row["ack_url"],
     )
 
 
@@ -162,6 +191,8 @@ def verification_from_row(row: Row, messages: Sequence[Message] = ()) -> Verific
         context=row["context"],
         metadata=row["metadata"] or {},
         messages=tuple(messages),
+        template=row["template"],
+        sender_id=row["sender_id"],
     )
 
 
@@ -195,6 +226,8 @@ def verification_values(v: Verification) -> dict[str, Any]:
         "v_updated_at": v.updated_at,
         "v_expires_at": v.expires_at,
         "v_last_sent_at": v.last_sent_at,
+        "v_template": v.template,
+        "v_sender_id": v.sender_id,
     }
 
 
@@ -217,14 +250,83 @@ def message_values(
         "m_encoding": m.encoding,
         "m_provider": m.provider,
         "m_provider_ref": m.provider_ref,
-        "m_price": m.price,
+        "m_price_units": m.price_units,
         "m_error": m.error,
         "m_attempts": m.attempts if lease_until is None else m.attempts + 1,
         "m_next_attempt_at": m.created_at,
         "m_lease_until": lease_until,
         "m_created_at": m.created_at,
         "m_updated_at": m.updated_at,
+        "m_sender_id": m.sender_id,
+        "m_client_ref": m.client_ref,
+        "m_label": m.label,
+        "m_ack_url": m.ack_url,
     }
+
+
+def ledger_values(entry: LedgerEntry) -> dict[str, Any]:
+    """The parameters of ``INSERT_LEDGER`` (``l_`` + column)."""
+    return {
+        "l_id": entry.id,
+        "l_account_id": entry.account_id,
+        "l_kind": entry.kind.value,
+        "l_amount": entry.amount,
+        "l_balance": entry.balance,
+        "l_message_id": entry.message_id,
+        "l_note": entry.note,
+        "l_created_at": entry.created_at,
+    }
+
+
+async def _charge(session: Session, account_id: str, messages: Sequence[Message]) -> None:
+    """Inside the caller's transaction: debit the priced messages' sum from the account and
+    write a ledger entry per message; ``InsufficientCredit`` (the caller's transaction rolls
+    back) when a prepaid balance cannot cover it."""
+    priced = [m for m in messages if m.price_units is not None]
+    if not priced:
+        return
+    total = sum(m.price_units or 0 for m in priced)
+    row = await session.one(q.DEBIT, account_id=account_id, amount=total)
+    if row is None:
+        raise InsufficientCredit("the account's credit does not cover this message")
+    # Each entry carries the balance right after it: a prepaid balance went down by the
+    # total, one message after the other; an unlimited one did not move.
+    prepaid = BillingMode(row["billing"]) is BillingMode.PREPAID
+    balance = int(row["balance_units"]) + (total if prepaid else 0)
+    for message in priced:
+        amount = message.price_units or 0
+        balance -= amount if prepaid else 0
+        await session.run(q.INSERT_LEDGER, **ledger_values(_debit_entry(message, balance=balance)))
+
+
+def _debit_entry(message: Message, *, balance: int) -> LedgerEntry:
+    return LedgerEntry(
+        id=new_id("led"),
+        account_id=message.account_id,
+        kind=LedgerKind.DEBIT,
+        amount=-(message.price_units or 0),
+        balance=balance,
+        created_at=message.created_at,
+        message_id=message.id,
+    )
+
+
+async def _refund(
+    session: Session, account_id: str, message_id: str, amount: int, now: datetime
+) -> None:
+    """Inside the caller's transaction: give a message's price back, with a ledger entry."""
+    row = await session.one(q.REFUND, account_id=account_id, amount=amount)
+    assert row is not None  # a message's account is never deleted
+    entry = LedgerEntry(
+        id=new_id("led"),
+        account_id=account_id,
+        kind=LedgerKind.REFUND,
+        amount=amount,
+        balance=int(row["balance_units"]),
+        created_at=now,
+        message_id=message_id,
+    )
+    await session.run(q.INSERT_LEDGER, **ledger_values(entry))
 
 
 # --- cursors ---------------------------------------------------------------------------------
@@ -303,6 +405,8 @@ class SqlStore:
                 username=account.username,
                 is_admin=account.is_admin,
                 created_at=account.created_at,
+                billing=account.billing.value,
+                balance_units=account.balance,
             )
         except Conflict:
             raise InvalidRequest("username is taken", param="username") from None
@@ -342,6 +446,8 @@ class SqlStore:
             username=row["username"],
             is_admin=bool(row["is_admin"]),
             created_at=row["account_created_at"],
+            billing=BillingMode(row["billing"]),
+            balance=int(row["balance_units"]),
         )
         return key_from_row(row), account
 
@@ -351,6 +457,67 @@ class SqlStore:
 
     async def revoke_key(self, account_id: str, key_id: str, now: datetime) -> bool:
         return bool(await self._x.run(q.REVOKE_KEY, key_id=key_id, account_id=account_id, now=now))
+
+    # --- prices and credit -------------------------------------------------------------------
+
+    async def price_table(self) -> dict[str, int]:
+        rows = await self._x.all(q.PRICES)
+        return {row["country"]: int(row["unit_price"]) for row in rows}
+
+    async def replace_prices(self, prices: Mapping[str, int], now: datetime) -> None:
+        async with self._x.transaction() as tx:
+            await tx.run(q.DELETE_PRICES)
+            for country, unit_price in sorted(prices.items()):
+                await tx.run(q.INSERT_PRICE, country=country, unit_price=unit_price, updated_at=now)
+
+    async def add_credit(
+        self, account_id: str, amount: int, *, note: str | None, now: datetime
+    ) -> LedgerEntry | None:
+        async with self._x.transaction() as tx:
+            row = await tx.one(q.TOP_UP, account_id=account_id, amount=amount)
+            if row is None:
+                return None
+            entry = LedgerEntry(
+                id=new_id("led"),
+                account_id=account_id,
+                kind=LedgerKind.TOPUP,
+                amount=amount,
+                balance=int(row["balance_units"]),
+                created_at=now,
+                note=note,
+            )
+            await tx.run(q.INSERT_LEDGER, **ledger_values(entry))
+        return entry
+
+    async def list_ledger(
+        self, account_id: str, *, limit: int, cursor: str | None
+    ) -> Page[LedgerEntry]:
+        rows = await self._x.all(
+            q.ledger_page(cursor is not None),
+            account_id=account_id,
+            **_cursor_params(cursor, limit),
+        )
+        return Page([ledger_from_row(r) for r in rows[:limit]], _next_cursor(rows, limit))
+
+    # --- plain messages ----------------------------------------------------------------------
+
+    async def create_messages(
+        self, messages: Sequence[PlainMessage], *, lease_until: datetime | None = None
+    ) -> None:
+        accounts = {item.message.account_id for item in messages}
+        if len(accounts) > 1:
+            raise ValueError("one batch belongs to one account")
+        async with self._x.transaction() as tx:
+            for item in messages:
+                await tx.run(
+                    q.INSERT_MESSAGE, **message_values(item.message, item.body, lease_until)
+                )
+            if messages:
+                await _charge(tx, messages[0].message.account_id, [i.message for i in messages])
+
+    async def get_message(self, account_id: str, message_id: str) -> Message | None:
+        row = await self._x.one(q.MESSAGE_OF_ACCOUNT, id=message_id, account_id=account_id)
+        return None if row is None else message_from_row(row)
 
     # --- services ----------------------------------------------------------------------------
 
@@ -445,7 +612,10 @@ class SqlStore:
         supersede: str | None = None,
         lease_until: datetime | None = None,
     ) -> bool:
-        steps = q.create_verification(self._x.dialect, superseding=supersede is not None)
+        charged = message.price_units is not None
+        steps = q.create_verification(
+            self._x.dialect, superseding=supersede is not None, charged=charged
+        )
         params = {
             **verification_values(verification),
             **message_values(message, body_masked, lease_until),
@@ -453,11 +623,18 @@ class SqlStore:
         }
         try:
             if len(steps) == 1:
-                await self._x.run(steps[0], **params)
+                # One statement does it all, the debit included (PostgreSQL).
+                if charged:
+                    entry = _debit_entry(message, balance=0)
+                    params.update(ledger_values(entry), account_id=message.account_id)
+                    params["amount"] = message.price_units
+                if not await self._x.run(steps[0], **params) and charged:
+                    raise InsufficientCredit("the account's credit does not cover this message")
             else:
                 async with self._x.transaction() as tx:
                     for step in steps:
                         await tx.run(step, **params)
+                    await _charge(tx, message.account_id, [message])
         except Conflict:
             return False
         return True
@@ -482,6 +659,7 @@ class SqlStore:
             if counted is None:
                 return None
             await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until))
+            await _charge(tx, message.account_id, [message])
             return await self._with_messages(tx, await tx.one(q.VERIFICATION, id=verification_id))
 
     async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
@@ -621,6 +799,8 @@ class SqlStore:
                     verification=None if ver is None else verification_from_row(ver),
                     service=None if svc is None else service_from_row(svc),
                     lease_until=row["lease_until"],
+                    # A plain SMS is sent as stored; a verification's body is masked.
+                    body=row["body_masked"] if row["verification_id"] is None else None,
                 )
             )
         return claimed
@@ -635,7 +815,6 @@ class SqlStore:
             id=message_id,
             provider=provider,
             provider_ref=receipt.provider_ref,
-            price=receipt.price,
             now=now,
         )
 
@@ -668,7 +847,11 @@ class SqlStore:
                 error=error[:_ERROR_LENGTH],
                 now=now,
             )
-            if row is None or row["verification_id"] is None:
+            if row is None:
+                return None
+            if row["price_units"] is not None:
+                await _refund(tx, row["account_id"], message_id, int(row["price_units"]), now)
+            if row["verification_id"] is None:
                 return None
             verification_id = row["verification_id"]
             alive = await tx.one(

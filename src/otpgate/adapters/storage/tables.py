@@ -2,7 +2,8 @@
 
 No column ever holds a plain code: ``code_digest`` is an HMAC, ``code_sealed`` an AES-GCM
 ciphertext that is set to NULL when the verification leaves ``pending``, and messages keep
-only ``body_masked``.
+only ``body_masked`` (for a plain SMS, which carries no code, that is its text). Credits are
+whole units of 1/10,000 credit (``domain.billing``), so debits and refunds are exact.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -61,6 +63,8 @@ accounts = Table(
     Column("username", String(254), nullable=False, unique=True),
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("billing", String(16), nullable=False, server_default="unlimited"),
+    Column("balance_units", BigInteger, nullable=False, server_default="0"),
 )
 
 api_keys = Table(
@@ -109,6 +113,10 @@ verifications = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("last_sent_at", UTCDateTime, nullable=False),
+    # A message template of this verification's own (LabsMobile's sendCode ``message``),
+    # used instead of the service's; and its own sender.
+    Column("template", Text, nullable=True),
+    Column("sender_id", String(15), nullable=True),
     Index("ix_verifications_account_created", "account_id", "created_at", "id"),
     Index("ix_verifications_service_to_created", "service_id", "to", "created_at"),
     # At most one pending verification per (service, destination): concurrent starts cannot
@@ -138,14 +146,23 @@ messages = Table(
     Column("encoding", String(8), nullable=False),
     Column("provider", String(32), nullable=True),
     Column("provider_ref", String(64), nullable=True),
-    Column("price", String(32), nullable=True),
+    #: What the message costs, in units; NULL when no price applies (no price table loaded).
+    Column("price_units", BigInteger, nullable=True),
     Column("error", String(500), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", UTCDateTime, nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # A plain SMS: its sender, the caller's own reference (LabsMobile ``subid``), a label, and
+    # the URL its delivery reports are forwarded to.
+    Column("sender_id", String(15), nullable=True),
+    Column("client_ref", String(20), nullable=True),
+    Column("label", String(255), nullable=True),
+    Column("ack_url", Text, nullable=True),
     Index("ix_messages_verification", "verification_id"),
+    Index("ix_messages_account_created", "account_id", "created_at", "id"),
+    Index("ix_messages_client_ref", "account_id", "client_ref"),
     Index("ix_messages_provider_ref", "provider", "provider_ref"),
     Index("ix_messages_due", "status", "next_attempt_at"),
 )
@@ -169,4 +186,50 @@ idempotency_keys = Table(
     Column("response_status", Integer, nullable=True),
     Column("response_body", JSON, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+prices = Table(
+    "prices",
+    metadata,
+    #: ISO 3166-1 alpha-2, or ``*`` for the price of every country without a row.
+    Column("country", String(2), primary_key=True),
+    Column("unit_price", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    #: Signed units: a top-up or refund adds, a debit takes away.
+    Column("amount", BigInteger, nullable=False),
+    #: The account's balance right after this entry.
+    Column("balance", BigInteger, nullable=False),
+    Column("message_id", String(36), nullable=True),
+    Column("note", String(200), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_ledger_account_created", "account_id", "created_at", "id"),
+    Index("ix_ledger_message", "message_id"),
+)
+
+#: Outbound calls owed to a caller (LabsMobile ``ackurl`` delivery reports), sent from this
+#: outbox like messages, so that a restart loses none.
+callbacks = Table(
+    "callbacks",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("message_id", String(36), nullable=True),
+    Column("url", Text, nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("error", String(500), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_callbacks_due", "status", "next_attempt_at"),
 )
