@@ -147,6 +147,14 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
     raise InvalidRequest(f"unknown field {key!r}", param=key)  # pragma: no cover
 
 
+def checked_code_length(value: Any, *, param: str) -> int:
+    """A code length a verification may use: an integer from 4 to 10."""
+    low, high = _RANGES["code_length"]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"{param} must be an integer from {low} to {high}", param=param)
+    return value
+
+
 def _text(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{key} must be a string or null", param=key)
@@ -271,6 +279,21 @@ def compose_sms(
         context=context,
         webotp_domain=policy.webotp_domain,
         android_app_hash=policy.android_app_hash,
+    )
+
+
+def effective_policy(
+    policy: ServicePolicy, *, template: str | None, sender_id: str | None
+) -> ServicePolicy:
+    """The service's policy with a verification's own template (for every locale) and sender
+    in place of the service's, when it has them (LabsMobile's sendCode ``message`` and
+    ``sender``)."""
+    if template is None and sender_id is None:
+        return policy
+    return replace(
+        policy,
+        templates={policy.default_locale: template} if template is not None else policy.templates,
+        sender_id=sender_id if sender_id is not None else policy.sender_id,
     )
 
 

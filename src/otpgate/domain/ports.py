@@ -180,6 +180,10 @@ class ServiceStore(Protocol):
         """The service if it exists, belongs to the account and is not deleted."""
         ...
 
+    async def get_service_by_name(self, account_id: str, name: str) -> Service | None:
+        """The account's oldest live service with this name (names are not unique)."""
+        ...
+
     async def list_services(
         self, account_id: str, *, limit: int, cursor: str | None
     ) -> Page[Service]: ...

@@ -39,6 +39,14 @@ class ServiceCatalog:
         await self._storage.create_service(service)
         return service
 
+    async def named(self, principal: Principal, name: str) -> Service:
+        """The account's service with this name, created with default settings on first use
+        (LabsMobile's ``env``: an application names its environment, not a service id)."""
+        found = await self._storage.get_service_by_name(principal.account.id, name)
+        if found is not None:
+            return found
+        return await self.create(principal, {"name": name})
+
     async def get(self, principal: Principal, service_id: str) -> Service:
         service = await self._storage.get_service(principal.account.id, service_id)
         if service is None:

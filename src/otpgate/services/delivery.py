@@ -371,12 +371,20 @@ class Dispatcher:
         message, verification, service = item.message, item.verification, item.service
         now = self._clock.now()
         try:
-            if verification is None or service is None or verification.code_sealed is None:
+            # A plain SMS is sent as it was stored; a code message is rendered from its sealed
+            # code, and only while its verification can still use it.
+            plain = verification is None and item.body is not None
+            if not plain and (
+                verification is None or service is None or verification.code_sealed is None
+            ):
                 await self._storage.mark_failed(
                     message.id, provider=None, now=now, error="verification closed before sending"
                 )
                 return
-            if verification.status_at(now) is VerificationStatus.EXPIRED:
+            if (
+                verification is not None
+                and verification.status_at(now) is VerificationStatus.EXPIRED
+            ):
                 await self._storage.close(verification.id, VerificationStatus.EXPIRED, now)
                 await self._storage.mark_failed(
                     message.id, provider=None, now=now, error="verification expired before sending"
@@ -395,24 +403,35 @@ class Dispatcher:
                     ),
                 )
                 return
-            try:
-                code = self._vault.unseal(verification.id, verification.code_sealed)
-            except ValueError:  # sealed under another master key: it can never be sent
-                await self._fail(item, provider, "sealed code does not authenticate")
-                return
-            text = rules.compose_sms(
-                service.policy, code=code, locale=message.locale, context=verification.context
-            )
-            await self._send(item, provider, self._outbound(item, provider, text))
+            if plain:
+                assert item.body is not None
+                text, sender_id = item.body, message.sender_id
+            else:
+                assert verification is not None and verification.code_sealed is not None
+                assert service is not None
+                try:
+                    code = self._vault.unseal(verification.id, verification.code_sealed)
+                except ValueError:  # sealed under another master key: it can never be sent
+                    await self._fail(item, provider, "sealed code does not authenticate")
+                    return
+                policy = rules.effective_policy(
+                    service.policy, template=verification.template, sender_id=verification.sender_id
+                )
+                text = rules.compose_sms(
+                    policy, code=code, locale=message.locale, context=verification.context
+                )
+                sender_id = policy.sender_id
+            await self._send(item, provider, self._outbound(item, provider, text, sender_id))
         except Unavailable:
             # The lease lapses and the row is claimed again once storage is back.
             log.warning("storage unavailable while delivering", extra={"message_id": message.id})
         except Exception:
             log.exception("delivery of %s failed unexpectedly", message.id)
 
-    def _outbound(self, item: ClaimedMessage, provider: str, text: str) -> OutboundMessage:
-        message, service = item.message, item.service
-        assert service is not None  # deliver() checked
+    def _outbound(
+        self, item: ClaimedMessage, provider: str, text: str, sender_id: str | None
+    ) -> OutboundMessage:
+        message = item.message
         # Only SMS is composed today: _provider_after finds no provider for other channels.
         shape = sms.measure(text)
         return OutboundMessage(
@@ -422,7 +441,7 @@ class Dispatcher:
             text=text,
             receipt_url=self._receipt_urls.get(provider),
             sms=SmsContent(
-                sender_id=service.policy.sender_id,
+                sender_id=sender_id,
                 encoding=shape.encoding,
                 segments=shape.segments,
             ),

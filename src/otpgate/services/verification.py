@@ -22,6 +22,7 @@ from otpgate.domain.codes import (
     validate_custom_code,
 )
 from otpgate.domain.model import (
+    Account,
     Channel,
     CheckResult,
     CodeType,
@@ -29,6 +30,7 @@ from otpgate.domain.model import (
     MessageStatus,
     Principal,
     Service,
+    ServicePolicy,
     Verification,
     VerificationStatus,
     new_id,
@@ -57,6 +59,7 @@ from otpgate.errors import (
     NotFound,
     ResendTooSoon,
 )
+from otpgate.services.billing import Billing
 from otpgate.services.catalog import ServiceCatalog
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,15 @@ class StartRequest:
     context: dict[str, str] | None = None
     metadata: dict[str, Any] | None = None
     country: str | None = None
+    #: This verification's own message template (otpgate's syntax, ``{code}``), sender and
+    #: code length, in place of the service's (LabsMobile's sendCode ``message``, ``sender``,
+    #: ``digits``).
+    template: str | None = None
+    sender_id: str | None = None
+    code_length: int | None = None
+    #: Supersede a pending verification of the destination even with the same context: a new
+    #: code (LabsMobile's sendCode), under the same resend rules as any superseding.
+    replace_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +106,9 @@ class VerificationService:
         channels_available: frozenset[Channel],
         lockout: LockoutPolicy,
         outbox: Outbox,
+        billing: Billing | None = None,
     ) -> None:
+        """``billing`` prices each message; without it messages carry no price."""
         self._storage = storage
         self._catalog = catalog
         self._vault = vault
@@ -103,6 +117,7 @@ class VerificationService:
         self._channels_available = channels_available
         self._lockout = lockout
         self._outbox = outbox
+        self._billing = billing
 
     # --- start and resend --------------------------------------------------------------------
 
@@ -115,6 +130,7 @@ class VerificationService:
         service = await self._service(principal, request.service_id)
         policy = service.policy
         channel = self._channel(service, request.channel)
+        code_length, template, sender_id = self._own_settings(policy, request)
         # 1. Destination: valid, assigned, of a type that receives SMS, in an allowed country.
         destination = parse_phone(request.to, request.country)
         require_sms_capable(destination)
@@ -129,7 +145,7 @@ class VerificationService:
             None
             if request.custom_code is None
             else validate_custom_code(
-                request.custom_code, length=policy.code_length, code_type=policy.code_type
+                request.custom_code, length=code_length, code_type=policy.code_type
             )
         )
         now = self._clock.now()
@@ -141,9 +157,10 @@ class VerificationService:
         self._refuse_if_locked(lockout)
         # 4. A pending verification for this destination: send its code again, unless the
         #    caller binds a different code or context, which supersedes it.
-        if pending is not None and custom_code is None and pending.context == context:
+        resend = custom_code is None and pending is not None and pending.context == context
+        if pending is not None and resend and not request.replace_pending:
             if self._code_of(pending) is not None:
-                return await self._resend(service, pending, channel), False
+                return await self._resend(principal.account, service, pending, channel), False
             # Its code was sealed under another master key (a rotation): it can never be sent
             # again, so it fails and a new verification takes its place.
             await self._storage.close(pending.id, VerificationStatus.FAILED, now)
@@ -165,7 +182,14 @@ class VerificationService:
             metadata,
             custom_code,
             sends_so_far=sends_so_far,
+            code_length=code_length,
+            template=template,
+            sender_id=sender_id,
         )
+        # 5. The price, when a price table applies: a prepaid account cannot send where there
+        #    is none, and the debit happens in the same transaction as the insert.
+        message = await self._priced(principal.account, message, destination.country)
+        verification = replace(verification, messages=(message,))
         lease_until = self._outbox.lease_until(now)
         created = await self._storage.create_verification(
             verification,
@@ -183,7 +207,7 @@ class VerificationService:
                 raise ResendTooSoon(
                     "another start for this destination is in progress", retry_after=1
                 )
-            return await self._resend(service, pending, channel), False
+            return await self._resend(principal.account, service, pending, channel), False
         self._hand_over(message, verification, service, lease_until)
         self._metrics.count("verification_started", channel=channel.value)
         log.info(
@@ -206,7 +230,7 @@ class VerificationService:
                 param="id",
             )
         self._refuse_if_locked(await self._storage.lockout(service.id, verification.to))
-        return await self._resend(service, verification, chosen)
+        return await self._resend(principal.account, service, verification, chosen)
 
     def _hand_over(
         self,
@@ -222,6 +246,39 @@ class VerificationService:
         claimed = replace(message, attempts=message.attempts + 1)  # as the row now says
         self._outbox.queued(ClaimedMessage(claimed, verification, service, lease_until))
 
+    @staticmethod
+    def _own_settings(
+        policy: ServicePolicy, request: StartRequest
+    ) -> tuple[int, str | None, str | None]:
+        """The code length, template and sender this verification uses, checked: the
+        request's own where it gives them (a template must fit one SMS like a service's)."""
+        code_length = policy.code_length
+        if request.code_length is not None:
+            code_length = rules.checked_code_length(request.code_length, param="code_length")
+        template = request.template
+        if template is not None:
+            sms.validate_template(
+                template,
+                brand=policy.name,
+                code_length=code_length,
+                max_minutes=rules.minutes_of(policy),
+                webotp_domain=policy.webotp_domain,
+                android_app_hash=policy.android_app_hash,
+                param="template",
+            )
+        sender_id = request.sender_id
+        if sender_id is not None:
+            sender_id = sms.validate_sender_id(sender_id)
+        return code_length, template, sender_id
+
+    async def _priced(self, account: Account, message: Message, country: str) -> Message:
+        """The message with its price, or as it is when no price applies;
+        ``CountryNotAllowed`` when a prepaid account cannot be billed for ``country``."""
+        if self._billing is None:
+            return message
+        price = await self._billing.price(account, country=country, segments=message.segments)
+        return message if price is None else replace(message, price_units=price)
+
     def _code_of(self, verification: Verification) -> str | None:
         """The sealed code, or None when it is erased or sealed under another master key."""
         if verification.code_sealed is None:
@@ -232,7 +289,7 @@ class VerificationService:
             return None
 
     async def _resend(
-        self, service: Service, verification: Verification, channel: Channel
+        self, account: Account, service: Service, verification: Verification, channel: Channel
     ) -> Verification:
         now = self._clock.now()
         rules.refuse_resend(
@@ -247,7 +304,9 @@ class VerificationService:
                 param="id",
             )
         message, body_masked = self._message(
-            service,
+            rules.effective_policy(
+                service.policy, template=verification.template, sender_id=verification.sender_id
+            ),
             verification.account_id,
             verification.id,
             verification.to,
@@ -256,6 +315,7 @@ class VerificationService:
             code,
             verification.context,
         )
+        message = await self._priced(account, message, parse_phone(verification.to).country)
         lease_until = self._outbox.lease_until(now)
         updated = await self._storage.record_resend(
             verification.id,
@@ -289,13 +349,23 @@ class VerificationService:
         custom_code: str | None,
         *,
         sends_so_far: int = 0,
+        code_length: int,
+        template: str | None,
+        sender_id: str | None,
     ) -> tuple[Verification, Message, str]:
         policy = service.policy
         now = self._clock.now()
         verification_id = new_id("ver")
-        code = custom_code or generate_code(policy.code_length, policy.code_type)
+        code = custom_code or generate_code(code_length, policy.code_type)
         message, body_masked = self._message(
-            service, principal.account.id, verification_id, to, channel, locale, code, context
+            rules.effective_policy(policy, template=template, sender_id=sender_id),
+            principal.account.id,
+            verification_id,
+            to,
+            channel,
+            locale,
+            code,
+            context,
         )
         verification = Verification(
             id=verification_id,
@@ -318,12 +388,14 @@ class VerificationService:
             context=context,
             metadata=metadata,
             messages=(message,),
+            template=template,
+            sender_id=sender_id,
         )
         return verification, message, body_masked
 
     def _message(
         self,
-        service: Service,
+        policy: ServicePolicy,
         account_id: str,
         verification_id: str,
         to: str,
@@ -334,7 +406,7 @@ class VerificationService:
     ) -> tuple[Message, str]:
         """The outbox row for one send, with the text measured now (segments and encoding are
         part of the answer) and kept only with the code masked."""
-        text = rules.compose_sms(service.policy, code=code, locale=locale, context=context)
+        text = rules.compose_sms(policy, code=code, locale=locale, context=context)
         shape = sms.measure(text)
         if shape.segments > 1:
             # Templates are proven to fit one segment with GSM-7 values; only context values

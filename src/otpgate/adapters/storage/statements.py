@@ -211,6 +211,13 @@ def _live_service() -> ColumnElement[bool]:
 
 INSERT_SERVICE = insert(services)
 SERVICE = select(services).where(services.c.id == p("service_id"), _live_service())
+#: The oldest live service of the account with this name (LabsMobile's ``env``).
+SERVICE_BY_NAME = (
+    select(services)
+    .where(services.c.name == p("name"), _live_service())
+    .order_by(services.c.created_at, services.c.id)
+    .limit(1)
+)
 UPDATE_SERVICE = (
     update(services)
     .where(services.c.id == p("service_id"), _live_service())

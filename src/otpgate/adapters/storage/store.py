@@ -537,6 +537,10 @@ class SqlStore:
         row = await self._x.one(q.SERVICE, service_id=service_id, account_id=account_id)
         return None if row is None else service_from_row(row)
 
+    async def get_service_by_name(self, account_id: str, name: str) -> Service | None:
+        row = await self._x.one(q.SERVICE_BY_NAME, name=name, account_id=account_id)
+        return None if row is None else service_from_row(row)
+
     async def list_services(
         self, account_id: str, *, limit: int, cursor: str | None
     ) -> Page[Service]:
