@@ -31,10 +31,12 @@ from otpgate.domain.codes import CodeVault
 from otpgate.domain.ports import Clock, ReceiptParser, Sender, Storage
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
+from otpgate.services.billing import Billing
 from otpgate.services.cache import TtlCache
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
+from otpgate.services.messaging import Messaging
 from otpgate.services.verification import LockoutPolicy, VerificationService
 from otpgate.settings import Environment, Settings
 
@@ -155,6 +157,8 @@ class Container:
     access: AccessService
     catalog: ServiceCatalog
     verifications: VerificationService
+    billing: Billing
+    messaging: Messaging
     dispatcher: Dispatcher
     receipts: ReceiptService
     idempotency: Idempotency
@@ -218,6 +222,12 @@ def build(
     catalog = ServiceCatalog(
         storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
     )
+    billing = Billing(
+        prices=storage,
+        credit=storage,
+        clock=clock,
+        cache=TtlCache(settings.lookup_cache_seconds),
+    )
     verifications = VerificationService(
         storage=storage,
         catalog=catalog,
@@ -229,6 +239,10 @@ def build(
             threshold=settings.lockout_threshold, seconds=settings.lockout_seconds
         ),
         outbox=dispatcher,
+        billing=billing,
+    )
+    messaging = Messaging(
+        messages=storage, billing=billing, clock=clock, metrics=metrics, outbox=dispatcher
     )
     return Container(
         settings=settings,
@@ -238,6 +252,8 @@ def build(
         ),
         catalog=catalog,
         verifications=verifications,
+        billing=billing,
+        messaging=messaging,
         dispatcher=dispatcher,
         receipts=ReceiptService(storage=storage, clock=clock, metrics=metrics),
         idempotency=Idempotency(store=storage, clock=clock),

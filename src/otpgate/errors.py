@@ -148,10 +148,12 @@ class Unauthorized(RequestRefused):
 
 
 class InsufficientCredit(RequestRefused):
-    """**402**. Reserved for credit checks. No code path raises it yet: otpgate does not keep
-    balances.
+    """**402**. The account is prepaid and its balance does not cover the message's price
+    (its SMS parts times the destination country's price; for a batch, the sum of every message).
+    Nothing is stored, sent or debited: a batch is refused whole. `GET /v1/account` shows the
+    balance and `GET /v1/prices` the prices.
 
-    Client: treat it as "top up the account", not as a retryable error.
+    Client: treat it as "top up the account" (`otpgate credit add`), not as a retryable error.
     """
 
     status, code, title = 402, "insufficient_credit", "Insufficient credit"
@@ -159,7 +161,9 @@ class InsufficientCredit(RequestRefused):
 
 class CountryNotAllowed(RequestRefused):
     """**403**, `param: "to"`. The destination's country is not in the service's
-    `allowed_countries`. Nothing is stored or sent, and the provider is never called.
+    `allowed_countries`, or, for a prepaid account, the price table has no price for it (and no
+    `*` row), so the message could not be billed. Nothing is stored or sent, and the provider is
+    never called.
 
     Client: tell the user the country is not supported, or widen the service's
     `allowed_countries`.

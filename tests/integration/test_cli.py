@@ -454,10 +454,21 @@ def test_accounts_create_list_and_show(server: Server) -> None:
         )
     )
     assert created["username"] == "shop@example.com" and created["is_admin"] is False
-    assert set(created) == {"id", "name", "username", "is_admin", "created_at"}
+    assert set(created) == {
+        "id",
+        "name",
+        "username",
+        "is_admin",
+        "created_at",
+        "billing",
+        "balance",
+    }
+    # An account made with the CLI is prepaid and starts with no credit.
+    assert (created["billing"], created["balance"]) == ("prepaid", "0")
     assert ok(server.run("accounts", "show", "--id", created["id"], "--json")) == created
     default = ok(server.run("accounts", "show", "--json"))
     assert default["is_admin"] is True and default["username"] == server.username
+    assert default["billing"] == "unlimited"  # the embedded default needs no set-up
 
     everything = ok(server.run("accounts", "list", "--limit", "200", "--json"))
     assert default in everything["data"] and created in everything["data"]

@@ -40,6 +40,10 @@ OPERATIONS = [
     ("POST", "/v1/verifications/{verification_id}/resend"),
     ("POST", "/v1/verifications/{verification_id}/cancel"),
     ("GET", "/v1/account"),
+    ("GET", "/v1/account/ledger"),
+    ("GET", "/v1/prices"),
+    ("POST", "/v1/messages"),
+    ("GET", "/v1/messages/{message_id}"),
     ("GET", "/v1/accounts"),
     ("POST", "/v1/accounts"),
     ("POST", "/v1/keys"),
@@ -131,7 +135,12 @@ REAL_VALUES = [
     (method, path)
     for method, path in OPERATIONS
     if (method != "DELETE" and ("{verification_id}" in path or "{service_id}" in path))
-    or (method, path) in {("POST", "/v1/verifications"), ("POST", "/v1/verifications/check")}
+    or (method, path)
+    in {
+        ("POST", "/v1/verifications"),
+        ("POST", "/v1/verifications/check"),
+        ("POST", "/v1/messages"),
+    }
 ]
 CASES = [(m, p, False) for m, p in OPERATIONS] + [(m, p, True) for m, p in REAL_VALUES]
 

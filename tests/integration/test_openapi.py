@@ -104,6 +104,7 @@ async def test_statuses_are_declared_where_they_occur(http: httpx.AsyncClient) -
         ("POST", "/v1/services"),
         ("POST", "/v1/keys"),
         ("POST", "/v1/accounts"),
+        ("POST", "/v1/messages"),
     }
     for method, path in idempotent:
         assert {"409", "422"} <= declared[(method, path)]
@@ -304,6 +305,27 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
     await call("DELETE", revoke, f"/v1/keys/{own.json()['id']}", headers=auth)
     await call("DELETE", revoke, f"/v1/keys/{own.json()['id']}", headers=auth)  # 404
     await call("GET", "/v1/account", "/v1/account")  # 401
+    await call("GET", "/v1/account", "/v1/account", headers=auth)
+    await call("GET", "/v1/account/ledger", "/v1/account/ledger?limit=5", headers=auth)
+    await call("GET", "/v1/prices", "/v1/prices?country=ES", headers=auth)
+    await api.container.billing.import_prices("country,credits\nES,1\n")
+    priced = await call("GET", "/v1/prices", "/v1/prices?country=ES&country=FR", headers=auth)
+    assert [p["country"] for p in priced.json()["data"]] == ["ES"]
+    await call("GET", "/v1/prices", "/v1/prices?country=XX", headers=auth)  # 400
+    sent = await call(
+        "POST",
+        "/v1/messages",
+        "/v1/messages",
+        json={"to": "+34600000009", "text": "Hello"},
+        headers=auth,
+    )
+    assert sent.status_code == 202 and sent.json()["price"] == "1"
+    message = "/v1/messages/{message_id}"
+    await call("GET", message, f"/v1/messages/{sent.json()['id']}", headers=auth)
+    await call("GET", message, "/v1/messages/msg_nothing", headers=auth)  # 404
+    await call(
+        "POST", "/v1/messages", "/v1/messages", json={"to": "+34600000009"}, headers=auth
+    )  # 400
 
     await call("GET", "/v1/receipts/{provider}", "/v1/receipts/nobody?token=x")
     await call("POST", "/v1/receipts/{provider}", "/v1/receipts/nobody?token=x")

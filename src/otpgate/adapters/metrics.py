@@ -13,6 +13,7 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "verification_failed": ("Verifications failed because every route failed", ()),
     "check": ("Code checks by result", ("result",)),
     "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
+    "message_queued": ("Plain messages queued", ("channel",)),
     "message_sent": ("Messages accepted by a provider", ("provider",)),
     "message_retry": ("Transient delivery errors scheduled for retry", ("provider",)),
     "message_send_timeout": (

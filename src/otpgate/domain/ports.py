@@ -117,12 +117,29 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Callback:
+    """An outbound call owed to a caller: a GET of ``url`` carrying what happened to a message
+    (``params``: ``status``, ``detail``, ``client_ref``, ``to``, ``reported_at``; the surface
+    that sends it words them in its own protocol, e.g. LabsMobile's ack parameters)."""
+
+    id: str
+    account_id: str
+    message_id: str | None
+    url: str
+    params: dict[str, str]
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class PlainMessage:
     """A plain SMS to store in the outbox: the message (with its price, when one applies) and
     its text, which carries no code and is kept as it is."""
 
     message: Message
     body: str
+    #: Not sent before this time (a scheduled message); None: at once.
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +383,9 @@ class MessageStore(Protocol):
 
     async def apply_report(self, provider: str, report: DeliveryReport, now: datetime) -> bool:
         """Apply a delivery report to the message with this provider and reference; False when
-        no such message exists (the receipt is then acknowledged and ignored)."""
+        no such message exists (the receipt is then acknowledged and ignored). When the report
+        changes the message and the message has an ``ack_url``, a callback carrying the report
+        is owed, in the same transaction."""
         ...
 
 
@@ -382,6 +401,27 @@ class PlainMessageStore(Protocol):
         ...
 
     async def get_message(self, account_id: str, message_id: str) -> Message | None: ...
+
+
+class CallbackStore(Protocol):
+    """The outbox of calls owed to callers (delivery reports forwarded to an ``ackurl``)."""
+
+    async def claim_callbacks(
+        self, *, now: datetime, lease_seconds: int, limit: int
+    ) -> Sequence[Callback]:
+        """Lease up to ``limit`` pending callbacks that are due, as ``claim_due`` does for
+        messages; each claim counts an attempt."""
+        ...
+
+    async def finish_callback(
+        self, callback_id: str, *, delivered: bool, error: str | None, now: datetime
+    ) -> None:
+        """The call was answered with a 2xx (``delivered``), or will never be (given up)."""
+        ...
+
+    async def retry_callback(
+        self, callback_id: str, *, error: str, next_attempt_at: datetime, now: datetime
+    ) -> None: ...
 
 
 class IdempotencyStore(Protocol):
@@ -429,6 +469,7 @@ class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
 
 
 class Storage(
+    CallbackStore,
     PriceStore,
     BillingStore,
     PlainMessageStore,

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from otpgate.domain.billing import BillingMode
 from otpgate.domain.model import Account, ApiKey, Principal, new_id
 from otpgate.domain.ports import AccountStore, Clock, Page
 from otpgate.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
@@ -76,9 +77,15 @@ class AccessService:
     # --- accounts ----------------------------------------------------------------------------
 
     async def create_account(
-        self, name: str, *, username: str | None = None, is_admin: bool = False
+        self,
+        name: str,
+        *,
+        username: str | None = None,
+        is_admin: bool = False,
+        billing: BillingMode | str = BillingMode.PREPAID,
     ) -> Account:
-        """A new account; its username defaults to its id."""
+        """A new account; its username defaults to its id. New accounts are prepaid, with no
+        credit, unless made ``unlimited``."""
         name = name.strip()
         if not 1 <= len(name) <= 200:
             raise InvalidRequest("name must be 1 to 200 characters", param="name")
@@ -86,6 +93,10 @@ class AccessService:
             raise InvalidRequest(
                 "username must be an e-mail address or a simple identifier", param="username"
             )
+        try:
+            mode = BillingMode(billing)
+        except ValueError:
+            raise InvalidRequest("billing must be prepaid or unlimited", param="billing") from None
         account_id = new_id("acc")
         account = Account(
             id=account_id,
@@ -93,6 +104,7 @@ class AccessService:
             username=username or account_id,
             is_admin=is_admin,
             created_at=self._clock.now(),
+            billing=mode,
         )
         await self._storage.create_account(account)
         return account
@@ -103,7 +115,10 @@ class AccessService:
         existing = await self._storage.first_admin_account()
         if existing is not None:
             return existing, None
-        account = await self.create_account(DEFAULT_ACCOUNT_NAME, is_admin=True)
+        # Unlimited, so that the embedded default needs no set-up; usage is still recorded.
+        account = await self.create_account(
+            DEFAULT_ACCOUNT_NAME, is_admin=True, billing=BillingMode.UNLIMITED
+        )
         return account, await self.create_key(account.id, name="admin")
 
     async def get_account(self, account_id: str) -> Account:

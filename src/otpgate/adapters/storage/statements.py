@@ -590,12 +590,61 @@ APPLY_REPORT = (
         or_(m.c.status == QUEUED, m.c.status == SENT),
     )
     .values(status=p("status"), error=p("error"), updated_at=now())
-    .returning(m.c.id)
+    .returning(m.c.id, m.c.account_id, m.c.to, m.c.client_ref, m.c.ack_url)
 )
 MESSAGE_BY_REFERENCE = (
     select(m.c.id)
     .where(m.c.provider == p("provider"), m.c.provider_ref == p("provider_ref"))
     .limit(1)
+)
+
+# --- callbacks (outbound calls owed to callers) -----------------------------------------------
+
+callbacks = t.callbacks
+INSERT_CALLBACK = insert(callbacks)
+CLAIM_CALLBACKS = (
+    update(callbacks)
+    .where(
+        callbacks.c.id.in_(
+            select(callbacks.c.id)
+            .where(
+                callbacks.c.status == PENDING,
+                callbacks.c.next_attempt_at <= now(),
+                or_(callbacks.c.lease_until.is_(None), callbacks.c.lease_until < now()),
+            )
+            .order_by(callbacks.c.next_attempt_at)
+            .limit(p("limit", Integer))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(
+        lease_until=p("lease_until", UTCDateTime),
+        attempts=callbacks.c.attempts + 1,
+        updated_at=now(),
+    )
+    .returning(*callbacks.c)
+)
+FINISH_CALLBACK = (
+    update(callbacks)
+    .where(callbacks.c.id == p("id"), callbacks.c.status == PENDING)
+    .values(
+        status=p("status"),
+        error=p("error"),
+        lease_until=null(),
+        next_attempt_at=null(),
+        updated_at=now(),
+    )
+)
+RETRY_CALLBACK = (
+    update(callbacks)
+    .where(callbacks.c.id == p("id"), callbacks.c.status == PENDING)
+    .values(
+        error=p("error"),
+        lease_until=null(),
+        next_attempt_at=p("next_attempt_at", UTCDateTime),
+        updated_at=now(),
+    )
 )
 
 # --- idempotency keys ------------------------------------------------------------------------

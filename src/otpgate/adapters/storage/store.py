@@ -33,6 +33,7 @@ from otpgate.domain.model import (
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
+    Callback,
     ClaimedMessage,
     DeliveryReport,
     Lockout,
@@ -232,7 +233,10 @@ def verification_values(v: Verification) -> dict[str, Any]:
 
 
 def message_values(
-    m: Message, body_masked: str, lease_until: datetime | None = None
+    m: Message,
+    body_masked: str,
+    lease_until: datetime | None = None,
+    not_before: datetime | None = None,
 ) -> dict[str, Any]:
     """The parameters of ``INSERT_MESSAGE`` (``m_`` + column), the outbox row of a message;
     with ``lease_until`` it is written already claimed (one attempt counted) by the caller's
@@ -253,7 +257,7 @@ def message_values(
         "m_price_units": m.price_units,
         "m_error": m.error,
         "m_attempts": m.attempts if lease_until is None else m.attempts + 1,
-        "m_next_attempt_at": m.created_at,
+        "m_next_attempt_at": not_before or m.created_at,
         "m_lease_until": lease_until,
         "m_created_at": m.created_at,
         "m_updated_at": m.updated_at,
@@ -262,6 +266,36 @@ def message_values(
         "m_label": m.label,
         "m_ack_url": m.ack_url,
     }
+
+
+def callback_values(callback: Callback) -> dict[str, Any]:
+    """The parameters of ``INSERT_CALLBACK``: a new callback, due at once."""
+    return {
+        "id": callback.id,
+        "account_id": callback.account_id,
+        "message_id": callback.message_id,
+        "url": callback.url,
+        "params": callback.params,
+        "status": "pending",
+        "attempts": callback.attempts,
+        "next_attempt_at": callback.created_at,
+        "lease_until": None,
+        "error": None,
+        "created_at": callback.created_at,
+        "updated_at": callback.created_at,
+    }
+
+
+def callback_from_row(row: Row) -> Callback:
+    return Callback(
+        id=row["id"],
+        account_id=row["account_id"],
+        message_id=row["message_id"],
+        url=row["url"],
+        params=dict(row["params"]),
+        attempts=int(row["attempts"]),
+        created_at=row["created_at"],
+    )
 
 
 def ledger_values(entry: LedgerEntry) -> dict[str, Any]:
@@ -509,9 +543,9 @@ class SqlStore:
             raise ValueError("one batch belongs to one account")
         async with self._x.transaction() as tx:
             for item in messages:
-                await tx.run(
-                    q.INSERT_MESSAGE, **message_values(item.message, item.body, lease_until)
-                )
+                lease = None if item.not_before is not None else lease_until
+                values = message_values(item.message, item.body, lease, item.not_before)
+                await tx.run(q.INSERT_MESSAGE, **values)
             if messages:
                 await _charge(tx, messages[0].message.account_id, [i.message for i in messages])
 
@@ -872,20 +906,79 @@ class SqlStore:
 
     async def apply_report(self, provider: str, report: DeliveryReport, now: datetime) -> bool:
         if report.status is not None:
-            changed = await self._x.one(
-                q.APPLY_REPORT,
-                provider=provider,
-                provider_ref=report.provider_ref,
-                status=report.status.value,
-                error=None if report.detail is None else report.detail[:_ERROR_LENGTH],
-                now=now,
-            )
+            async with self._x.transaction() as tx:
+                changed = await tx.one(
+                    q.APPLY_REPORT,
+                    provider=provider,
+                    provider_ref=report.provider_ref,
+                    status=report.status.value,
+                    error=None if report.detail is None else report.detail[:_ERROR_LENGTH],
+                    now=now,
+                )
+                if changed is not None and changed["ack_url"]:
+                    # The caller asked for its reports: owed in the same transaction, so a
+                    # crash cannot apply the report and lose the call.
+                    await tx.run(
+                        q.INSERT_CALLBACK,
+                        **callback_values(
+                            Callback(
+                                id=new_id("cbk"),
+                                account_id=changed["account_id"],
+                                message_id=changed["id"],
+                                url=changed["ack_url"],
+                                params={
+                                    "status": report.status.value,
+                                    "detail": report.detail or "",
+                                    "client_ref": changed["client_ref"] or "",
+                                    "to": changed["to"],
+                                    "reported_at": now.isoformat(),
+                                },
+                                attempts=0,
+                                created_at=now,
+                            )
+                        ),
+                    )
             if changed is not None:
                 return True
         known = await self._x.one(
             q.MESSAGE_BY_REFERENCE, provider=provider, provider_ref=report.provider_ref
         )
         return known is not None
+
+    # --- callbacks ---------------------------------------------------------------------------
+
+    async def claim_callbacks(
+        self, *, now: datetime, lease_seconds: int, limit: int
+    ) -> Sequence[Callback]:
+        rows = await self._x.all(
+            q.CLAIM_CALLBACKS,
+            now=now,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            limit=limit,
+        )
+        return [callback_from_row(row) for row in rows]
+
+    async def finish_callback(
+        self, callback_id: str, *, delivered: bool, error: str | None, now: datetime
+    ) -> None:
+        await self._x.run(
+            q.FINISH_CALLBACK,
+            id=callback_id,
+            status="done" if delivered else "failed",
+            error=None if error is None else error[:_ERROR_LENGTH],
+            now=now,
+        )
+
+    async def retry_callback(
+        self, callback_id: str, *, error: str, next_attempt_at: datetime, now: datetime
+    ) -> None:
+        await self._x.run(
+            q.RETRY_CALLBACK,
+            id=callback_id,
+            error=error[:_ERROR_LENGTH],
+            next_attempt_at=next_attempt_at,
+            now=now,
+        )
 
     # --- idempotency keys --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits_text
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -37,6 +38,7 @@ from otpgate.domain.model import (
     VerificationStatus,
 )
 from otpgate.errors import InvalidRequest
+from otpgate.services.billing import CountryPrice
 
 #: Deeper than this, a request body is refused: no otpgate field needs more, and rendering or
 #: storing a deeper value would only spend stack.
@@ -224,6 +226,20 @@ class CreateAccount(Body):
     username: str | None = Field(
         None, description="an e-mail address or a simple identifier; default: the account id"
     )
+    billing: str | None = Field(
+        None,
+        description="prepaid (the default: sends need credit) or unlimited",
+        json_schema_extra=one_of(BillingMode),
+    )
+
+
+class SendMessage(Body):
+    to: str = Field(description="E.164, or national format with country")
+    country: str | None = Field(None, description="ISO alpha-2 when to is national")
+    text: str = Field(description="the text; GSM-7 or Unicode, up to 10 SMS parts")
+    sender_id: str | None = Field(
+        None, description="alphanumeric (1–11) or numeric (up to 15 digits); default: the route's"
+    )
 
 
 class CreateKey(Body):
@@ -302,6 +318,42 @@ class AccountOut(Out):
     username: str
     is_admin: bool
     created_at: datetime
+    billing: BillingMode
+    balance: str = Field(description="credits, as a decimal")
+
+
+class SmsOut(MessageOut):
+    """A plain SMS (``POST /v1/messages``)."""
+
+    to: str
+    sender_id: str | None
+    error: str | None
+
+
+class LedgerEntryOut(Out):
+    id: str
+    kind: LedgerKind
+    credits: str = Field(description="signed: a debit is negative")
+    balance: str = Field(description="the account's balance right after this entry")
+    message_id: str | None
+    note: str | None
+    created_at: datetime
+
+
+class LedgerPage(Out):
+    data: list[LedgerEntryOut]
+    next_cursor: str | None
+
+
+class PriceOut(Out):
+    country: str = Field(description="ISO 3166-1 alpha-2, or * for every other country")
+    prefix: str | None = Field(description="the calling code, without +")
+    name: str
+    credits: str = Field(description="per SMS part")
+
+
+class PriceList(Out):
+    data: list[PriceOut]
 
 
 class KeyOut(Out):
@@ -428,6 +480,33 @@ def render_account(a: Account) -> dict[str, Any]:
         "username": a.username,
         "is_admin": a.is_admin,
         "created_at": timestamp(a.created_at),
+        "billing": a.billing.value,
+        "balance": credits_text(a.balance),
+    }
+
+
+def render_sms(m: Message) -> dict[str, Any]:
+    return {**render_message(m), "to": m.to, "sender_id": m.sender_id, "error": m.error}
+
+
+def render_ledger_entry(e: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "kind": e.kind.value,
+        "credits": credits_text(e.amount),
+        "balance": credits_text(e.balance),
+        "message_id": e.message_id,
+        "note": e.note,
+        "created_at": timestamp(e.created_at),
+    }
+
+
+def render_price(p: CountryPrice) -> dict[str, Any]:
+    return {
+        "country": p.country,
+        "prefix": p.prefix,
+        "name": p.name,
+        "credits": credits_text(p.unit_price),
     }
 
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from otpgate.bootstrap import Container
+from otpgate.domain.billing import BillingMode
 from otpgate.domain.model import Principal, VerificationStatus
 from otpgate.entrypoints.api import schemas as s
 from otpgate.entrypoints.api.problems import problem_responses
@@ -26,6 +27,7 @@ from otpgate.errors import (
     Forbidden,
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
+    InsufficientCredit,
     InvalidPhoneNumber,
     InvalidRequest,
     MaxSendAttemptsReached,
@@ -39,6 +41,7 @@ from otpgate.errors import (
     UnsupportedNumberType,
 )
 from otpgate.services.idempotency import request_fingerprint
+from otpgate.services.messaging import SmsRequest
 from otpgate.services.verification import StartRequest
 
 router = APIRouter(prefix="/v1")
@@ -154,6 +157,7 @@ def page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]
             NotFound,
             ResendTooSoon,
             MaxSendAttemptsReached,
+            InsufficientCredit,
         ),
     },
     openapi_extra=IDEMPOTENCY_KEY,
@@ -289,6 +293,8 @@ async def get_verification(
         DestinationBlocked,
         ResendTooSoon,
         MaxSendAttemptsReached,
+        InsufficientCredit,
+        CountryNotAllowed,
     ),
     openapi_extra=IDEMPOTENCY_KEY,
 )
@@ -334,9 +340,89 @@ async def cancel_verification(
     response_model=s.AccountOut,
     responses=problem_responses(Unauthorized, Unavailable),
 )
-async def get_account(principal: Caller) -> Response:
-    """The calling key's account."""
-    return ok(s.render_account(principal.account))
+async def get_account(request: Request, principal: Caller) -> Response:
+    """The calling key's account, with its billing mode and current balance."""
+    account = await container_of(request).access.get_account(principal.account.id)
+    return ok(s.render_account(account))
+
+
+@router.get(
+    "/account/ledger",
+    tags=["accounts"],
+    response_model=s.LedgerPage,
+    responses=problem_responses(*AUTHENTICATED),
+)
+async def get_ledger(
+    request: Request, principal: Caller, limit: Limit = 50, cursor: Cursor = None
+) -> Response:
+    """Every top-up, debit and refund of the account, newest first."""
+    result = await container_of(request).billing.ledger(principal, limit=limit, cursor=cursor)
+    return ok(page([s.render_ledger_entry(e) for e in result.items], result.next_cursor))
+
+
+@router.get(
+    "/prices",
+    tags=["accounts"],
+    response_model=s.PriceList,
+    responses=problem_responses(*AUTHENTICATED),
+)
+async def list_prices(
+    request: Request,
+    principal: Caller,
+    country: Annotated[
+        list[s.Text] | None, Query(description="ISO alpha-2 codes; default: every row")
+    ] = None,
+) -> Response:
+    """Credits per SMS part by destination country, from the operator's price table."""
+    prices = await container_of(request).billing.list_prices(country)
+    return ok({"data": [s.render_price(p) for p in prices]})
+
+
+# --- plain messages --------------------------------------------------------------------------
+
+
+@router.post(
+    "/messages",
+    tags=["messages"],
+    status_code=202,
+    response_model=s.SmsOut,
+    response_description="the message, queued",
+    responses=problem_responses(
+        *AUTHENTICATED,
+        *READS_BODY,
+        *IDEMPOTENT,
+        InvalidPhoneNumber,
+        UnsupportedNumberType,
+        InsufficientCredit,
+        CountryNotAllowed,
+    ),
+    openapi_extra=IDEMPOTENCY_KEY,
+)
+async def send_message(request: Request, principal: Caller, body: s.SendMessage) -> Response:
+    """Send a plain SMS: through the same routes, encoding, prices and credit as codes."""
+    messaging = container_of(request).messaging
+
+    async def action() -> tuple[int, Any]:
+        (message,) = await messaging.send(
+            principal,
+            SmsRequest(
+                to=[body.to], text=body.text, country=body.country, sender_id=body.sender_id
+            ),
+        )
+        return 202, s.render_sms(message)
+
+    return await idempotent(request, principal, action)
+
+
+@router.get(
+    "/messages/{message_id}",
+    tags=["messages"],
+    response_model=s.SmsOut,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
+async def get_message(request: Request, principal: Caller, message_id: s.Text) -> Response:
+    message = await container_of(request).messaging.get(principal, message_id)
+    return ok(s.render_sms(message))
 
 
 @router.get(
@@ -367,7 +453,9 @@ async def create_account(request: Request, principal: Caller, body: s.CreateAcco
     access.require_admin(principal)
 
     async def action() -> tuple[int, Any]:
-        account = await access.create_account(body.name, username=body.username)
+        account = await access.create_account(
+            body.name, username=body.username, billing=body.billing or BillingMode.PREPAID
+        )
         return 201, s.render_account(account)
 
     return await idempotent(request, principal, action)
