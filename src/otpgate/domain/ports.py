@@ -402,6 +402,15 @@ class PlainMessageStore(Protocol):
 
     async def get_message(self, account_id: str, message_id: str) -> Message | None: ...
 
+    async def cancel_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
+        """Cancel the account's messages with this reference that wait for their scheduled
+        time (``canceled``, price refunded), in one transaction; how many."""
+        ...
+
+    async def release_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
+        """Make those messages due now (the dispatcher sends them at once); how many."""
+        ...
+
 
 class CallbackStore(Protocol):
     """The outbox of calls owed to callers (delivery reports forwarded to an ``ackurl``)."""

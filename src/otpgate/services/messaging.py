@@ -157,6 +157,22 @@ class Messaging:
         )
         return [item.message for item in batch]
 
+    async def cancel_scheduled(self, principal: Principal, client_ref: str) -> int:
+        """Cancel the scheduled messages sent with this reference that have not gone out;
+        their price is refunded. How many were canceled."""
+        return await self._messages.cancel_scheduled(
+            principal.account.id, client_ref, self._clock.now()
+        )
+
+    async def send_scheduled_now(self, principal: Principal, client_ref: str) -> int:
+        """Send the scheduled messages with this reference now; how many."""
+        released = await self._messages.release_scheduled(
+            principal.account.id, client_ref, self._clock.now()
+        )
+        if released:
+            self._outbox.queued()
+        return released
+
     async def get(self, principal: Principal, message_id: str) -> Message:
         found = await self._messages.get_message(principal.account.id, message_id)
         if found is None:

@@ -262,6 +262,30 @@ CANCEL_SUPERSEDED = (
 MESSAGE_OF_ACCOUNT = select(m).where(m.c.id == p("id"), m.c.account_id == p("account_id"))
 
 
+def _scheduled() -> ColumnElement[bool]:
+    """The account's messages with this reference still waiting for their time."""
+    return and_(
+        m.c.account_id == p("account_id"),
+        m.c.client_ref == p("client_ref"),
+        m.c.status == QUEUED,
+        m.c.next_attempt_at > now(),
+        m.c.lease_until.is_(None),
+    )
+
+
+CANCEL_SCHEDULED = (
+    update(m)
+    .where(_scheduled())
+    .values(
+        status=const(MessageStatus.CANCELED.value),
+        next_attempt_at=null(),
+        updated_at=now(),
+    )
+    .returning(m.c.id, m.c.price_units)
+)
+RELEASE_SCHEDULED = update(m).where(_scheduled()).values(next_attempt_at=now(), updated_at=now())
+
+
 @functools.cache
 def create_verification(dialect: str, *, superseding: bool, charged: bool) -> tuple[Any, ...]:
     """The statements that store a new verification and its first message (cancelling the

@@ -549,6 +549,21 @@ class SqlStore:
             if messages:
                 await _charge(tx, messages[0].message.account_id, [i.message for i in messages])
 
+    async def cancel_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
+        async with self._x.transaction() as tx:
+            rows = await tx.all(
+                q.CANCEL_SCHEDULED, account_id=account_id, client_ref=client_ref, now=now
+            )
+            for row in rows:
+                if row["price_units"] is not None:
+                    await _refund(tx, account_id, row["id"], int(row["price_units"]), now)
+        return len(rows)
+
+    async def release_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
+        return await self._x.run(
+            q.RELEASE_SCHEDULED, account_id=account_id, client_ref=client_ref, now=now
+        )
+
     async def get_message(self, account_id: str, message_id: str) -> Message | None:
         row = await self._x.one(q.MESSAGE_OF_ACCOUNT, id=message_id, account_id=account_id)
         return None if row is None else message_from_row(row)
