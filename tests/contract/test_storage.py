@@ -20,6 +20,7 @@ import pytest
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.bootstrap import build_storage
+from otpgate.domain.billing import BillingMode, LedgerKind
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -33,8 +34,13 @@ from otpgate.domain.model import (
     VerificationStatus,
     new_id,
 )
-from otpgate.domain.ports import NO_LOCKOUT, DeliveryReport, Lockout, Storage
-from otpgate.errors import IdempotencyInProgress, IdempotencyKeyMismatch, InvalidRequest
+from otpgate.domain.ports import NO_LOCKOUT, DeliveryReport, Lockout, PlainMessage, Storage
+from otpgate.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    InsufficientCredit,
+    InvalidRequest,
+)
 from tests.conftest import Database, empty_database, make_settings
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -740,3 +746,215 @@ async def test_forgetting_idempotency_keys_after_a_day(store: Storage) -> None:
 
 async def test_ping_answers_when_storage_is_up(store: Storage) -> None:
     await store.ping()
+
+
+# --- prices, credit and the ledger -----------------------------------------------------------
+
+CREDIT = 10_000  # units in one credit
+
+
+async def a_prepaid(store: Storage, credits: int) -> Account:
+    """A prepaid account topped up with ``credits`` whole credits."""
+    prepaid = Account(
+        id=new_id("acc"),
+        name="Prepaid",
+        username=new_id("user"),
+        is_admin=False,
+        created_at=T0,
+        billing=BillingMode.PREPAID,
+    )
+    await store.create_account(prepaid)
+    if credits:
+        assert await store.add_credit(prepaid.id, credits * CREDIT, note="start", now=at(0))
+    return prepaid
+
+
+def a_plain(account: Account, to: str, price: int | None, *, when: float = 0) -> PlainMessage:
+    message = Message(
+        id=new_id("msg"),
+        account_id=account.id,
+        verification_id=None,
+        channel=Channel.SMS,
+        to=to,
+        status=MessageStatus.QUEUED,
+        locale="und",
+        segments=1,
+        encoding="GSM-7",
+        created_at=at(when),
+        updated_at=at(when),
+        price_units=price,
+        client_ref="batch-1",
+    )
+    return PlainMessage(message, "Hello")
+
+
+async def test_accounts_keep_their_billing_and_balance(store: Storage) -> None:
+    account = await a_prepaid(store, 0)
+    got = await store.get_account(account.id)
+    assert got is not None and got.billing is BillingMode.PREPAID and got.balance == 0
+    entry = await store.add_credit(account.id, 25 * CREDIT // 10, note="welcome", now=at(1))
+    assert entry is not None and entry.kind is LedgerKind.TOPUP and entry.balance == 25_000
+    assert entry.note == "welcome"
+    assert await store.add_credit("acc_" + "0" * 32, CREDIT, note=None, now=at(1)) is None
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == 25_000
+
+
+async def test_the_price_table_is_replaced_whole(store: Storage) -> None:
+    assert await store.price_table() == {}
+    await store.replace_prices({"ES": CREDIT, "*": 2 * CREDIT}, at(0))
+    assert await store.price_table() == {"ES": CREDIT, "*": 2 * CREDIT}
+    await store.replace_prices({"FR": 15_000}, at(1))
+    assert await store.price_table() == {"FR": 15_000}
+
+
+async def test_a_batch_is_debited_whole_or_refused_whole(store: Storage) -> None:
+    account = await a_prepaid(store, 3)
+    batch = [a_plain(account, f"+3460000000{n}", CREDIT) for n in range(2)]
+    await store.create_messages(batch)
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == CREDIT
+    too_many = [a_plain(account, f"+3460000001{n}", CREDIT) for n in range(2)]
+    with pytest.raises(InsufficientCredit):
+        await store.create_messages(too_many)
+    assert await store.get_message(account.id, too_many[0].message.id) is None
+    ledger = await store.list_ledger(account.id, limit=10, cursor=None)
+    debits = [e for e in ledger.items if e.kind is LedgerKind.DEBIT]
+    assert sorted(e.balance for e in debits) == [CREDIT, 2 * CREDIT]
+    assert {e.message_id for e in debits} == {b.message.id for b in batch}
+    assert all(e.amount == -CREDIT for e in debits)
+
+
+async def test_an_unlimited_account_is_recorded_but_never_refused(store: Storage) -> None:
+    account = await an_account(store)  # unlimited
+    await store.create_messages([a_plain(account, "+34600000001", 7 * CREDIT)])
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == 0
+    (entry,) = (await store.list_ledger(account.id, limit=10, cursor=None)).items
+    assert (entry.kind, entry.amount, entry.balance) == (LedgerKind.DEBIT, -7 * CREDIT, 0)
+
+
+async def test_a_verification_and_its_resend_are_debited_with_their_insert(
+    store: Storage,
+) -> None:
+    account = await a_prepaid(store, 2)
+    service = await a_service(store, account)
+    verification, message = a_verification(service)
+    priced = replace(message, price_units=CREDIT)
+    assert await store.create_verification(verification, priced, body_masked="x")
+    resend = replace(a_message(verification, when=31), price_units=CREDIT)
+    assert await store.record_resend(
+        verification.id, resend, body_masked="x", now=at(31), interval_seconds=30
+    )
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == 0
+    again = replace(a_message(verification, when=62), price_units=CREDIT)
+    with pytest.raises(InsufficientCredit):
+        await store.record_resend(
+            verification.id, again, body_masked="x", now=at(62), interval_seconds=30
+        )
+    after = await store.get_verification(account.id, verification.id)
+    assert after is not None and after.send_attempts == 2 and len(after.messages) == 2
+    other, other_message = a_verification(service, to="+34600000002")
+    with pytest.raises(InsufficientCredit):
+        await store.create_verification(
+            other, replace(other_message, price_units=CREDIT), body_masked="x"
+        )
+    assert await store.get_verification(account.id, other.id) is None
+
+
+async def test_a_failed_message_is_refunded(store: Storage) -> None:
+    account = await a_prepaid(store, 1)
+    batch = [a_plain(account, "+34600000001", CREDIT, when=1)]
+    await store.create_messages(batch)
+    assert await store.mark_failed(batch[0].message.id, provider="lm", error="x", now=at(5)) is None
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == CREDIT
+    kinds = [e.kind for e in (await store.list_ledger(account.id, limit=10, cursor=None)).items]
+    assert kinds == [LedgerKind.REFUND, LedgerKind.DEBIT, LedgerKind.TOPUP]
+
+
+async def test_fifty_concurrent_sends_against_ten_credits_are_accepted_ten_times(
+    store: Storage,
+) -> None:
+    account = await a_prepaid(store, 10)
+
+    async def send(n: int) -> bool:
+        try:
+            await store.create_messages([a_plain(account, f"+346000{n:05d}", CREDIT)])
+        except InsufficientCredit:
+            return False
+        return True
+
+    results = await asyncio.gather(*(send(n) for n in range(50)))
+    assert results.count(True) == 10
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == 0
+
+
+async def test_fifty_concurrent_charged_starts_against_ten_credits(store: Storage) -> None:
+    account = await a_prepaid(store, 10)
+    service = await a_service(store, account)
+
+    async def start(n: int) -> bool:
+        verification, message = a_verification(service, to=f"+346000{n:05d}")
+        try:
+            return await store.create_verification(
+                verification, replace(message, price_units=CREDIT), body_masked="x"
+            )
+        except InsufficientCredit:
+            return False
+
+    assert (await asyncio.gather(*(start(n) for n in range(50)))).count(True) == 10
+
+
+async def test_scheduled_messages_are_canceled_with_a_refund_or_released(store: Storage) -> None:
+    account = await a_prepaid(store, 5)
+    later = [
+        PlainMessage(a_plain(account, f"+3460000000{n}", CREDIT).message, "Hi", not_before=at(600))
+        for n in range(2)
+    ]
+    await store.create_messages(later)
+    assert await store.claim_due(now=at(1), lease_seconds=30, limit=10) == []
+    assert await store.cancel_scheduled(account.id, "batch-1", at(2)) == 2
+    got = await store.get_account(account.id)
+    assert got is not None and got.balance == 5 * CREDIT
+    canceled = await store.get_message(account.id, later[0].message.id)
+    assert canceled is not None and canceled.status is MessageStatus.CANCELED
+    again = [
+        PlainMessage(a_plain(account, "+34600000009", CREDIT).message, "Hi", not_before=at(600))
+    ]
+    await store.create_messages(again)
+    assert await store.release_scheduled(account.id, "batch-1", at(3)) == 1
+    (claimed,) = await store.claim_due(now=at(3), lease_seconds=30, limit=10)
+    assert claimed.message.id == again[0].message.id and claimed.body == "Hi"
+    assert await store.cancel_scheduled(account.id, "batch-1", at(4)) == 0  # leased: going out
+
+
+async def test_a_report_on_a_message_with_an_ack_url_owes_a_callback(store: Storage) -> None:
+    account = await an_account(store)
+    plain = a_plain(account, "+34600000001", None)
+    tracked = PlainMessage(replace(plain.message, ack_url="https://example.test/ack"), "Hi")
+    await store.create_messages([tracked])
+    message_id = tracked.message.id
+    await store.mark_sent(message_id, provider="lm", receipt=SendReceipt("ref-1"), now=at(1))
+    assert await store.claim_callbacks(now=at(1), lease_seconds=30, limit=10) == []
+    assert await store.apply_report(
+        "lm", DeliveryReport("ref-1", MessageStatus.DELIVERED, "DELIVRD"), at(2)
+    )
+    (callback,) = await store.claim_callbacks(now=at(2), lease_seconds=30, limit=10)
+    assert callback.url == "https://example.test/ack" and callback.message_id == message_id
+    assert callback.params["status"] == "delivered" and callback.params["client_ref"] == "batch-1"
+    assert callback.params["to"] == "+34600000001" and callback.attempts == 1
+    assert await store.claim_callbacks(now=at(3), lease_seconds=30, limit=10) == []  # leased
+    await store.retry_callback(callback.id, error="503", next_attempt_at=at(100), now=at(4))
+    assert await store.claim_callbacks(now=at(99), lease_seconds=30, limit=10) == []
+    (again,) = await store.claim_callbacks(now=at(100), lease_seconds=30, limit=10)
+    assert again.attempts == 2
+    await store.finish_callback(again.id, delivered=True, error=None, now=at(101))
+    assert await store.claim_callbacks(now=at(10_000), lease_seconds=30, limit=10) == []
+    # A repeated report changes nothing and owes nothing more.
+    assert await store.apply_report(
+        "lm", DeliveryReport("ref-1", MessageStatus.DELIVERED, "DELIVRD"), at(200)
+    )
+    assert await store.claim_callbacks(now=at(10_000), lease_seconds=30, limit=10) == []

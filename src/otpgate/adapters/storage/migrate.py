@@ -36,3 +36,19 @@ def _upgrade_sync(connection: Connection, revision: str) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
+
+
+async def downgrade(url: str, *, schema: str = "", revision: str) -> None:
+    """Take the database at ``url`` back down to ``revision`` (operators and tests)."""
+    engine = create_engine(url, schema=schema, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade_sync, revision)
+    finally:
+        await engine.dispose()
+
+
+def _downgrade_sync(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)
