@@ -14,11 +14,10 @@
 // of ES and FR, `send_test` sends one SMS to the first number in test mode. The exit status is
 // 0 when every call succeeded and 1 otherwise.
 //
-// The client writes a log file, LabsMobile.log, in the working directory (with the request
-// configuration, credentials included, when a request fails), and prints the stack of any
-// transport error with console.log. So this script runs it in a temporary directory that it
-// removes at the end, and sends console.log to standard error, leaving standard output to the
-// JSON lines.
+// The client creates a log file, LabsMobile.log, in the working directory, and prints the
+// stack of any transport error with console.log. So this script runs it in a temporary
+// directory that it removes at the end, and sends console.log to standard error, leaving
+// standard output to the JSON lines.
 
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
