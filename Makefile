@@ -8,7 +8,7 @@ PORT ?= 8000
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run test lint bench install install-dev clean
+.PHONY: help run test lint bench install install-dev install-node clean
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,14 +27,28 @@ $(VENV)/.installed-dev: requirements-dev.lock pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@ $(VENV)/.installed
 
+# LabsMobile's own Node client, which the compatibility tests drive (tests/node). npm writes
+# node_modules/.package-lock.json on every install; it stands for the whole tree. Without npm the
+# step says so and the tests that need the client skip.
+NODE_CLIENT := tests/node/node_modules/.package-lock.json
+
+$(NODE_CLIENT): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+	  echo "npm not found: the tests that drive LabsMobile's Node client will be skipped"; \
+	fi
+
 install: $(VENV)/.installed ## Create .venv and install otpgate with its locked dependencies
 
 install-dev: $(VENV)/.installed-dev ## Install otpgate and the development tools
 
+install-node: $(NODE_CLIENT) ## Install LabsMobile's Node client (tests/node) from its lock
+
 run: install ## Set up and start otpgate on 127.0.0.1:8000 (SQLite, console SMS sender; HOST=, PORT= change it)
 	$(BIN)/otpgate serve --host $(HOST) --port $(PORT)
 
-test: install-dev ## Set up and run the whole test suite (SQLite, PostgreSQL, loopback providers)
+test: install-dev install-node ## Set up and run the whole test suite (SQLite, PostgreSQL, loopback providers, LabsMobile's Node client)
 	$(BIN)/pytest
 
 lint: install-dev ## ruff, mypy --strict and import-linter layering
@@ -47,4 +61,4 @@ bench: install-dev ## Load benchmark: round trips against otpgate vs a bare Fast
 	$(BIN)/python -m benchmarks.roundtrip
 
 clean: ## Remove the virtual environment and local data
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules

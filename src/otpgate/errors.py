@@ -29,10 +29,14 @@ using the ``status``, ``code`` and ``title`` each class carries.
     ├── InternalError                   500 internal_error: a bug; the log has the traceback
     ├── Unavailable                     503 unavailable: storage or a dependency is down
     ├── ConfigurationError              bad settings, raised at start-up, never at request time
-    └── DeliveryError                   a provider could not take a message
-        ├── TransientDeliveryError      not sent: retry later or fail over (5xx, throttling)
-        │   └── DeliveryTimeout         no answer in time: the provider may have sent it
-        └── PermanentDeliveryError      never retry this message on this route (invalid number)
+    ├── DeliveryError                   a provider could not take a message
+    │   ├── TransientDeliveryError      not sent: retry later or fail over (5xx, throttling)
+    │   │   └── DeliveryTimeout         no answer in time: the provider may have sent it
+    │   └── PermanentDeliveryError      never retry this message on this route (invalid number)
+    └── OutboundError                   a call to a URL a caller gave (ack URL, webhook) failed
+        ├── TransientOutboundError      retry later: timeout, connection error, 408, 429, 5xx
+        └── PermanentOutboundError      the same call will fail again: 3xx, other 4xx
+            └── OutboundRefused         the URL may not be called: bad scheme, refused address
 
 A refusal carries its reason (``code``) and, where a later retry can succeed, the number of
 seconds to wait (``retry_after``), so the API can answer with ``Retry-After``.
@@ -381,6 +385,39 @@ class PermanentDeliveryError(DeliveryError):
     """Retrying cannot help this message on this route: invalid number, malformed request."""
 
     code, title = "delivery_permanent", "Permanent delivery error"
+
+
+class OutboundError(OtpgateError):
+    """A call to a URL that a caller supplied (a LabsMobile ``ackurl``, a webhook) did not get
+    a 2xx answer. ``answer_status`` is the HTTP status of the answer, ``None`` when there was
+    none. Details name the URL's origin only, never its path, query or credentials."""
+
+    code, title = "outbound_error", "Outbound call failed"
+
+    answer_status: int | None = None
+
+
+class TransientOutboundError(OutboundError):
+    """Worth calling again later: a timeout, a name that does not resolve, a connection or TLS
+    failure, HTTP 408, 429 or 5xx (``retry_after`` from a 429's or 503's ``Retry-After``)."""
+
+    code, title = "outbound_transient", "Transient outbound error"
+
+
+class PermanentOutboundError(OutboundError):
+    """Calling the same URL again will not change the answer: a redirect (never followed) or
+    a 4xx other than 408 and 429."""
+
+    code, title = "outbound_permanent", "Permanent outbound error"
+
+
+class OutboundRefused(PermanentOutboundError):
+    """The URL may not be called at all, and nothing was connected: a scheme other than http
+    or https, no host, a malformed address, or a host that is (or resolves to) a loopback,
+    private, link-local, metadata, multicast or reserved address outside the operator's
+    allowed ranges."""
+
+    code, title = "outbound_refused", "Outbound call refused"
 
 
 #: Every error the API may answer with, in the order of ``docs/errors.md``; each has a page at

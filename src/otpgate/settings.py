@@ -8,6 +8,7 @@ reprs or logs. ``docs/configuration.md`` lists every setting.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -47,6 +48,13 @@ class Settings(BaseSettings):
     labsmobile_url: str = "https://api.labsmobile.com"
     provider_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
+    #: Calls to URLs that callers supply (LabsMobile ``ackurl``, webhooks). Comma-separated
+    #: CIDRs whose non-public addresses may be called anyway (loopback, private, link-local...
+    #: are refused otherwise; loopback is allowed outside production).
+    outbound_allow: str = ""
+    #: The longest one such call may take, resolution, connection and answer included.
+    outbound_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
     #: Delivery. A verification's message is retried until the verification expires; a message
     #: without a verification (so without an expiry) makes at most this many attempts.
     delivery_max_attempts: int = Field(default=5, ge=1, le=20)
@@ -80,6 +88,12 @@ class Settings(BaseSettings):
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("outbound_allow")
+    @classmethod
+    def _cidr_ranges(cls, value: str) -> str:
+        _cidr_ranges(value)
+        return value
+
     @model_validator(mode="after")
     def _timeout_inside_lease(self) -> Settings:
         # A send that can outlast its lease could be claimed and sent again while still running.
@@ -91,9 +105,27 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def outbound_allow_ranges(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``outbound_allow`` parsed (validated when the settings were read)."""
+        return _cidr_ranges(self.outbound_allow)
+
+    @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "otpgate.db"
 
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+
+def _cidr_ranges(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated CIDRs (``10.0.0.0/8, fd12::/16``; a bare address is a range of one).
+    A range with host bits set (``10.0.0.1/8``) is refused rather than guessed at."""
+    ranges = []
+    for entry in (part.strip() for part in value.split(",")):
+        if entry:
+            try:
+                ranges.append(ipaddress.ip_network(entry))
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not a CIDR range ({exc})") from None
+    return tuple(ranges)
