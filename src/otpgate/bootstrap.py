@@ -21,6 +21,8 @@ from pathlib import Path
 
 from otpgate.adapters import providers
 from otpgate.adapters.metrics import PrometheusMetrics
+from otpgate.adapters.outbound import OutboundHttp
+from otpgate.adapters.outbound import from_settings as outbound_from_settings
 from otpgate.adapters.storage.engine import is_sqlite, sqlite_file
 from otpgate.adapters.storage.executor import Executor
 from otpgate.adapters.storage.migrate import upgrade
@@ -33,6 +35,7 @@ from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.billing import Billing
 from otpgate.services.cache import TtlCache
+from otpgate.services.callbacks import CallbackSender
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
@@ -159,6 +162,8 @@ class Container:
     verifications: VerificationService
     billing: Billing
     messaging: Messaging
+    outbound: OutboundHttp
+    callbacks: CallbackSender
     dispatcher: Dispatcher
     receipts: ReceiptService
     idempotency: Idempotency
@@ -167,10 +172,17 @@ class Container:
     senders: dict[str, Sender]
     receipt_parsers: dict[str, ReceiptParser] = field(default_factory=dict)
 
+    def start_workers(self) -> None:
+        """Run the delivery dispatcher and the callback sender in this process."""
+        self.dispatcher.start()
+        self.callbacks.start()
+
     async def aclose(self) -> None:
         await self.dispatcher.stop()
+        await self.callbacks.stop()
         for sender in self.senders.values():
             await sender.aclose()
+        await self.outbound.aclose()
         await self.storage.aclose()
 
 
@@ -244,6 +256,8 @@ def build(
     messaging = Messaging(
         messages=storage, billing=billing, clock=clock, metrics=metrics, outbox=dispatcher
     )
+    outbound = outbound_from_settings(settings)
+    callbacks = CallbackSender(store=storage, outbound=outbound, clock=clock, metrics=metrics)
     return Container(
         settings=settings,
         storage=storage,
@@ -254,6 +268,8 @@ def build(
         verifications=verifications,
         billing=billing,
         messaging=messaging,
+        outbound=outbound,
+        callbacks=callbacks,
         dispatcher=dispatcher,
         receipts=ReceiptService(storage=storage, clock=clock, metrics=metrics),
         idempotency=Idempotency(store=storage, clock=clock),

@@ -433,6 +433,22 @@ class CallbackStore(Protocol):
     ) -> None: ...
 
 
+class Outbound(Protocol):
+    """Calls to URLs a caller supplied (a LabsMobile ``ackurl``): only to addresses the
+    operator allows, never following redirects."""
+
+    def validate(self, url: str) -> None:
+        """Raise ``OutboundRefused`` for a URL that can never be called (not http or https,
+        a refused address literal); a host name passes, its addresses are checked per call."""
+        ...
+
+    async def get(self, url: str, params: Mapping[str, str]) -> int:
+        """GET ``url`` with ``params`` added to its query; the status of a 2xx answer. Raises
+        ``OutboundRefused`` (nothing connected), ``PermanentOutboundError`` or
+        ``TransientOutboundError``."""
+        ...
+
+
 class IdempotencyStore(Protocol):
     async def begin(
         self, account_id: str, key: str, request_hash: str, now: datetime

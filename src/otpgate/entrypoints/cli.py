@@ -429,7 +429,7 @@ def worker() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        container.dispatcher.start()
+        container.start_workers()
         err.print("otpgate worker running; Ctrl-C stops it")
         try:
             await stop.wait()

@@ -1,4 +1,5 @@
-"""SQLAlchemy Core tables. The Alembic migrations create exactly these (`tests/contract/test_schema.py` compares them).
+"""SQLAlchemy Core tables. The Alembic migrations create exactly these
+(``tests/contract/test_schema.py`` compares them).
 
 No column ever holds a plain code: ``code_digest`` is an HMAC, ``code_sealed`` an AES-GCM
 ciphertext that is set to NULL when the verification leaves ``pending``, and messages keep

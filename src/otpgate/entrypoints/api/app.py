@@ -119,7 +119,7 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if embedded:
-            container.dispatcher.start()
+            container.start_workers()
         try:
             yield
         finally:
