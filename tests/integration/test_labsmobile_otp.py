@@ -247,10 +247,12 @@ async def test_without_env_or_message_the_default_service_and_its_template(api: 
 
 
 async def test_an_env_is_trimmed_and_its_service_is_made_once(api: Api) -> None:
-    await sent_code(api, env="  shop ")
-    api.clock.advance(30)
-    await sent_code(api, env="shop")
+    for env in ("  shop ", "shop", "shop\t"):
+        await sent_code(api, env=env)
+        api.clock.advance(30)
     assert len(await services_named(api, "shop")) == 1
+    first, second, third = await verifications(api)
+    assert first["service_id"] == second["service_id"] == third["service_id"]
 
 
 async def test_braces_in_the_message_stay_text(api: Api) -> None:
@@ -674,3 +676,12 @@ def test_the_flow_against_otpgate_serve_through_labsmobile(
     assert unauthorized.status_code == 401
     assert unauthorized.headers["www-authenticate"] == 'Basic realm="otpgate"'
     assert len(stub.messages) == 4
+
+    # The codes travelled in query strings: neither the database nor the logs hold one.
+    assert server.stop() is not None  # stopped, not killed: its files are complete
+    files = [p for p in server.data_dir.iterdir() if p.name.startswith("otpgate.db")]
+    assert files
+    for used in (code, old, new):
+        for path in files:
+            assert used.encode() not in path.read_bytes(), f"a code is in {path.name}"
+        assert used.encode() not in server.output()

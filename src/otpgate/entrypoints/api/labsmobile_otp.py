@@ -33,7 +33,7 @@ from fastapi.routing import APIRoute
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.model import Principal, Service, VerificationStatus
-from otpgate.domain.phone import parse_phone, require_sms_capable
+from otpgate.domain.phone import Destination, parse_phone, require_sms_capable
 from otpgate.entrypoints.api import schemas as s
 from otpgate.entrypoints.api.problems import error_response, problem, problem_responses
 from otpgate.entrypoints.api.v1 import container_of
@@ -211,14 +211,14 @@ def env_name(env: str | None) -> str:
     return name
 
 
-def e164_of(phone_number: str) -> str:
-    """The E.164 form of LabsMobile's ``phone_number`` (digits with the country code)."""
+def destination_of(phone_number: str) -> Destination:
+    """LabsMobile's ``phone_number`` (digits with the country code) as a valid number."""
     if not _DIGITS.fullmatch(phone_number):
         raise InvalidPhoneNumber(
             "phone_number must be digits only, with the country code and no + or 00",
             param="phone_number",
         )
-    return parse_phone("+" + phone_number).e164
+    return parse_phone("+" + phone_number)
 
 
 def template_of(message: str | None) -> str | None:
@@ -295,7 +295,7 @@ async def send_code(
     interval: `0` with `resend_too_soon` or `max_send_attempts_reached` when they refuse."""
     container = container_of(request)
     name = env_name(env)
-    destination = parse_phone(e164_of(phone_number))
+    destination = destination_of(phone_number)
     require_sms_capable(destination)
     start = StartRequest(
         service_id="",
@@ -329,7 +329,7 @@ async def resend_code(
     """Send the pending code of (`env`, `phone_number`) again: the same code, text and
     sender as its sendCode (`sender`, `message` and `digits` are accepted and not used).
     `0` with `not_found` when there is no pending code."""
-    to = e164_of(phone_number)
+    to = destination_of(phone_number).e164
     service = await _existing_env(request, principal, env)
     await container_of(request).verifications.resend_to_destination(
         principal, service_id=service.id, to=to
@@ -344,7 +344,7 @@ async def validate_code(
     """Check `code` against the latest code of (`env`, `phone_number`): `1` only for the right
     code of a pending one, once. A wrong code counts an attempt and answers `0` with
     `invalid_code`; a code no longer pending answers `0` with its status."""
-    to = e164_of(phone_number)
+    to = destination_of(phone_number).e164
     service = await _existing_env(request, principal, env)
     result = await container_of(request).verifications.check_destination(
         principal, service_id=service.id, to=to, code=code
@@ -362,7 +362,7 @@ async def check_code(
 ) -> Response:
     """`1` when the latest code of (`env`, `phone_number`) was validated; otherwise `0` with
     its status (`pending`, `expired`, …), or `not_found` when none was ever sent."""
-    to = e164_of(phone_number)
+    to = destination_of(phone_number).e164
     service = await _existing_env(request, principal, env)
     verifications = container_of(request).verifications
     latest = await verifications.latest_for_destination(principal, service_id=service.id, to=to)
