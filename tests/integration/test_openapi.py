@@ -325,7 +325,7 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
         assert refused.text == "0" and refused.headers["x-otpgate-error"]
         await call("GET", template, number, headers=auth)  # 401: Basic only
     await api.deliver()
-    assert api.sender.sent[-1].to == "+34600000002"
+    assert "+34600000002" in {sent.to for sent in api.sender.sent}  # sendCode sent its code
 
     await call("GET", "/v1/receipts/{provider}", "/v1/receipts/nobody?token=x")
     await call("POST", "/v1/receipts/{provider}", "/v1/receipts/nobody?token=x")
