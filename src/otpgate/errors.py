@@ -143,7 +143,8 @@ class Unauthorized(RequestRefused):
     """**401**, with `WWW-Authenticate: Bearer, Basic realm="otpgate"`. Raised when the
     `Authorization` header is missing or its scheme is neither Bearer nor Basic; when Basic
     credentials are malformed; when the key is unknown or revoked; or when the Basic username is
-    not the key's account's.
+    not the key's account's. LabsMobile's OTP API (`/otp/*`) takes Basic only: there a Bearer key
+    is refused too, and the header is `WWW-Authenticate: Basic realm="otpgate"`.
 
     Client: check the credentials; do not retry blindly.
     """

@@ -47,6 +47,12 @@ class ServiceCatalog:
             return found
         return await self.create(principal, {"name": name})
 
+    async def find_named(self, principal: Principal, name: str) -> Service | None:
+        """The account's oldest live service with this name, or None; never creates one (a
+        LabsMobile ``resendCode``, ``validateCode`` or ``checkCode`` for an ``env`` that was
+        never used must leave nothing behind)."""
+        return await self._storage.get_service_by_name(principal.account.id, name)
+
     async def get(self, principal: Principal, service_id: str) -> Service:
         service = await self._storage.get_service(principal.account.id, service_id)
         if service is None:

@@ -232,6 +232,31 @@ class VerificationService:
         self._refuse_if_locked(await self._storage.lockout(service.id, verification.to))
         return await self._resend(principal.account, service, verification, chosen)
 
+    async def resend_to_destination(
+        self, principal: Principal, *, service_id: str, to: str
+    ) -> Verification:
+        """Send the same code again on the pending verification of ``to`` (E.164) in the
+        service (LabsMobile's resendCode): the rules of :meth:`resend` apply, and
+        ``NotFound`` when the destination has no pending verification there."""
+        service = await self._service(principal, service_id)
+        destination = parse_phone(to)
+        pending, lockout = await self._storage.pending_for_destination(
+            service.id, destination.e164, self._clock.now()
+        )
+        if pending is None:
+            raise NotFound("no pending verification for this destination in this service")
+        self._refuse_if_locked(lockout)
+        channel = self._channel(service, pending.channel.value)
+        return await self._resend(principal.account, service, pending, channel)
+
+    @staticmethod
+    def check_own_settings(policy: ServicePolicy, request: StartRequest) -> None:
+        """Refuse, as :meth:`start` would under ``policy``, the request's own code length,
+        template or sender id; for a caller that must refuse them before the service exists
+        (LabsMobile's sendCode creates its ``env``'s service on first use, and a refused
+        request leaves nothing behind)."""
+        VerificationService._own_settings(policy, request)
+
     def _hand_over(
         self,
         message: Message,
@@ -553,6 +578,17 @@ class VerificationService:
         return CheckResult(v.id, status, valid, v.remaining_attempts)
 
     # --- cancel, read, list -----------------------------------------------------------------
+
+    async def latest_for_destination(
+        self, principal: Principal, *, service_id: str, to: str
+    ) -> Verification | None:
+        """The most recent verification of ``to`` (E.164, or ``InvalidPhoneNumber``) in the
+        service, whatever its status; None when it never had one."""
+        service = await self._service(principal, service_id)
+        destination = parse_phone(to)
+        return await self._storage.latest_verification(
+            principal.account.id, service.id, destination.e164
+        )
 
     async def cancel(self, principal: Principal, verification_id: str) -> Verification:
         """Cancel a pending verification; a closed one is returned unchanged."""
