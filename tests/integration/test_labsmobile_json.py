@@ -507,6 +507,7 @@ ACCEPTED: list[tuple[str, dict[str, Any], int]] = [
     ),
     ("null optional fields", {"tpoa": None, "label": None, "ackurl": None, "scheduled": None}, 1),
     ("unserved fields left empty", {"shortlink": "", "crt": None, "parameters": None}, 1),
+    ("unserved fields off", {"shortlink": "0", "crt": 0, "clickurl": False, "parameters": []}, 1),
     ("unknown fields", {"format": "JSON", "priority": 1}, 1),
     ("flags off", {"long": "0", "ucs2": "0", "test": "0", "nofilter": True}, 1),
 ]
@@ -582,11 +583,13 @@ async def test_storage_that_cannot_write_answers_30(database: Database, tmp_path
 
 
 #: JSON values of any shape, for the fields and the body itself.
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 ANY_JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    _containers,
     max_leaves=12,
 )
 #: Values a field plausibly holds: the right ones, their near misses, and anything.

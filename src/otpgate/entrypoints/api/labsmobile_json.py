@@ -275,8 +275,12 @@ async def _json_object(request: Request, *, required: bool) -> dict[str, Any]:
 
 
 def _is_set(value: Any) -> bool:
-    """Whether a field counts as given: LabsMobile's clients leave out null and ``""``."""
-    return value is not None and value != "" and value is not False
+    """Whether a field is given and on: not null, ``""``, false, ``0``, ``"0"`` or empty."""
+    if isinstance(value, str):
+        return value not in ("", "0")
+    if isinstance(value, bool | int | float | list | dict):
+        return bool(value)
+    return value is not None
 
 
 def _text(body: dict[str, Any], name: str, *, digits_as_number: bool = False) -> str | None:
