@@ -604,9 +604,13 @@ TEXT = st.sampled_from(["Hello", "Código", "a" * 161, "", " "])
 @st.composite
 def send_bodies(draw: st.DrawFn) -> Any:
     """A good send with a few of its fields changed, dropped or added, holding values that
-    are right, nearly right or anything at all; sometimes any JSON value as the whole body."""
-    if draw(st.integers(0, 9)) == 0:
+    are right, nearly right or anything at all; sometimes any JSON value, or any bytes, as the
+    whole body."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
         return draw(ANY_JSON)
+    if kind == 1:  # bytes, sent as they are: rarely JSON, often not UTF-8
+        return draw(st.binary(max_size=64) | st.just(b'{"message": "\xff"}'))
     body: dict[str, Any] = dict(OK_BODY)
     for field in draw(
         st.lists(st.sampled_from(["recipient", "message", *FIELDS, "crt"]), max_size=3)
@@ -639,7 +643,7 @@ async def test_generated_bodies_never_give_a_server_error(api: Api) -> None:
     )
     @given(body=send_bodies())
     def holds(body: Any) -> None:
-        raw = json.dumps(body).encode()
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         response = asyncio.run_coroutine_threadsafe(
             api.http.post("/json/send", content=raw, headers={**who.basic, "Content-Type": JSON}),
             loop,
