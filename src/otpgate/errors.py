@@ -259,10 +259,12 @@ class PayloadTooLarge(RequestRefused):
     """**413**. The request body is larger than `OTPGATE_MAX_BODY_BYTES` (65536 bytes, 64 KiB,
     by default). The limit is checked against `Content-Length` before anything is read, and
     counted while a chunked body streams in; either way the request is refused before its body
-    is read whole and before its credentials are checked, and nothing changes.
+    is read whole and before its credentials are checked, and nothing changes. LabsMobile's
+    `POST /json/send` has a limit of its own: `OTPGATE_MAX_BODY_BYTES` plus 64 bytes for each
+    recipient `OTPGATE_JSON_SEND_MAX_RECIPIENTS` allows.
 
-    Client: send a smaller body. No otpgate request needs more than a few kilobytes; `metadata`
-    is capped at 4096 bytes.
+    Client: send a smaller body. No otpgate request needs more than a few kilobytes, but for a
+    large `/json/send` batch; `metadata` is capped at 4096 bytes.
     """
 
     status, code, title = 413, "payload_too_large", "Payload too large"

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     #: before authentication). otpgate's largest request, a service with templates for many
     #: locales, stays well under the default of 64 KiB.
     max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1_048_576)
+    #: The most recipients one LabsMobile ``POST /json/send`` may name (LabsMobile's own
+    #: default is 10,000). That route's body limit grows with it, so a full batch fits.
+    json_send_max_recipients: int = Field(default=10_000, ge=1, le=100_000)
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -63,6 +63,10 @@ OPERATIONS = [
     ("GET", "/otp/resendCode"),
     ("GET", "/otp/validateCode"),
     ("GET", "/otp/checkCode"),
+    ("POST", "/json/send"),
+    ("GET", "/json/balance"),
+    ("POST", "/json/prices"),
+    ("POST", "/json/scheduled"),
 ]
 
 
@@ -90,8 +94,9 @@ def api_schema(server: Server) -> Any:
     config = SchemathesisConfig.from_dict(
         {
             # The admin key, for the document's Bearer scheme, and with its account's username
-            # for Basic (LabsMobile's OTP API takes only that). Schemathesis also probes every
-            # operation without it and with a wrong one, which must answer 401 (ignored_auth).
+            # for Basic (LabsMobile's OTP and JSON APIs take only that). Schemathesis also
+            # probes every operation without it and with a wrong one, which must answer 401
+            # (ignored_auth).
             "auth": {
                 "openapi": {
                     "bearer": {"bearer": server.key},
@@ -111,10 +116,11 @@ def api_schema(server: Server) -> Any:
             },
             "operations": [
                 {
-                    # LabsMobile's OTP API answers every refusal, a malformed or missing
-                    # parameter included, with 200 and a body of 0 (its clients read only the
-                    # body); only bad credentials are an HTTP error.
-                    "include-path-regex": "^/otp/",
+                    # LabsMobile's OTP and SMS JSON APIs answer every refusal, a malformed or
+                    # missing parameter or JSON included, with 200 and a body of 0 or a result
+                    # code (their clients read only a 2xx answer's body); only bad credentials
+                    # are an HTTP error.
+                    "include-path-regex": "^/(otp|json)/",
                     "checks": {
                         "positive_data_acceptance": {"expected-statuses": ["200", "401"]},
                         "negative_data_rejection": {"expected-statuses": ["200", "401"]},
@@ -147,6 +153,8 @@ def with_real_values(case: Any, mobile: str, code: str, resources: dict[str, str
             case.body["to"] = mobile
         if "code" in case.body:
             case.body["code"] = code
+        if isinstance(case.body.get("recipient"), list):  # LabsMobile's /json/send
+            case.body["recipient"] = [{"msisdn": mobile.removeprefix("+")}]
     if isinstance(case.query, dict):  # LabsMobile's OTP API
         if "phone_number" in case.query:
             case.query["phone_number"] = mobile.removeprefix("+")
@@ -167,6 +175,7 @@ REAL_VALUES = [
         ("POST", "/v1/verifications"),
         ("POST", "/v1/verifications/check"),
         ("POST", "/v1/messages"),
+        ("POST", "/json/send"),
     }
     or path.startswith("/otp/")
 ]

@@ -78,6 +78,10 @@ class Messaging:
         self._metrics = metrics
         self._outbox = outbox
 
+    def now(self) -> datetime:
+        """The time sends are measured against (a ``scheduled_at`` not after it is due)."""
+        return self._clock.now()
+
     async def send(self, principal: Principal, request: SmsRequest) -> list[Message]:
         """Queue the text to every recipient (or, in test mode, only check and price it).
         Returns the messages as stored (or as they would be)."""

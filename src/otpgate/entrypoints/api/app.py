@@ -24,6 +24,7 @@ from otpgate.entrypoints import logs
 from otpgate.entrypoints.api import (
     docs_ui,
     error_pages,
+    labsmobile_json,
     labsmobile_otp,
     receipts,
     schemas,
@@ -143,8 +144,13 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
         # The API's routes are given flat and first: Starlette tries routes in order, and an
         # included router (FastAPI >= 0.160) matches every request twice, once to choose the
         # router and once inside it. The operations and documentation routes come after these.
-        # LabsMobile's OTP API (/otp) comes after the /v1 routes, which are busier.
-        routes=[*v1.router.routes, *receipts.router.routes, *labsmobile_otp.router.routes],
+        # LabsMobile's OTP (/otp) and SMS JSON (/json) APIs come after the busier /v1 routes.
+        routes=[
+            *v1.router.routes,
+            *receipts.router.routes,
+            *labsmobile_otp.router.routes,
+            *labsmobile_json.router.routes,
+        ],
         docs_url=None,  # served offline by docs_ui instead of from a CDN
         redoc_url=None,
     )
@@ -193,7 +199,16 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
         return HTMLResponse(error_pages.render(error))
 
     app.router.routes.extend(docs_ui.router.routes)
-    app.add_middleware(BodyLimit, limit=container.settings.max_body_bytes)
+    settings = container.settings
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        larger={
+            "/json/send": labsmobile_json.send_body_limit(
+                settings.max_body_bytes, settings.json_send_max_recipients
+            )
+        },
+    )
     app.add_middleware(RequestContext, container=container)
     app.openapi = lambda: build_document(app)  # type: ignore[method-assign]
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,10 +98,7 @@ class BodyTooLarge(HTTPException):
 
 
 def too_large(limit: int) -> str:
-    return (
-        f"the request body is larger than {limit} bytes; no otpgate request needs more than a "
-        "few kilobytes"
-    )
+    return f"the request body is larger than {limit} bytes, the most this route accepts"
 
 
 class BodyLimit:
@@ -110,17 +108,23 @@ class BodyLimit:
     nor the credentials are read. A body without one (chunked) is counted as it streams in,
     and reading stops with :class:`BodyTooLarge` as soon as it passes the limit, so at most
     one chunk beyond the limit is ever held. With a ``Content-Length`` the server itself
-    delivers no more than it declared, so such bodies are not counted again.
+    delivers no more than it declared, so such bodies are not counted again. The paths in
+    ``larger`` have limits of their own.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, *, larger: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        #: Paths whose requests may be larger (LabsMobile's ``/json/send`` with a big batch).
+        self.larger = dict(larger or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(scope["path"], self.limit)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None:
             if not declared.isdigit():
@@ -128,8 +132,8 @@ class BodyLimit:
                     "Content-Length must be a number of bytes", param="Content-Length"
                 )
                 await error_response(refusal)(scope, receive, send)
-            elif int(declared) > self.limit:
-                await error_response(PayloadTooLarge(too_large(self.limit)))(scope, receive, send)
+            elif int(declared) > limit:
+                await error_response(PayloadTooLarge(too_large(limit)))(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
@@ -141,8 +145,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge(self.limit)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, counted, send)
