@@ -32,7 +32,14 @@ from otpgate.errors import (
 from otpgate.services.verification import StartRequest
 from tests.conftest import Database, FrozenClock, RecordingSender, code_in, make_settings
 from tests.support.labsmobile_stub import LabsMobileStub
-from tests.support.server import KEY_PATTERN, Server, free_port, run_otpgate, running_server
+from tests.support.server import (
+    KEY_PATTERN,
+    OTPGATE,
+    Server,
+    free_port,
+    run_otpgate,
+    running_server,
+)
 
 LOCKOUT_THRESHOLD = 3
 
@@ -519,6 +526,333 @@ def test_lockouts_clear(server: Server, stub: LabsMobileStub) -> None:
     assert human.strip() == (
         f"lockout cleared for +34600000019 in {service['id']} (it was not locked)"
     )
+
+
+# --- prices and credit ------------------------------------------------------------------------
+
+GOOD_PRICES = "country,credits\nES,1.0\nFR,1.5\n*,2\n"
+#: The table GOOD_PRICES makes, as ``prices list --json`` and ``GET /v1/prices`` show it.
+GOOD_PRICE_LIST = {
+    "data": [
+        {"country": "*", "prefix": None, "name": "Every other country", "credits": "2"},
+        {"country": "ES", "prefix": "34", "name": "Spain", "credits": "1"},
+        {"country": "FR", "prefix": "33", "name": "France", "credits": "1.5"},
+    ]
+}
+
+
+def ensure_good_prices(server: Server, tmp_path: Path) -> None:
+    """The table of GOOD_PRICES, imported unless it is the one loaded already."""
+    if api_prices(server) != GOOD_PRICE_LIST:
+        ok(import_prices(server, tmp_path, GOOD_PRICES, "--json"))
+    assert api_prices(server) == GOOD_PRICE_LIST
+
+
+def import_prices(server: Server, tmp_path: Path, text: str | bytes, *options: str) -> Any:
+    """``otpgate prices import`` of a file holding ``text``: the whole CompletedProcess."""
+    path = tmp_path / "prices.csv"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return server.run("prices", "import", str(path), *options)
+
+
+def api_prices(server: Server, *countries: str) -> Any:
+    answer = httpx.get(
+        f"{server.url}/v1/prices", params=[("country", c) for c in countries], headers=server.auth()
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_prices_import_and_list(server: Server, tmp_path: Path) -> None:
+    imported = ok(import_prices(server, tmp_path, GOOD_PRICES, "--json"))
+    assert imported == GOOD_PRICE_LIST
+    assert ok(server.run("prices", "list", "--json")) == GOOD_PRICE_LIST
+    assert api_prices(server) == GOOD_PRICE_LIST  # the running server uses the new table
+
+    # A country without a line of its own shows the `*` price, under its own name and code.
+    some = ok(server.run("prices", "list", "--country", "es", "--country", "DE", "--json"))
+    assert some == {
+        "data": [
+            {"country": "ES", "prefix": "34", "name": "Spain", "credits": "1"},
+            {"country": "DE", "prefix": "49", "name": "Germany", "credits": "2"},
+        ]
+    }
+    assert some == api_prices(server, "es", "DE")
+    bad = refused(server.run("prices", "list", "--country", "ZZ", "--json"), "invalid_request")
+    assert bad["param"] == "country"
+
+    human = server.cli("prices", "list")
+    assert re.search(r"ES\s+│\s+Spain\s+│\s+\+34\s+│\s+1\b", human), human
+    assert re.search(r"\*\s+│\s+Every other country\s+│\s+-\s+│\s+2\b", human), human
+    assert "imported 3 price(s)" in import_prices(server, tmp_path, GOOD_PRICES).stdout
+
+    # The import replaces the whole table: without `*`, other countries have no price.
+    # A spreadsheet's byte order mark and CRLF line ends are fine, and `-` reads stdin.
+    replaced = subprocess.run(
+        [OTPGATE, "prices", "import", "-", "--json"],
+        input="\ufeffcountry,credits\r\nPT,0.0725\r\n\r\n",
+        env=server.client_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    only_pt = {
+        "data": [{"country": "PT", "prefix": "351", "name": "Portugal", "credits": "0.0725"}]
+    }
+    assert ok(replaced) == only_pt
+    assert api_prices(server) == only_pt
+    assert ok(server.run("prices", "list", "--country", "ES", "--json")) == {"data": []}
+    # A header alone empties the table: messages then carry no price.
+    assert ok(import_prices(server, tmp_path, "country,credits\n", "--json")) == {"data": []}
+    assert "no prices" in server.cli("prices", "list")
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "why"),
+    [
+        ("country,credits\nES,1\nXX,1\n", 3, "is not an ISO 3166-1 alpha-2 country code"),
+        ("country,credits\nES,1\nFR,-1.5\n", 3, "cannot be negative"),
+        ("country,credits\nES,1,5\n", 2, "expected two fields"),
+        ("country,credits\nES,1.00001\n", 2, "must be a number of credits"),
+        ("country,credits\nES,one\n", 2, "must be a number of credits"),
+        ("country,credits\nES,1e3\n", 2, "must be a number of credits"),
+        ("ES,1\nFR,2\n", 1, "header country,credits"),
+        ("", 1, "header country,credits"),
+        ("country,credits\nES,1\nFR,1\nes,2\n", 4, "ES appears twice"),
+        (b"country,credits\nES,1\nFR,\xff1\n", 3, "not UTF-8"),
+    ],
+    ids=[
+        "unknown-country",
+        "negative",
+        "three-fields",
+        "five-decimals",
+        "text",
+        "exponent",
+        "no-header",
+        "empty",
+        "repeated-country",
+        "not-utf8",
+    ],
+)
+def test_a_bad_price_file_is_refused_naming_the_line_and_changes_nothing(
+    server: Server, tmp_path: Path, content: str | bytes, line: int, why: str
+) -> None:
+    ensure_good_prices(server, tmp_path)
+    bad = import_prices(server, tmp_path, content, "--json")
+    problem = refused(bad, "invalid_request")
+    assert problem["param"] == f"line {line}"
+    assert why in problem["detail"]
+    if line > 1:
+        assert problem["detail"].startswith(f"line {line}: ")
+    assert why in bad.stderr
+    assert api_prices(server) == GOOD_PRICE_LIST  # the previous table stays, all of it
+
+
+def test_prices_import_of_a_missing_file_is_a_usage_error(server: Server, tmp_path: Path) -> None:
+    ensure_good_prices(server, tmp_path)
+    usage_error(server.run("prices", "import", str(tmp_path / "missing.csv"), "--json"))
+    usage_error(server.run("prices", "import", "--json"))  # no FILE
+    assert api_prices(server) == GOOD_PRICE_LIST
+
+
+def new_account(server: Server, *options: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A new account made with the CLI, and the headers of a key of its own."""
+    account: dict[str, Any] = ok(
+        server.run("accounts", "create", "--name", "Billed", *options, "--json")
+    )
+    issued = ok(server.run("keys", "create", "--name", "k", "--account", account["id"], "--json"))
+    return account, {"Authorization": f"Bearer {issued['key']}"}
+
+
+def api_account(server: Server, auth: dict[str, str]) -> Any:
+    answer = httpx.get(f"{server.url}/v1/account", headers=auth)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def api_ledger(server: Server, auth: dict[str, str]) -> Any:
+    answer = httpx.get(f"{server.url}/v1/account/ledger", headers=auth)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_credit_add_shows_in_the_account_and_the_ledger(server: Server) -> None:
+    account, auth = new_account(server)
+    assert (account["billing"], account["balance"]) == ("prepaid", "0")
+    add = ("credit", "add", "--account", account["id"], "--json")
+    first = ok(server.run(*add, "--credits", "20", "--note", "order 1042"))
+    assert first["kind"] == "topup" and first["credits"] == "20" and first["balance"] == "20"
+    assert first["note"] == "order 1042" and first["message_id"] is None
+    assert first["id"].startswith("led_")
+    second = ok(server.run(*add, "--credits", "0.0725"))
+    assert (second["credits"], second["balance"], second["note"]) == ("0.0725", "20.0725", None)
+
+    seen = api_account(server, auth)
+    assert (seen["id"], seen["billing"], seen["balance"]) == (account["id"], "prepaid", "20.0725")
+    assert ok(server.run("accounts", "show", "--id", account["id"], "--json")) == seen
+    listed = ok(server.run("accounts", "list", "--limit", "200", "--json"))
+    assert seen in listed["data"]
+
+    ledger = {"data": [second, first], "next_cursor": None}  # newest first
+    assert api_ledger(server, auth) == ledger
+    assert ok(server.run("credit", "ledger", "--account", account["id"], "--json")) == ledger
+    page = ok(server.run("credit", "ledger", "--account", account["id"], "--limit", "1", "--json"))
+    assert page["data"] == [second] and page["next_cursor"]
+    rest = ok(
+        server.run(
+            "credit", "ledger", "--account", account["id"], "--limit", "1",
+            "--cursor", page["next_cursor"], "--json",
+        )
+    )  # fmt: skip
+    assert rest == {"data": [first], "next_cursor": None}
+
+    human = server.cli("credit", "add", "--account", account["id"], "--credits", "1.5")
+    assert re.search(r"credits\s+\+1\.5\b", human) and re.search(r"balance\s+21\.5725\b", human)
+    assert api_account(server, auth)["balance"] == "21.5725"
+    table = server.cli("credit", "ledger", "--account", account["id"])
+    assert first["id"] in table and "order 1042" in table
+    shown = server.cli("accounts", "show", "--id", account["id"])
+    assert re.search(r"billing\s+prepaid", shown) and re.search(r"balance\s+21\.5725", shown)
+    row = next(
+        line
+        for line in server.cli("accounts", "list", "--limit", "200").splitlines()
+        if account["id"] in line
+    )
+    assert "prepaid" in row and "21.5725" in row
+    refused(server.run("credit", "ledger", "--account", "acc_nope", "--json"), "not_found")
+    refused(
+        server.run("credit", "ledger", "--account", account["id"], "--cursor", "x", "--json"),
+        "invalid_request",
+    )
+
+
+@pytest.fixture(scope="module")
+def topped_up(server: Server) -> tuple[dict[str, Any], dict[str, str]]:
+    """A prepaid account topped up once with 3 credits (which the tests using it keep)."""
+    account, auth = new_account(server)
+    ok(server.run("credit", "add", "--account", account["id"], "--credits", "3", "--json"))
+    return account, auth
+
+
+@pytest.mark.parametrize(
+    ("credits", "why"),
+    [
+        ("-5", "must be a number of credits"),
+        ("0", "must be more than 0"),
+        ("0.0000", "must be more than 0"),
+        ("1.00001", "at most 4 decimals"),
+        ("ten", "must be a number of credits"),
+        ("1e3", "must be a number of credits"),
+        ("+5", "must be a number of credits"),
+        ("", "must be a number of credits"),
+        ("1000000000.0001", "is larger than"),
+    ],
+)
+def test_credit_add_refuses_a_bad_amount_and_changes_nothing(
+    server: Server, topped_up: tuple[dict[str, Any], dict[str, str]], credits: str, why: str
+) -> None:
+    account, auth = topped_up
+    before = api_ledger(server, auth)
+    assert len(before["data"]) == 1
+    bad = server.run("credit", "add", "--account", account["id"], f"--credits={credits}", "--json")
+    problem = refused(bad, "invalid_request")
+    assert problem["param"] == "credits" and why in problem["detail"]
+    assert api_account(server, auth)["balance"] == "3"
+    assert api_ledger(server, auth) == before
+
+
+def test_credit_add_refuses_an_unknown_account_a_bad_note_and_bad_usage(server: Server) -> None:
+    unknown = server.run("credit", "add", "--account", "acc_nope", "--credits", "5", "--json")
+    assert refused(unknown, "not_found")["param"] == "account"
+    account, auth = new_account(server)
+    add = ("credit", "add", "--account", account["id"], "--credits", "5", "--json")
+    assert refused(server.run(*add, "--note", "x" * 201), "invalid_request")["param"] == "note"
+    assert refused(server.run(*add, "--note", "a\nb"), "invalid_request")["param"] == "note"
+    usage_error(server.run("credit", "add", "--account", account["id"], "--json"))  # no credits
+    usage_error(server.run("credit", "add", "--credits", "5", "--json"))  # no account
+    usage_error(server.run("credit", "ledger", "--json"))  # no account
+    usage_error(server.run("credit", "ledger", "--account", account["id"], "--limit", "0"))
+    assert api_account(server, auth)["balance"] == "0"
+    assert api_ledger(server, auth) == {"data": [], "next_cursor": None}
+
+
+def test_accounts_create_billing(server: Server) -> None:
+    prepaid, prepaid_auth = new_account(server, "--billing", "prepaid")
+    unlimited, unlimited_auth = new_account(server, "--billing", "unlimited")
+    assert (prepaid["billing"], prepaid["balance"]) == ("prepaid", "0")
+    assert (unlimited["billing"], unlimited["balance"]) == ("unlimited", "0")
+    assert api_account(server, prepaid_auth)["billing"] == "prepaid"
+    assert api_account(server, unlimited_auth)["billing"] == "unlimited"
+    assert re.search(
+        r"billing\s+unlimited",
+        server.cli("accounts", "create", "--name", "Free", "--billing", "unlimited"),
+    )
+
+    # An unlimited account can be topped up too; the CLI says the credit is not spent.
+    topped = server.run("credit", "add", "--account", unlimited["id"], "--credits", "2", "--json")
+    assert ok(topped)["balance"] == "2"
+    assert f"note: {unlimited['id']} is unlimited" in topped.stderr
+    assert (
+        "unlimited"
+        not in server.run("credit", "add", "--account", prepaid["id"], "--credits", "2").stderr
+    )
+
+    everyone = ok(server.run("accounts", "list", "--limit", "200", "--json"))["data"]
+    for value in ("nope", "Prepaid", ""):
+        bad = server.run("accounts", "create", "--name", "Bad", "--billing", value, "--json")
+        usage_error(bad)
+        assert "--billing" in bad.stderr
+    assert ok(server.run("accounts", "list", "--limit", "200", "--json"))["data"] == everyone
+
+
+def test_prices_and_credit_govern_what_a_prepaid_account_sends(
+    server: Server, stub: LabsMobileStub, tmp_path: Path
+) -> None:
+    """The CLI's table and top-ups, end to end: each accepted SMS lowers the balance by its
+    price, a send the balance cannot cover is refused, a top-up makes it possible again."""
+    ok(import_prices(server, tmp_path, "country,credits\nES,1.0\nFR,1.5\n", "--json"))
+    account, auth = new_account(server)
+    service = ok(
+        server.run(
+            "services", "create", "--name", "Paid", "--account", account["id"],
+            "--resend-interval-seconds", "0", "--json",
+        )
+    )  # fmt: skip
+    ok(server.run("credit", "add", "--account", account["id"], "--credits", "2.5", "--json"))
+    key = {"OTPGATE_API_KEY": auth["Authorization"].removeprefix("Bearer ")}
+
+    def start(to: str) -> subprocess.CompletedProcess[str]:
+        return server.run(
+            "verify", "start", "--service", service["id"], "--to", to, "--json", extra_env=key
+        )
+
+    ok(start("+34600000031"))
+    assert api_account(server, auth)["balance"] == "1.5"
+    ok(start("+33612345678"))
+    assert api_account(server, auth)["balance"] == "0"
+    refused(start("+34600000032"), "insufficient_credit")
+    # No price and no `*` for Germany: a prepaid account cannot be billed there.
+    refused(start("+4915112345678"), "country_not_allowed")
+    assert api_account(server, auth)["balance"] == "0"
+    stub.wait_for_messages(2, timeout=10)
+
+    topup = ok(server.run("credit", "add", "--account", account["id"], "--credits", "1", "--json"))
+    ok(start("+34600000032"))
+    ledger = ok(server.run("credit", "ledger", "--account", account["id"], "--json"))["data"]
+    assert [(e["kind"], e["credits"], e["balance"]) for e in ledger] == [
+        ("debit", "-1", "0"),
+        ("topup", "1", "1"),
+        ("debit", "-1.5", "0"),
+        ("debit", "-1", "1.5"),
+        ("topup", "2.5", "2.5"),
+    ]
+    assert ledger[1] == topup
+    assert all(e["message_id"] for e in ledger if e["kind"] == "debit")
+    assert api_ledger(server, auth)["data"] == ledger
 
 
 # --- the Python client the CLI uses ---------------------------------------------------------

@@ -3,8 +3,9 @@
 Three kinds of commands:
 
 * **server**: ``serve``, ``worker``, ``db upgrade``;
-* **admin** (server-side): ``accounts``, ``keys``, ``services``, ``lockouts`` act on the
-  configured database (the same settings as ``serve``) through the services, never the storage;
+* **admin** (server-side): ``accounts``, ``keys``, ``services``, ``lockouts``, ``prices``,
+  ``credit`` act on the configured database (the same settings as ``serve``) through the
+  services, never the storage;
 * **client**: ``verify …`` talks to a running server (``OTPGATE_URL``, ``OTPGATE_API_KEY``)
   through :mod:`otpgate.client`.
 
@@ -23,6 +24,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -33,12 +35,14 @@ from rich.table import Table
 from rich.text import Text
 
 from otpgate.client import OtpgateClient
-from otpgate.errors import ConfigurationError, OtpgateError, Unavailable
+from otpgate.domain.billing import BillingMode
+from otpgate.errors import ConfigurationError, InvalidRequest, OtpgateError, Unavailable
 
 # The server stack (settings, SQLAlchemy, Alembic, FastAPI's schemas) is imported inside the
 # server-side commands only: the client commands, which scripts call often, start without it.
 if TYPE_CHECKING:
     from otpgate.bootstrap import Container
+    from otpgate.domain.billing import LedgerEntry
     from otpgate.domain.model import Account, ApiKey, Principal
     from otpgate.settings import Settings
 
@@ -61,12 +65,21 @@ verify_app = typer.Typer(
 lockouts_app = typer.Typer(
     help="Destination lockouts after repeated failed checks (server-side).", no_args_is_help=True
 )
+prices_app = typer.Typer(
+    help="The price table: credits per SMS part by destination country (server-side).",
+    no_args_is_help=True,
+)
+credit_app = typer.Typer(
+    help="Prepaid credit: top-ups and the ledger (server-side).", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(services_app, name="services")
 app.add_typer(verify_app, name="verify")
 app.add_typer(lockouts_app, name="lockouts")
+app.add_typer(prices_app, name="prices")
+app.add_typer(credit_app, name="credit")
 
 T = TypeVar("T")
 
@@ -264,6 +277,23 @@ _ACCOUNT_COLUMNS = [
     ("name", "name"),
     ("username", "username"),
     ("admin", "is_admin"),
+    ("billing", "billing"),
+    ("balance", "balance"),
+    ("created", "created_at"),
+]
+_PRICE_COLUMNS = [
+    ("country", "country"),
+    ("name", "name"),
+    ("calling code", "calling_code"),
+    ("credits per part", "credits"),
+]
+_LEDGER_COLUMNS = [
+    ("id", "id"),
+    ("kind", "kind"),
+    ("credits", "credits"),
+    ("balance", "balance"),
+    ("message", "message_id"),
+    ("note", "note"),
     ("created", "created_at"),
 ]
 
@@ -456,12 +486,21 @@ def db_upgrade(as_json: JsonFlag = False) -> None:
 def accounts_create(
     name: Annotated[str, typer.Option(help="Account name.")],
     username: Annotated[str | None, typer.Option(help="Login (e-mail); default: the id.")] = None,
+    billing: Annotated[
+        BillingMode,
+        typer.Option(
+            help="prepaid: each message is paid from the balance (top it up with "
+            "'otpgate credit add'); unlimited: never refused for credit, usage still recorded."
+        ),
+    ] = BillingMode.PREPAID,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create a (non-admin) account."""
+    """Create a (non-admin) account; it starts with a balance of 0."""
     from otpgate.entrypoints.api.schemas import render_account
 
-    account = _admin(lambda c: c.access.create_account(name, username=username), as_json)
+    account = _admin(
+        lambda c: c.access.create_account(name, username=username, billing=billing), as_json
+    )
     document = render_account(account)
     _emit(document, as_json, _object_view("created account", document))
 
@@ -470,7 +509,7 @@ def accounts_create(
 def accounts_list(
     limit: LimitOption = 50, cursor: CursorOption = None, as_json: JsonFlag = False
 ) -> None:
-    """List every account, oldest first."""
+    """List every account, oldest first, with its billing mode and balance."""
     from otpgate.entrypoints.api.schemas import render_account
 
     async def action(c: Container) -> Any:
@@ -489,7 +528,8 @@ def accounts_show(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show an account (its username is the one HTTP Basic pairs with its keys)."""
+    """Show an account, with its billing mode and balance (its username is the one HTTP Basic
+    pairs with its keys)."""
     from otpgate.entrypoints.api.schemas import render_account
 
     async def action(c: Container) -> Account:
@@ -718,6 +758,148 @@ def lockouts_clear(
     document = {"service_id": service, "to": e164, "was_locked_until": was_locked_until}
     state = f"it was locked until {was_locked_until}" if locked_until else "it was not locked"
     _emit(document, as_json, Text(f"lockout cleared for {e164} in {service} ({state})"))
+
+
+# --- prices ----------------------------------------------------------------------------------
+
+
+def _read_price_file(path: Path) -> str:
+    """The text of the price file (``-``: standard input). A byte order mark, as spreadsheets
+    write, is dropped; bytes that are not UTF-8 are refused naming their line."""
+    try:
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {path}: {exc.strerror or exc}", param_hint="FILE"
+        ) from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        where = f"line {line}"
+        raise InvalidRequest(f"{where}: the file is not UTF-8 text", param=where) from None
+
+
+def _price_list(rows: list[dict[str, Any]], title: str) -> RenderableType:
+    """Price rows as a table, calling codes with their ``+``."""
+    shown = [{**row, "calling_code": row["prefix"] and f"+{row['prefix']}"} for row in rows]
+    parts: list[RenderableType] = [_table(title, {"data": shown}, _PRICE_COLUMNS)]
+    if not rows:
+        parts.append(Text("no prices: messages carry no price and no credit is spent"))
+    return Group(*parts)
+
+
+@prices_app.command("import")
+def prices_import(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE",
+            help="CSV with the header country,credits; '*' as the country sets the price of "
+            "every country without a line of its own; '-' reads standard input.",
+            show_default=False,
+        ),
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Replace the whole price table with FILE, in one transaction. A bad line (unknown country,
+    negative or malformed price, repeated country, no header) is refused naming the line, and
+    the table stays as it was. Prints the new table."""
+    from otpgate.entrypoints.api.schemas import render_price
+    from otpgate.services.billing import price_rows
+
+    try:
+        text = _read_price_file(file)
+    except OtpgateError as exc:
+        _fail(exc, as_json)
+    table = _admin(lambda c: c.billing.import_prices(text), as_json)
+    document = {"data": [render_price(row) for row in price_rows(table)]}
+    human = Group(
+        Text(f"imported {len(table)} price(s); the previous table is replaced"),
+        _price_list(document["data"], "prices"),
+    )
+    _emit(document, as_json, human)
+
+
+@prices_app.command("list")
+def prices_list(
+    country: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only this country, ISO alpha-2 (repeatable). A country without a line of its "
+            "own shows the '*' price, if any.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show the price table: credits per SMS part by destination country, as GET /v1/prices."""
+    from otpgate.entrypoints.api.schemas import render_price
+
+    async def action(c: Container) -> Any:
+        return await c.billing.list_prices(country or None)
+
+    document = {"data": [render_price(row) for row in _admin(action, as_json)]}
+    _emit(document, as_json, _price_list(document["data"], "prices"))
+
+
+# --- credit ----------------------------------------------------------------------------------
+
+
+@credit_app.command("add")
+def credit_add(
+    account: Annotated[str, typer.Option("--account", help="Account id (acc_…).")],
+    credits: Annotated[
+        str,
+        typer.Option(help="Credits to add: more than 0, at most 4 decimals (20, 12.5, 0.0725)."),
+    ],
+    note: Annotated[
+        str | None, typer.Option(help="Why (an order or invoice number), kept in the ledger.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Top an account up. Prints the ledger entry, whose balance is the account's new one."""
+    from otpgate.entrypoints.api.schemas import render_ledger_entry
+
+    async def action(c: Container) -> tuple[LedgerEntry, Account]:
+        entry = await c.billing.add_credit(account, credits, note=note)
+        return entry, await c.access.get_account(account)
+
+    entry, topped_up = _admin(action, as_json)
+    document = render_ledger_entry(entry)
+    human = _details(
+        f"top-up {document['id']}",
+        {
+            "account": account,
+            "credits": f"+{document['credits']}",
+            "balance": document["balance"],
+            "note": document["note"],
+            "created": document["created_at"],
+        },
+    )
+    if topped_up.billing is BillingMode.UNLIMITED:
+        # Not an error: the credit waits there should the account become prepaid.
+        err.print(f"note: {account} is unlimited; its sends do not spend its balance")
+    _emit(document, as_json, human)
+
+
+@credit_app.command("ledger")
+def credit_ledger(
+    account: Annotated[str, typer.Option("--account", help="Account id (acc_…).")],
+    limit: LimitOption = 50,
+    cursor: CursorOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List an account's top-ups, debits and refunds, newest first, as GET /v1/account/ledger."""
+    from otpgate.entrypoints.api.schemas import render_ledger_entry
+
+    async def action(c: Container) -> Any:
+        principal = await _principal(c, account)
+        return await c.billing.ledger(principal, limit=limit, cursor=cursor)
+
+    result = _admin(action, as_json)
+    document = _page([render_ledger_entry(e) for e in result.items], result.next_cursor)
+    _emit(document, as_json, _table(f"ledger of {account}", document, _LEDGER_COLUMNS))
 
 
 # --- client ----------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def parse_price_file(text: str) -> dict[str, int]:
         if credits.startswith("-"):
             raise InvalidRequest(f"{where}: a price cannot be negative", param=where)
         try:
-            units = parse_credits(credits, param=where)
+            units = parse_credits(credits, param="the price")
         except InvalidRequest as exc:
             raise InvalidRequest(f"{where}: {exc.detail}", param=where) from None
         if country in table:
