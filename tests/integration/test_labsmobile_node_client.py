@@ -1,22 +1,26 @@
 """LabsMobile's own Node client (npm ``labsmobile-sms``) against a LabsMobile-compatible API.
 
-Today the target is the loopback LabsMobile stub, which proves the harness: the client is
-installed from the project's lock, builds its requests as LabsMobile documents them, and the
-driver reports each call's answer or failure. Pointing :func:`labsmobile_api` at otpgate's
-``/json`` API turns the same calls into the acceptance test of otpgate's compatibility.
+Against the loopback LabsMobile stub the calls prove the harness: the client is installed from
+the project's lock, builds its requests as LabsMobile documents them, and the driver reports
+each call's answer or failure. Against a real ``otpgate serve`` the same calls are the
+acceptance test of otpgate's compatible ``/json`` API.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support.labsmobile_node import DEFAULT_NUMBERS, node_client_missing, run_node_client
 from tests.support.labsmobile_stub import DEFAULT_PRICES, LabsMobileStub
+from tests.support.server import running_server
 
 _missing = node_client_missing()
 if _missing is not None and os.environ.get("CI"):
@@ -107,3 +111,48 @@ def test_the_driver_reports_refused_credentials(labsmobile_api: Api) -> None:
     assert [r["ok"] for r in run.results.values()] == [False, False, False, False]
     assert {r["error"]["kind"] for r in run.results.values()} == {"no answer"}
     assert "not-the-token" not in "".join(str(r) for r in run.results.values())
+
+
+# --- against otpgate --------------------------------------------------------------------------
+
+
+def test_the_node_client_works_against_otpgate(tmp_path: Path) -> None:
+    """The acceptance test of the compatible surface: LabsMobile's own client, its base URL
+    pointed at a real ``otpgate serve`` (which sends through the LabsMobile provider to the
+    loopback stub): an SMS to two numbers, the balance, the prices of ES and FR, a test-mode
+    send. A prepaid account with 20 credits and prices ES 1.0, FR 1.5."""
+    with LabsMobileStub() as upstream, running_server(upstream, tmp_path) as server:
+        prices = tmp_path / "prices.csv"
+        prices.write_text("country,credits\nES,1.0\nFR,1.5\n")
+        server.cli("prices", "import", str(prices))
+        account = json.loads(
+            server.cli(
+                "accounts", "create", "--name", "Shop", "--username", "shop@example.com",
+                "--billing", "prepaid", "--json",
+            )
+        )  # fmt: skip
+        server.cli("credit", "add", "--account", account["id"], "--credits", "20")
+        issued = json.loads(
+            server.cli("keys", "create", "--name", "node", "--account", account["id"], "--json")
+        )
+
+        run = run_node_client(server.url, username="shop@example.com", token=issued["key"])
+        assert list(run.results) == ["send", "balance", "prices", "send_test"]
+        assert run.returncode == 0, run.stderr
+        sent = run.answer("send")
+        assert sent["code"] == "0" and sent["subid"]
+        # Two SMS at 1 credit each: the balance the client read is 18.
+        assert run.answer("balance") == {"code": 0, "credits": "18.00"}
+        listed = run.answer("prices")
+        assert {code: row["credits"] for code, row in listed.items()} == {"ES": 1.0, "FR": 1.5}
+        assert listed["FR"]["name"] == "France" and listed["FR"]["prefix"] == "33"
+        assert run.answer("send_test")["code"] == "0"
+
+        # The two real sends went out through the provider; the test-mode one did not, and
+        # cost nothing.
+        arrived = upstream.wait_for_messages(2, timeout=10)
+        assert sorted(m for r in arrived for m in r.msisdns) == list(DEFAULT_NUMBERS)
+        auth = {"Authorization": f"Bearer {issued['key']}"}
+        balance = httpx.get(f"{server.url}/v1/account", headers=auth).json()["balance"]
+        assert balance == "18"
+        assert len(upstream.messages) == 2
