@@ -48,6 +48,7 @@ from otpgate.errors import (
     InvalidPhoneNumber,
     InvalidRequest,
     OtpgateError,
+    OutboundRefused,
     PayloadTooLarge,
     RequestRefused,
     Unauthorized,
@@ -426,6 +427,15 @@ async def _send(request: Request, principal: Principal) -> Response:
     tpoa = _sender(body)
     label = _label(body)
     ack_url = _ack_url(body)
+    if ack_url is not None:
+        try:
+            # A literal address otpgate may never call is refused now, not at report time;
+            # a host name's addresses are checked each time it is called.
+            container.outbound.validate(ack_url)
+        except OutboundRefused:
+            raise Refusal(
+                ResultCode.MALFORMED_JSON, "ackurl points at an address otpgate may not call"
+            ) from None
     scheduled = _scheduled(body)
     if scheduled is not None and test:
         raise Refusal(
