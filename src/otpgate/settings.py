@@ -42,10 +42,28 @@ class Settings(BaseSettings):
     secret_key_file: Path | None = None
 
     public_url: str = "http://127.0.0.1:8000"
+    #: A TOML file of providers and routes (``[providers.NAME]``, ``[[routes]]``). When set, it
+    #: is the whole delivery configuration and the one-provider settings below are ignored.
+    config: Path | None = None
+    #: The one provider of the environment form: its type; its options follow, by type.
     sms_provider: str = "console"
     labsmobile_username: str = ""
     labsmobile_token: SecretStr = SecretStr("")
     labsmobile_url: str = "https://api.labsmobile.com"
+    #: ``smpp://SYSTEM_ID:PASSWORD@HOST:PORT?window=…`` (holds the password).
+    smpp_url: SecretStr = SecretStr("")
+    #: smsbox's ``sendsms`` URL with ``username`` and ``password`` (holds the password).
+    kannel_url: SecretStr = SecretStr("")
+    twilio_account_sid: str = ""
+    twilio_auth_token: SecretStr = SecretStr("")
+    twilio_from: str = ""
+    twilio_url: str = "https://api.twilio.com"
+    vonage_api_key: str = ""
+    vonage_api_secret: SecretStr = SecretStr("")
+    vonage_url: str = "https://rest.nexmo.com"
+    #: ``smtp://user:pass@host:port?starttls=1`` (holds the password), for the e-mail channel.
+    smtp_url: SecretStr = SecretStr("")
+    email_from: str = ""
     provider_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     #: Calls to URLs that callers supply (LabsMobile ``ackurl``, webhooks). Comma-separated

@@ -209,6 +209,15 @@ class SmsContent:
 
 
 @dataclass(frozen=True, slots=True)
+class EmailContent:
+    """What only the e-mail channel needs: the subject line and the HTML alternative of the
+    text (self-contained: no remote images, no tracking)."""
+
+    subject: str
+    html: str
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundMessage:
     """What a sender is asked to deliver, on any channel: a destination (an E.164 number for
     SMS and voice, an address for e-mail) and the text the recipient reads or hears.
@@ -224,6 +233,10 @@ class OutboundMessage:
     text: str
     receipt_url: str | None = None
     sms: SmsContent | None = None
+    #: The language of the text, for a voice provider's speech engine (``es``, ``pt-BR``).
+    locale: str = "en"
+    #: Set exactly when ``channel`` is e-mail.
+    email: EmailContent | None = None
 
     def __post_init__(self) -> None:
         if (self.channel is Channel.SMS) != (self.sms is not None):

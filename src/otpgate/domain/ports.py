@@ -9,7 +9,7 @@ raise only :class:`otpgate.errors.Unavailable` (storage down) or, for senders,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -60,6 +60,12 @@ class Sender(Protocol):
 
     async def send(self, message: OutboundMessage) -> SendReceipt: ...
 
+    async def check(self) -> None:
+        """Connect to the provider without sending anything (an SMPP bind, an HTTP request
+        that proves reachability and credentials). Raises a ``DeliveryError`` subclass whose
+        text names the failure and carries no secret."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections; the sender is not used afterwards."""
         ...
@@ -80,6 +86,35 @@ class ReceiptParser(Protocol):
     def parse_receipt(self, params: Mapping[str, str]) -> DeliveryReport | None:
         """The report carried by a receipt request's parameters, or ``None`` if it names no
         message. Authentication of the request is the caller's job, not the parser's."""
+        ...
+
+
+#: Where a provider hands the reports that arrive on its own connection.
+ReportSink = Callable[[DeliveryReport], Awaitable[None]]
+
+
+@runtime_checkable
+class ReportSource(Protocol):
+    """A sender whose delivery reports arrive on its own connection (an SMPP bind's
+    ``deliver_sm``) rather than at otpgate's receipt URL."""
+
+    def report_to(self, sink: ReportSink) -> None:
+        """Hand every report received from now on to ``sink`` (awaited; a sink that raises
+        is logged and the report acknowledged anyway)."""
+        ...
+
+
+@runtime_checkable
+class ReceiptAuthenticator(Protocol):
+    """A receipt parser whose provider signs its requests (Twilio's ``X-Twilio-Signature``).
+    The receipt endpoint checks the URL's token first, then this."""
+
+    def authenticate_receipt(
+        self, url: str, params: Mapping[str, str], headers: Mapping[str, str]
+    ) -> bool:
+        """True when the request to ``url`` (the receipt URL otpgate gave the provider,
+        token included) with ``params`` (query and form fields) and ``headers`` (lower-case
+        names) carries the provider's valid signature."""
         ...
 
 

@@ -14,25 +14,26 @@ import sys
 import threading
 from typing import TextIO
 
-from otpgate.adapters.providers.registry import register
+from otpgate.adapters.providers.registry import ProviderContext, ProviderOptions, register
 from otpgate.domain.model import Channel, OutboundMessage, SendReceipt
 from otpgate.errors import ConfigurationError, TransientDeliveryError
-from otpgate.settings import Environment, Settings
+from otpgate.settings import Environment
 
-__all__ = ["BANNER", "ConsoleSender", "from_settings"]
+__all__ = ["BANNER", "ConsoleSender", "from_options"]
 
 BANNER = "==== DEV SMS (console sender, not delivered) ===="
 _FOOTER = "=" * len(BANNER)
 
 
 @register("console")
-def from_settings(settings: Settings) -> ConsoleSender:
+def from_options(options: ProviderOptions, context: ProviderContext) -> ConsoleSender:
     """The console sender; refused in production, where it would only print codes."""
-    if settings.env is Environment.PRODUCTION:
+    if context.settings.env is Environment.PRODUCTION:
         raise ConfigurationError(
-            "OTPGATE_SMS_PROVIDER=console only prints codes; choose a real provider in production"
+            f"provider {context.name!r}: console only prints codes; "
+            "choose a real provider in production"
         )
-    return ConsoleSender()
+    return ConsoleSender(name=context.name)
 
 
 class ConsoleSender:
@@ -43,7 +44,8 @@ class ConsoleSender:
     name = "console"
     channels = frozenset(Channel)
 
-    def __init__(self, *, stream: TextIO | None = None) -> None:
+    def __init__(self, *, stream: TextIO | None = None, name: str = "console") -> None:
+        self.name = name
         self._stream = stream
         # One banner is written as one block, even with several dispatchers in threads.
         self._lock = threading.Lock()
@@ -76,6 +78,9 @@ class ConsoleSender:
                 f"console: cannot write to the stream ({type(exc).__name__})"
             ) from exc
         return SendReceipt(provider_ref=message.message_id)
+
+    async def check(self) -> None:
+        """Nothing to connect to: the console is always there."""
 
     async def aclose(self) -> None:
         """Nothing to release: the stream belongs to the caller."""

@@ -53,8 +53,14 @@ from typing import Any, Final, NamedTuple
 import aiohttp
 import certifi
 import yarl
+from pydantic import SecretStr
 
-from otpgate.adapters.providers.registry import PROVIDER_NAME, register
+from otpgate.adapters.providers.registry import (
+    PROVIDER_NAME,
+    ProviderContext,
+    ProviderOptions,
+    register,
+)
 from otpgate.domain.model import Channel, MessageStatus, OutboundMessage, SendReceipt
 from otpgate.domain.ports import DeliveryReport
 from otpgate.errors import (
@@ -64,9 +70,14 @@ from otpgate.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from otpgate.settings import Settings
 
-__all__ = ["DEFAULT_BASE_URL", "LabsMobileSender", "from_settings", "subid_for"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "LabsMobileOptions",
+    "LabsMobileSender",
+    "from_options",
+    "subid_for",
+]
 
 DEFAULT_BASE_URL: Final = "https://api.labsmobile.com"
 
@@ -113,27 +124,38 @@ def subid_for(message_id: str) -> str:
     return ref
 
 
-@register("labsmobile")
-def from_settings(settings: Settings) -> LabsMobileSender:
-    """The sender for ``OTPGATE_LABSMOBILE_USERNAME`` / ``_TOKEN`` / ``_URL`` with
-    ``OTPGATE_PROVIDER_TIMEOUT_SECONDS``; a missing or bad one is named (never its value)."""
+class LabsMobileOptions(ProviderOptions):
+    """``OTPGATE_LABSMOBILE_USERNAME`` / ``_TOKEN`` / ``_URL``, or ``username`` / ``token`` /
+    ``url`` in a ``[providers.NAME]`` table with ``type = "labsmobile"``."""
+
+    username: str = ""
+    token: SecretStr = SecretStr("")
+    url: str = DEFAULT_BASE_URL
+
+
+@register("labsmobile", options=LabsMobileOptions)
+def from_options(options: LabsMobileOptions, context: ProviderContext) -> LabsMobileSender:
+    """The sender for these options; a missing or bad one is named (never its value)."""
     missing = [
-        setting
-        for setting, value in (
-            ("OTPGATE_LABSMOBILE_USERNAME", settings.labsmobile_username),
-            ("OTPGATE_LABSMOBILE_TOKEN", settings.labsmobile_token.get_secret_value()),
+        context.setting(option)
+        for option, value in (
+            ("username", options.username),
+            ("token", options.token.get_secret_value()),
         )
         if not value
     ]
     if missing:
-        raise ConfigurationError(f"OTPGATE_SMS_PROVIDER=labsmobile needs {' and '.join(missing)}")
-    if not settings.labsmobile_url.startswith(("http://", "https://")):
-        raise ConfigurationError("OTPGATE_LABSMOBILE_URL must be an http:// or https:// URL")
+        raise ConfigurationError(
+            f"provider {context.name!r} (labsmobile) needs {' and '.join(missing)}"
+        )
+    if not options.url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"{context.setting('url')} must be an http:// or https:// URL")
     return LabsMobileSender(
-        username=settings.labsmobile_username,
-        token=settings.labsmobile_token.get_secret_value(),
-        base_url=settings.labsmobile_url,
-        timeout_seconds=settings.provider_timeout_seconds,
+        username=options.username,
+        token=options.token.get_secret_value(),
+        base_url=options.url.rstrip("/"),
+        timeout_seconds=context.timeout_seconds,
+        name=context.name,
     )
 
 
@@ -217,6 +239,11 @@ class LabsMobileSender:
         payload = self._answer(answer, text=message.text)
         self._raise_for_code(payload, text=message.text)
         return SendReceipt(provider_ref=subid)
+
+    async def check(self) -> None:
+        """Read the balance (``GET /json/balance``): proves reachability and credentials and
+        sends nothing. Raises what ``balance`` raises."""
+        await self.balance()
 
     async def aclose(self) -> None:
         """Close the client this sender made; a client passed in stays open (its owner's)."""

@@ -1,69 +1,215 @@
-"""The provider registry: a name → factory map, filled by the provider modules themselves.
+"""The provider registry: provider *types* (``labsmobile``, ``smpp``, …) and their typed options.
 
-Each provider module decorates one factory with :func:`register`. A factory takes the
-:class:`~otpgate.settings.Settings` that ``bootstrap`` was given, reads its own typed options
-from them (credentials are ``SecretStr``), checks them and returns a ready
-:class:`~otpgate.domain.ports.Sender`. A missing or bad option raises ``ConfigurationError``
-naming its setting, never showing a secret's value, so a bad configuration stops the server at
-start-up instead of at the first send.
+Each provider module registers one factory per type with :func:`register`, together with the
+pydantic model of its options. A provider *instance* is a name (used in routes, metrics, stored
+messages and receipt URLs), a type and options; it comes either from the environment (one
+provider, ``OTPGATE_SMS_PROVIDER`` naming the type and ``OTPGATE_<TYPE>_<OPTION>`` the options)
+or from a ``[providers.NAME]`` table of the TOML file named by ``OTPGATE_CONFIG`` (see
+:mod:`otpgate.adapters.providers.config`).
 
-``bootstrap`` only calls :func:`create_sender`: adding a provider is adding a module (and its
-import in this package's ``__init__``), not editing a chain of ``if`` statements.
+Options are checked twice, both at start-up: by the model (types, ranges, unknown keys refused)
+and by the factory (what only it knows). Either failure raises ``ConfigurationError`` naming the
+setting the way the operator wrote it (``OTPGATE_SMPP_URL``, or ``providers.main.url in
+otpgate.toml``) and never its value, since options hold credentials.
+
+Adding a provider is adding a module (and its import in this package's ``__init__``), not
+editing a chain of ``if`` statements.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Final, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from otpgate.domain.ports import Sender
 from otpgate.errors import ConfigurationError
 from otpgate.settings import Settings
 
-__all__ = ["ProviderFactory", "create_sender", "known_providers", "register"]
-
-#: Builds a sender from the settings, or raises ``ConfigurationError`` naming the bad setting.
-ProviderFactory = Callable[[Settings], Sender]
-
-F = TypeVar("F", bound=ProviderFactory)
+__all__ = [
+    "PROVIDER_NAME",
+    "ProviderContext",
+    "ProviderOptions",
+    "ProviderType",
+    "create_provider",
+    "create_sender",
+    "env_options",
+    "known_providers",
+    "provider_type",
+    "register",
+]
 
 #: A provider name appears in URLs (``/v1/receipts/<name>``), metrics labels and stored rows.
 PROVIDER_NAME: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
-_FACTORIES: dict[str, ProviderFactory] = {}
+
+class ProviderOptions(BaseModel):
+    """Options every provider takes; each provider type subclasses this with its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The longest one send may take; unset: ``OTPGATE_PROVIDER_TIMEOUT_SECONDS``.
+    timeout_seconds: float | None = Field(default=None, gt=0, le=120)
+    #: How long the circuit breaker skips this provider once it has opened.
+    cooloff_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: Consecutive failed sends that open the circuit.
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
 
 
-def register(name: str) -> Callable[[F], F]:
-    """Register the decorated factory under ``name``. A name that is malformed or taken by
-    another factory is a programming error (``ValueError``), raised when the module loads."""
-    if not PROVIDER_NAME.fullmatch(name):
-        raise ValueError(f"provider name {name!r} must match {PROVIDER_NAME.pattern}")
+OptionsT = TypeVar("OptionsT", bound=ProviderOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderContext:
+    """What a factory knows besides its options: the provider's name, the server's settings
+    (environment, public URL), the send timeout that applies, and how the operator wrote each
+    option (for error messages)."""
+
+    name: str
+    settings: Settings
+    timeout_seconds: float
+    #: option → how the operator named it, e.g. ``OTPGATE_SMPP_URL``.
+    setting_names: Mapping[str, str] = field(default_factory=dict)
+
+    def setting(self, option: str) -> str:
+        """The operator's name for ``option``, for an error message."""
+        return self.setting_names.get(option, f"provider {self.name!r} option {option!r}")
+
+
+Factory = Callable[[Any, ProviderContext], Sender]
+F = TypeVar("F", bound=Factory)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderType(Generic[OptionsT]):
+    """A registered provider type: its options model, its factory and, for the environment
+    form, which ``Settings`` field holds each option."""
+
+    kind: str
+    options: type[OptionsT]
+    factory: Callable[[OptionsT, ProviderContext], Sender]
+    env: Mapping[str, str]
+
+    def env_setting(self, option: str) -> str:
+        """The environment variable that sets ``option`` in the one-provider form."""
+        return f"OTPGATE_{self.env.get(option, f'{self.kind}_{option}').upper()}"
+
+
+_TYPES: dict[str, ProviderType[Any]] = {}
+
+
+def register(
+    type_: str, *, options: type[ProviderOptions] = ProviderOptions, env: Mapping[str, str] = {}
+) -> Callable[[F], F]:
+    """Register the decorated factory as provider type ``type_`` with its ``options`` model.
+
+    ``env`` maps an option to the ``Settings`` field that holds it in the environment form when
+    that is not ``<type>_<option>`` (``{"from": "email_from"}``). A malformed type, or one taken
+    by another factory, is a programming error (``ValueError``) raised when the module loads."""
+    if not PROVIDER_NAME.fullmatch(type_):
+        raise ValueError(f"provider type {type_!r} must match {PROVIDER_NAME.pattern}")
 
     def decorate(factory: F) -> F:
-        registered = _FACTORIES.get(name)
-        if registered is not None and registered is not factory:
-            raise ValueError(f"provider {name!r} is registered twice")
-        _FACTORIES[name] = factory
+        registered = _TYPES.get(type_)
+        if registered is not None and registered.factory is not factory:
+            raise ValueError(f"provider {type_!r} is registered twice")
+        _TYPES[type_] = ProviderType(type_, options, factory, dict(env))
         return factory
 
     return decorate
 
 
 def known_providers() -> tuple[str, ...]:
-    """The registered provider names, sorted."""
-    return tuple(sorted(_FACTORIES))
+    """The registered provider types, sorted."""
+    return tuple(sorted(_TYPES))
 
 
-def create_sender(name: str, settings: Settings) -> Sender:
-    """The sender the factory registered as ``name`` makes from ``settings``.
-
-    An unknown name raises ``ConfigurationError`` naming ``OTPGATE_SMS_PROVIDER`` and listing
-    the known names; the factory's own checks raise it for its options."""
-    factory = _FACTORIES.get(name)
-    if factory is None:
+def provider_type(type_: str, *, setting: str) -> ProviderType[Any]:
+    """The registered type, or ``ConfigurationError`` naming ``setting`` and the known types."""
+    registered = _TYPES.get(type_)
+    if registered is None:
         raise ConfigurationError(
-            f"OTPGATE_SMS_PROVIDER={name!r} is not a provider; "
-            f"known providers: {', '.join(known_providers())}"
+            f"{setting}={type_!r} is not a provider; known providers: "
+            f"{', '.join(known_providers())}"
         )
-    return factory(settings)
+    return registered
+
+
+def env_options(registered: ProviderType[Any], settings: Settings) -> dict[str, Any]:
+    """The options of ``registered`` that the environment sets: every option whose ``Settings``
+    field exists and was given (or has a non-empty default, such as a provider's public URL)."""
+    values: dict[str, Any] = {}
+    for option in registered.options.model_fields:
+        field_name = registered.env.get(option, f"{registered.kind}_{option}")
+        if field_name not in Settings.model_fields:
+            continue
+        value = getattr(settings, field_name)
+        empty = value == "" or (isinstance(value, SecretStr) and not value.get_secret_value())
+        if value is not None and not empty:
+            values[option] = value
+    return values
+
+
+def create_provider(
+    name: str,
+    type_: str,
+    raw_options: Mapping[str, Any],
+    settings: Settings,
+    *,
+    setting_names: Mapping[str, str],
+    type_setting: str,
+) -> tuple[Sender, ProviderOptions]:
+    """Validate ``raw_options`` against the type's model and build the sender, named ``name``.
+
+    ``setting_names`` says how the operator wrote each option (for errors); ``type_setting``
+    how they wrote the type. Raises ``ConfigurationError`` without any option's value."""
+    registered = provider_type(type_, setting=type_setting)
+    try:
+        options = registered.options.model_validate(dict(raw_options))
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc, setting_names, name)) from None
+    context = ProviderContext(
+        name=name,
+        settings=settings,
+        timeout_seconds=options.timeout_seconds or settings.provider_timeout_seconds,
+        setting_names=setting_names,
+    )
+    sender = registered.factory(options, context)
+    if sender.name != name:
+        raise ConfigurationError(f"provider {name!r}: its sender calls itself {sender.name!r}")
+    return sender, options
+
+
+def create_sender(type_: str, settings: Settings) -> Sender:
+    """The one provider of the environment form: ``OTPGATE_SMS_PROVIDER=type_`` with its options
+    from ``OTPGATE_<TYPE>_<OPTION>``; the provider is named after its type."""
+    registered = provider_type(type_, setting="OTPGATE_SMS_PROVIDER")
+    names = {option: registered.env_setting(option) for option in registered.options.model_fields}
+    sender, _ = create_provider(
+        type_,
+        type_,
+        env_options(registered, settings),
+        settings,
+        setting_names=names,
+        type_setting="OTPGATE_SMS_PROVIDER",
+    )
+    return sender
+
+
+def _describe(exc: ValidationError, setting_names: Mapping[str, str], name: str) -> str:
+    """The validation errors, each naming its setting and never the value given."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        location = error["loc"]
+        option = str(location[0]) if location else ""
+        where = setting_names.get(option, f"provider {name!r} option {option!r}")
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{where} is not an option of this provider")
+        elif error["type"] == "missing":
+            problems.append(f"{where} is required")
+        else:
+            problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
