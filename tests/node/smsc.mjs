@@ -22,6 +22,9 @@
 //   {"id": 5, "cmd": "receipts", "enabled": true, "stat": "DELIVRD", "err": "000",
 //    "tlvs": true, "delay_ms": 20}              how (and whether) receipts are sent
 //   {"id": 6, "cmd": "refuse_binds", "enabled": true}   answer binds with ESME_RBINDFAIL
+//   {"id": 7, "cmd": "ping"}                    nothing; its ack follows every earlier record
+// A submit_sm record carries the answer it got: resp_status (null when left unanswered) and
+// message_id.
 // The process ends when standard input closes.
 
 import readline from 'node:readline';
@@ -131,7 +134,7 @@ const server = smpp.createServer((session) => {
   let bound = false;
   session.on('error', (error) => emit({ event: 'error', message: String(error && error.message) }));
   session.on('pdu', (pdu) => {
-    if (!pdu.isResponse()) {
+    if (!pdu.isResponse() && pdu.command !== 'submit_sm') {
       emit(describe(pdu));
     } else if (pdu.command === 'deliver_sm_resp') {
       emit({ event: 'pdu', command: pdu.command, command_status: pdu.command_status,
@@ -159,28 +162,37 @@ const server = smpp.createServer((session) => {
     session.send(pdu.response());
     session.close();
   });
+  // A submit_sm is recorded with the answer it gets (resp_status null: left unanswered) before
+  // that answer is written, so whoever saw the answer can find the record.
+  const answer = (pdu, status, messageId) => {
+    emit({ ...describe(pdu), resp_status: status, message_id: messageId ?? null });
+    if (status !== null) {
+      session.send(pdu.response(messageId ? { message_id: messageId } : { command_status: status }));
+    }
+  };
   session.on('submit_sm', (pdu) => {
     if (!bound) {
-      session.send(pdu.response({ command_status: smpp.ESME_RINVBNDSTS }));
+      answer(pdu, smpp.ESME_RINVBNDSTS);
       return;
     }
     if (state.silence > 0) {
       state.silence -= 1;
+      answer(pdu, null);
       return;
     }
     if (state.throttle > 0) {
       state.throttle -= 1;
-      session.send(pdu.response({ command_status: smpp.ESME_RTHROTTLED }));
+      answer(pdu, smpp.ESME_RTHROTTLED);
       return;
     }
     if (state.statusCount > 0) {
       state.statusCount -= 1;
-      session.send(pdu.response({ command_status: state.status }));
+      answer(pdu, state.status);
       return;
     }
     const messageId = `n${(nextMessageId++).toString(16).padStart(8, '0')}`;
     const submitted = new Date();
-    session.send(pdu.response({ message_id: messageId }));
+    answer(pdu, 0, messageId);
     if (state.receipts.enabled && (pdu.registered_delivery & 0x03) === 1) {
       setTimeout(() => {
         if (!session.socket.destroyed) {
@@ -229,6 +241,8 @@ control.on('line', (line) => {
       break;
     case 'refuse_binds':
       state.refuseBinds = command.enabled;
+      break;
+    case 'ping': // nothing: its ack says every record before it has been written
       break;
     default:
       emit({ event: 'error', message: `unknown command ${command.cmd}` });
