@@ -10,6 +10,7 @@ as with LabsMobile's Node client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -51,7 +52,7 @@ class Smsc:
         self,
         *,
         system_id: str = "otpgate",
-        password: str = "s3cr3t",
+        password: str = "s3cr3t",  # noqa: S107 - the test SMSC's own
         receipt_delay_ms: int = 20,
         port: int | None = None,
     ) -> None:
@@ -115,10 +116,8 @@ class Smsc:
             return
         self._process = None
         if process.stdin is not None:
-            try:
+            with contextlib.suppress(OSError):
                 process.stdin.close()
-            except OSError:
-                pass
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -126,6 +125,8 @@ class Smsc:
             process.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
 
     def __enter__(self) -> Smsc:
         return self.start()
@@ -240,13 +241,13 @@ class Smsc:
         return self.records(command)
 
     async def wait_for_count_async(
-        self, command: str, count: int, *, timeout: float = 10.0
+        self, command: str, count: int, *, within: float = 10.0
     ) -> list[Record]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             found = self.records(command)
             if len(found) >= count:
                 return found
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline:  # the SMSC never got them
                 raise TimeoutError(f"{len(found)} of {count} {command} PDUs")
             await asyncio.sleep(0.01)
