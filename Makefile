@@ -8,7 +8,7 @@ PORT ?= 8000
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run test lint bench install install-dev install-node clean
+.PHONY: help run test lint bench bench-smpp install install-dev install-node clean
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ lint: install-dev ## ruff, mypy --strict and import-linter layering
 
 bench: install-dev ## Load benchmark: round trips against otpgate vs a bare FastAPI endpoint
 	$(BIN)/python -m benchmarks.roundtrip
+
+bench-smpp: install-dev install-node ## SMPP throughput on one bind: 1,000 queued messages to node-smpp's SMSC (target >= 1,000 submit_sm/s)
+	$(BIN)/python -m benchmarks.smpp_throughput
 
 clean: ## Remove the virtual environment and local data
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules

@@ -12,7 +12,8 @@
 // Standard output carries one JSON object per line: {"event": "ready", "port": N} once
 // listening, then {"event": "pdu", ...} for every PDU received (decoded by node-smpp, with the
 // raw bytes in `raw_hex`), {"event": "ack", "id": N} for every control command applied, and
-// {"event": "error", ...} for socket errors.
+// {"event": "error", ...} for socket errors. With --quiet, no PDU records: every ack carries
+// `accepted`, the number of submit_sm answered ESME_ROK so far.
 //
 // Standard input takes one JSON control command per line (each acknowledged on stdout):
 //   {"id": 1, "cmd": "throttle", "count": N}    answer the next N submit_sm with ESME_RTHROTTLED
@@ -38,6 +39,9 @@ function argument(name, fallback) {
 const port = Number(argument('port', '2775'));
 const systemId = argument('system-id', 'otpgate');
 const password = argument('password', 'secret');
+// --quiet: no per-PDU records (the benchmark), only counts in every ack.
+const quiet = process.argv.includes('--quiet');
+let accepted = 0;
 
 const state = {
   throttle: 0,
@@ -56,6 +60,9 @@ const state = {
 let nextMessageId = 1;
 
 function emit(record) {
+  if (quiet && record.event === 'pdu') {
+    return;
+  }
   process.stdout.write(JSON.stringify(record) + '\n');
 }
 
@@ -192,6 +199,7 @@ const server = smpp.createServer((session) => {
     }
     const messageId = `n${(nextMessageId++).toString(16).padStart(8, '0')}`;
     const submitted = new Date();
+    accepted += 1;
     answer(pdu, 0, messageId);
     if (state.receipts.enabled && (pdu.registered_delivery & 0x03) === 1) {
       setTimeout(() => {
@@ -247,7 +255,7 @@ control.on('line', (line) => {
     default:
       emit({ event: 'error', message: `unknown command ${command.cmd}` });
   }
-  emit({ event: 'ack', id: command.id });
+  emit({ event: 'ack', id: command.id, accepted });
 });
 control.on('close', () => {
   for (const session of [...server.sessions]) {

@@ -55,11 +55,15 @@ class Smsc:
         password: str = "s3cr3t",  # noqa: S107 - the test SMSC's own
         receipt_delay_ms: int = 20,
         port: int | None = None,
+        quiet: bool = False,
     ) -> None:
         self.system_id = system_id
         self.password = password
         self.port = port or free_port()
         self._receipt_delay_ms = receipt_delay_ms
+        self._quiet = quiet
+        #: submit_sm answered ESME_ROK, as of the last acknowledged command
+        self.accepted_count = 0
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Condition()
@@ -92,6 +96,7 @@ class Smsc:
                 self.password,
                 "--receipt-delay-ms",
                 str(self._receipt_delay_ms),
+                *(["--quiet"] if self._quiet else []),
             ],
             cwd=NODE_DIR,
             stdin=subprocess.PIPE,
@@ -156,6 +161,7 @@ class Smsc:
                     self._ready = True
                 elif event == "ack":
                     self._acks.add(int(record["id"]))
+                    self.accepted_count = int(record.get("accepted", 0))
                 elif event == "error":
                     self.errors.append(str(record.get("message")))
                 elif event == "pdu":
