@@ -29,10 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.smsc import Smsc, smsc_missing
+
 from otpgate.adapters.providers.smpp import SmppSender
 from otpgate.domain.model import Channel, OutboundMessage, SmsContent
 from otpgate.domain.ports import DeliveryReport
-from tests.support.smsc import Smsc, smsc_missing
 
 TARGET = 1000.0
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "smpp.json"
