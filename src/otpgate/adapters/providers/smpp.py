@@ -49,8 +49,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import re
+import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -562,7 +562,7 @@ class SmppSender:
         self._last_error = "not connected yet"
         self._closed = False
         self._sequence = 0
-        self._reference = random.randrange(256)  # noqa: S311 - a UDH reference, not a secret
+        self._reference = secrets.randbelow(256)  # any start: a UDH reference
         self._next_slot = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._multipart: OrderedDict[str, _Multipart] = OrderedDict()
@@ -805,7 +805,7 @@ class SmppSender:
                 )
                 self._notify()
                 delay = min(self._backoff[1], max(self._backoff[0], delay * 2))
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                await asyncio.sleep(delay * (0.8 + secrets.randbelow(401) / 1000))  # jitter ±20 %
                 continue
             started = loop.time()
             self._link = link
