@@ -258,11 +258,18 @@ def build(
         name: f"{settings.public_url}/v1/receipts/{name}?token={keys.receipt_token(name)}"
         for name in parsers
     }
+    billing = Billing(
+        prices=storage,
+        credit=storage,
+        clock=clock,
+        cache=TtlCache(settings.lookup_cache_seconds),
+    )
     dispatcher = Dispatcher(
         storage=storage,
         senders=senders,
         routing=routing,
         health=health,
+        billing=billing,
         vault=vault,
         clock=clock,
         metrics=metrics,
@@ -281,12 +288,6 @@ def build(
             source.report_to(functools.partial(receipts.record, name))
     catalog = ServiceCatalog(
         storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
-    )
-    billing = Billing(
-        prices=storage,
-        credit=storage,
-        clock=clock,
-        cache=TtlCache(settings.lookup_cache_seconds),
     )
     verifications = VerificationService(
         storage=storage,
