@@ -33,6 +33,13 @@ from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.ports import Clock, ReceiptParser, ReportSource, Sender, Storage
+from otpgate.domain.routing import (
+    CIRCUIT_GAUGE,
+    CircuitBreaker,
+    ProviderHealth,
+    Route,
+    Routing,
+)
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.billing import Billing
@@ -42,13 +49,6 @@ from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
-from otpgate.services.routing import (
-    CIRCUIT_GAUGE,
-    CircuitBreaker,
-    ProviderHealth,
-    Route,
-    Routing,
-)
 from otpgate.services.verification import LockoutPolicy, VerificationService
 from otpgate.settings import Environment, Settings
 

@@ -66,6 +66,7 @@ from otpgate.domain.ports import (
     Metrics,
     Sender,
 )
+from otpgate.domain.routing import CircuitBreaker, ProviderHealth, Routing
 from otpgate.errors import (
     CountryNotAllowed,
     DeliveryTimeout,
@@ -75,7 +76,6 @@ from otpgate.errors import (
     Unavailable,
 )
 from otpgate.services.billing import Billing
-from otpgate.services.routing import CircuitBreaker, ProviderHealth, Routing
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
 )
+from otpgate.domain.routing import ProviderHealth
 from otpgate.errors import InvalidRequest
 from otpgate.services.billing import CountryPrice
-from otpgate.services.routing import ProviderHealth
 
 #: Deeper than this, a request body is refused: no otpgate field needs more, and rendering or
 #: storing a deeper value would only spend stack.
