@@ -20,7 +20,8 @@ listens on ``127.0.0.1`` of one namespace and relays each connection to ``127.0.
 other, in both directions as needed.
 
 Kannel's configuration (:meth:`Kannel.write_config`): bearerbox with its admin port, internal DLR
-storage and one ``smsc = fake`` connection; smsbox with a ``sendsms-port``; one
+storage and one ``smsc = fake`` connection (which refuses messages routed to the smsc-id
+``nowhere``, so that a message no SMSC takes can be tested); smsbox with a ``sendsms-port``; one
 ``sendsms-user``. fakesmsc is started with ``-m 0``: it sends nothing and prints every message
 it receives (``Got message N: <from to type data>``), which :meth:`Kannel.received` reads.
 Since the namespace is new, the fixed ports below collide with nothing.
@@ -97,7 +98,9 @@ class NetNamespace:
             assert time.monotonic() < deadline, "the namespace did not appear"
             time.sleep(0.01)
         self._fd = os.open(self.path, os.O_RDONLY)
-        subprocess.run(["nsenter", f"--net={self.path}", "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["nsenter", f"--net={self.path}", "ip", "link", "set", "lo", "up"], check=True
+        )
         libc = ctypes.CDLL(None, use_errno=True)
 
         def enter() -> None:
@@ -195,7 +198,9 @@ class Bridge:
         try:
             upstream = self._connect()
         except OSError:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             client.close()
             return
         upstream.settimeout(None)
@@ -293,6 +298,7 @@ smsc = fake
 smsc-id = fake
 port = {FAKE_SMSC_PORT}
 connect-allow-ip = "127.0.0.1"
+denied-smsc-id = "nowhere"
 
 group = smsbox
 bearerbox-host = 127.0.0.1
@@ -349,7 +355,10 @@ concatenation = true
         self._stop("fakesmsc")
 
     def start_smsc(self) -> None:
-        self._start("fakesmsc", [FAKESMSC, "-H", "127.0.0.1", "-r", str(FAKE_SMSC_PORT), "-m", "0", "0 0 text none"])
+        self._start(
+            "fakesmsc",
+            [FAKESMSC, "-H", "127.0.0.1", "-r", str(FAKE_SMSC_PORT), "-m", "0", "0 0 text none"],
+        )
         self._wait(self.smsc_online, "fakesmsc to connect")
 
     def smsc_online(self) -> bool:
@@ -399,7 +408,9 @@ concatenation = true
     def received(self) -> list[Received]:
         """Every message fakesmsc printed, in order, decoded."""
         found = []
-        for line in (self.directory / "fakesmsc.err").read_bytes().decode("utf-8", "replace").splitlines():
+        for line in (
+            (self.directory / "fakesmsc.err").read_bytes().decode("utf-8", "replace").splitlines()
+        ):
             match = _GOT.search(line)
             if match is None:
                 continue
@@ -417,10 +428,25 @@ concatenation = true
 
     def new_messages(self, count: int, timeout: float = 10) -> list[Received]:
         """The next ``count`` messages fakesmsc receives after the ones seen so far."""
-        self._wait(lambda: len(self.received()) >= self._seen + count, f"{count} message(s) at fakesmsc", timeout)
+        self._wait(
+            lambda: len(self.received()) >= self._seen + count,
+            f"{count} message(s) at fakesmsc",
+            timeout,
+        )
         found = self.received()[self._seen : self._seen + count]
         self._seen += count
         return found
+
+    @property
+    def seen(self) -> int:
+        """How many received messages ``new_messages`` has handed out (or skipped)."""
+        return self._seen
+
+    def smsbox_running(self) -> bool:
+        return "smsbox" in self._processes
+
+    def smsc_running(self) -> bool:
+        return "fakesmsc" in self._processes
 
     def mark_seen(self) -> None:
         """Forget the messages received so far (``new_messages`` starts after them)."""
