@@ -268,8 +268,12 @@ class Received:
 class Kannel:
     """bearerbox + smsbox + fakesmsc in ``ns``, configured in ``directory``."""
 
-    def __init__(self, ns: NetNamespace, directory: Path) -> None:
+    def __init__(
+        self, ns: NetNamespace, directory: Path, *, default_sender: str | None = None
+    ) -> None:
         self.ns = ns
+        #: The sendsms-user's ``default-sender``, used when a request has no ``from``.
+        self.default_sender = default_sender
         self.directory = directory
         self.config = directory / "kannel.conf"
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -313,6 +317,7 @@ password = "{PASSWORD}"
 max-messages = 10
 concatenation = true
 """.lstrip()
+            + (f'default-sender = "{self.default_sender}"\n' if self.default_sender else "")
         )
 
     def _start(self, name: str, argv: list[str]) -> None:
@@ -454,10 +459,11 @@ concatenation = true
 
 
 @contextlib.contextmanager
-def running_kannel(directory: Path) -> Iterator[Kannel]:
+def running_kannel(directory: Path, *, default_sender: str | None = None) -> Iterator[Kannel]:
     """A namespace with Kannel running in it, stopped and removed at the end."""
+    directory.mkdir(parents=True, exist_ok=True)
     ns = NetNamespace()
-    kannel = Kannel(ns, directory)
+    kannel = Kannel(ns, directory, default_sender=default_sender)
     try:
         kannel.start()
         yield kannel
