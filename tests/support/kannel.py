@@ -269,9 +269,16 @@ class Kannel:
     """bearerbox + smsbox + fakesmsc in ``ns``, configured in ``directory``."""
 
     def __init__(
-        self, ns: NetNamespace, directory: Path, *, default_sender: str | None = None
+        self,
+        ns: NetNamespace,
+        directory: Path,
+        *,
+        default_sender: str | None = None,
+        quiet: bool = False,
     ) -> None:
         self.ns = ns
+        #: Kannel's log level: 0 (debug, what the tests read) or 2 (warnings, for benchmarks).
+        self.log_level = 2 if quiet else 0
         #: The sendsms-user's ``default-sender``, used when a request has no ``from``.
         self.default_sender = default_sender
         self.directory = directory
@@ -293,7 +300,7 @@ admin-allow-ip = "127.0.0.1"
 smsbox-port = {BOX_PORT}
 box-allow-ip = "127.0.0.1"
 log-file = "{d}/bearerbox.log"
-log-level = 0
+log-level = {self.log_level}
 access-log = "{d}/access.log"
 dlr-storage = internal
 
@@ -309,7 +316,7 @@ bearerbox-host = 127.0.0.1
 bearerbox-port = {BOX_PORT}
 sendsms-port = {SENDSMS_PORT}
 log-file = "{d}/smsbox.log"
-log-level = 0
+log-level = {self.log_level}
 
 group = sendsms-user
 username = "{USERNAME}"
@@ -342,13 +349,13 @@ concatenation = true
 
     def start(self) -> None:
         self.write_config()
-        self._start("bearerbox", [BEARERBOX, "-v", "1", str(self.config)])
+        self._start("bearerbox", [BEARERBOX, "-v", str(max(1, self.log_level)), str(self.config)])
         self._wait(lambda: self._admin_status() is not None, "bearerbox's admin port")
         self.start_smsbox()
         self.start_smsc()
 
     def start_smsbox(self) -> None:
-        self._start("smsbox", [SMSBOX, "-v", "1", str(self.config)])
+        self._start("smsbox", [SMSBOX, "-v", str(max(1, self.log_level)), str(self.config)])
         self._wait(self._smsbox_answers, "smsbox's sendsms port")
         self._wait(lambda: "smsbox:" in (self._admin_status() or ""), "smsbox to join bearerbox")
 
@@ -459,11 +466,13 @@ concatenation = true
 
 
 @contextlib.contextmanager
-def running_kannel(directory: Path, *, default_sender: str | None = None) -> Iterator[Kannel]:
+def running_kannel(
+    directory: Path, *, default_sender: str | None = None, quiet: bool = False
+) -> Iterator[Kannel]:
     """A namespace with Kannel running in it, stopped and removed at the end."""
     directory.mkdir(parents=True, exist_ok=True)
     ns = NetNamespace()
-    kannel = Kannel(ns, directory, default_sender=default_sender)
+    kannel = Kannel(ns, directory, default_sender=default_sender, quiet=quiet)
     try:
         kannel.start()
         yield kannel
