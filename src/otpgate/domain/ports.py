@@ -18,6 +18,7 @@ from otpgate.domain.billing import LedgerEntry
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    AttemptOutcome,
     Channel,
     Message,
     MessageStatus,
@@ -90,7 +91,7 @@ class ReceiptParser(Protocol):
 
 
 #: Where a provider hands the reports that arrive on its own connection.
-ReportSink = Callable[[DeliveryReport], Awaitable[None]]
+ReportSink = Callable[[DeliveryReport], Awaitable[object]]
 
 
 @runtime_checkable
@@ -401,11 +402,16 @@ class MessageStore(Protocol):
         self,
         message_id: str,
         *,
-        provider: str,
+        provider: str | None,
         error: str,
         next_attempt_at: datetime,
         now: datetime,
-    ) -> None: ...
+        outcome: AttemptOutcome = AttemptOutcome.RETRY,
+    ) -> None:
+        """Schedule another attempt at ``next_attempt_at`` and record this one in the
+        message's history with ``outcome``; ``mark_sent`` and ``mark_failed`` record theirs
+        the same way, in the same statement."""
+        ...
 
     async def mark_failed(
         self, message_id: str, *, provider: str | None, error: str, now: datetime
