@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     smpp_url: SecretStr = SecretStr("")
     #: smsbox's ``sendsms`` URL with ``username`` and ``password`` (holds the password).
     kannel_url: SecretStr = SecretStr("")
+    #: The ``smsc-id`` Kannel routes otpgate's messages to; empty: Kannel's own routing.
+    kannel_smsc: str = ""
+    #: Which Kannel delivery reports to ask for (sum of 1, 2, 4, 8, 16); unset: 19.
+    kannel_dlr_mask: int | None = None
     twilio_account_sid: str = ""
     twilio_auth_token: SecretStr = SecretStr("")
     twilio_from: str = ""

@@ -7,6 +7,7 @@ Importing this package imports every provider module, so every factory is regist
 """
 
 from otpgate.adapters.providers import console, labsmobile
+from otpgate.adapters.providers import kannel as kannel
 from otpgate.adapters.providers.registry import create_sender, known_providers, register
 
 __all__ = ["console", "create_sender", "known_providers", "labsmobile", "register"]
