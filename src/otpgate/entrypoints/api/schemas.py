@@ -28,6 +28,7 @@ from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    AttemptOutcome,
     Channel,
     CheckResult,
     CodeType,
@@ -39,6 +40,7 @@ from otpgate.domain.model import (
 )
 from otpgate.errors import InvalidRequest
 from otpgate.services.billing import CountryPrice
+from otpgate.services.routing import ProviderHealth
 
 #: Deeper than this, a request body is refused: no otpgate field needs more, and rendering or
 #: storing a deeper value would only spend stack.
@@ -254,6 +256,13 @@ class Out(BaseModel):
     """A response shape. Every field is always present (null where the type says so)."""
 
 
+class AttemptOut(Out):
+    provider: str | None = Field(description="null when no provider could be tried")
+    at: datetime
+    outcome: AttemptOutcome
+    error: str | None
+
+
 class MessageOut(Out):
     id: str
     channel: Channel
@@ -264,6 +273,9 @@ class MessageOut(Out):
     price: str | None
     created_at: datetime
     updated_at: datetime
+    attempts: list[AttemptOut] = Field(
+        description="delivery attempts, oldest first: provider, time and outcome of each"
+    )
 
 
 class VerificationOut(Out):
@@ -356,6 +368,33 @@ class PriceList(Out):
     data: list[PriceOut]
 
 
+class ProviderOut(Out):
+    name: str
+    type: str
+    state: Literal["closed", "open", "half_open"] = Field(
+        description="circuit breaker: closed (in use), open (resting after failures), "
+        "half_open (one trial send allowed)"
+    )
+    last_error: str | None
+    sent: int = Field(description="sends accepted by the provider, by this process")
+    failed: int = Field(description="sends that failed, by this process")
+
+
+class ProviderList(Out):
+    data: list[ProviderOut]
+
+
+def render_provider(health: ProviderHealth) -> dict[str, Any]:
+    return {
+        "name": health.name,
+        "type": health.type,
+        "state": health.state.value,
+        "last_error": health.last_error,
+        "sent": health.sent,
+        "failed": health.failed,
+    }
+
+
 class KeyOut(Out):
     id: str
     account_id: str
@@ -417,6 +456,15 @@ def render_message(m: Message) -> dict[str, Any]:
         "price": m.price,
         "created_at": timestamp(m.created_at),
         "updated_at": timestamp(m.updated_at),
+        "attempts": [
+            {
+                "provider": a.provider,
+                "at": timestamp(a.at),
+                "outcome": a.outcome.value,
+                "error": a.error,
+            }
+            for a in m.history
+        ],
     }
 
 
