@@ -61,10 +61,14 @@ class Settings(BaseSettings):
     twilio_account_sid: str = ""
     twilio_auth_token: SecretStr = SecretStr("")
     twilio_from: str = ""
+    #: SMS through a Twilio Messaging Service instead of ``twilio_from``.
+    twilio_messaging_service_sid: str = ""
     twilio_url: str = "https://api.twilio.com"
     vonage_api_key: str = ""
     vonage_api_secret: SecretStr = SecretStr("")
     vonage_url: str = "https://rest.nexmo.com"
+    #: The sender for a service without a sender id (Vonage needs one on every SMS).
+    vonage_from: str = ""
     #: ``smtp://user:pass@host:port?starttls=1`` (holds the password), for the e-mail channel.
     smtp_url: SecretStr = SecretStr("")
     email_from: str = ""
