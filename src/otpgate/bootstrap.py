@@ -33,6 +33,13 @@ from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.ports import Clock, ReceiptParser, ReportSource, Sender, Storage
+from otpgate.domain.routing import (
+    CIRCUIT_GAUGE,
+    CircuitBreaker,
+    ProviderHealth,
+    Route,
+    Routing,
+)
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.billing import Billing
@@ -42,13 +49,6 @@ from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
-from otpgate.services.routing import (
-    CIRCUIT_GAUGE,
-    CircuitBreaker,
-    ProviderHealth,
-    Route,
-    Routing,
-)
 from otpgate.services.verification import LockoutPolicy, VerificationService
 from otpgate.settings import Environment, Settings
 
@@ -195,6 +195,7 @@ class Container:
     async def aclose(self) -> None:
         await self.dispatcher.stop()
         await self.callbacks.stop()
+        await self.receipts.aclose()
         for sender in self.senders.values():
             await sender.aclose()
         await self.outbound.aclose()
@@ -258,11 +259,18 @@ def build(
         name: f"{settings.public_url}/v1/receipts/{name}?token={keys.receipt_token(name)}"
         for name in parsers
     }
+    billing = Billing(
+        prices=storage,
+        credit=storage,
+        clock=clock,
+        cache=TtlCache(settings.lookup_cache_seconds),
+    )
     dispatcher = Dispatcher(
         storage=storage,
         senders=senders,
         routing=routing,
         health=health,
+        billing=billing,
         vault=vault,
         clock=clock,
         metrics=metrics,
@@ -281,12 +289,6 @@ def build(
             source.report_to(functools.partial(receipts.record, name))
     catalog = ServiceCatalog(
         storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
-    )
-    billing = Billing(
-        prices=storage,
-        credit=storage,
-        clock=clock,
-        cache=TtlCache(settings.lookup_cache_seconds),
     )
     verifications = VerificationService(
         storage=storage,

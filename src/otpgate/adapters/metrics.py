@@ -14,6 +14,10 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "verification_started": ("Verifications created", ("channel",)),
     "verification_resent": ("Codes sent again on a pending verification", ("channel",)),
     "verification_failed": ("Verifications failed because every route failed", ()),
+    "verification_fallback": (
+        "Codes moved to the service's next channel (a failure, or no check in time)",
+        ("channel",),
+    ),
     "check": ("Code checks by result", ("result",)),
     "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
     "message_queued": ("Plain messages queued", ("channel",)),

@@ -106,6 +106,8 @@ class ServicePolicy:
     webotp_domain: str | None = None
     android_app_hash: str | None = None
     webhook_url: str | None = None
+    #: With several channels: the next one is used when no check arrived within this long.
+    fallback_after_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +241,10 @@ class Verification:
     #: sender), used instead of the service's.
     template: str | None = None
     sender_id: str | None = None
+    #: Where an e-mail fallback goes (``email`` at start), and when the next channel of the
+    #: service is due if no check arrives first (the service's ``fallback_after_seconds``).
+    fallback_email: str | None = None
+    fallback_at: datetime | None = None
 
     def status_at(self, now: datetime) -> VerificationStatus:
         """The status as the API reports it: a pending verification past its expiry is expired,

@@ -113,9 +113,10 @@ class ReceiptAuthenticator(Protocol):
     def authenticate_receipt(
         self, url: str, params: Mapping[str, str], headers: Mapping[str, str]
     ) -> bool:
-        """True when the request to ``url`` (the receipt URL otpgate gave the provider,
-        token included) with ``params`` (query and form fields) and ``headers`` (lower-case
-        names) carries the provider's valid signature."""
+        """True when the request to ``url`` (the receipt URL otpgate gave the provider, built
+        from ``OTPGATE_PUBLIC_URL`` with the request's own query, token included) with
+        ``params`` (the fields of its POST body; the query is part of ``url``) and
+        ``headers`` (lower-case names) carries the provider's valid signature."""
         ...
 
 
@@ -525,9 +526,41 @@ class VerificationStorage(VerificationStore, LockoutStore, Protocol):
     """What the verification use cases need."""
 
 
-class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
+class FallbackStore(Protocol):
+    """Channel fallback: another channel of a verification's service, with the same code."""
+
+    async def queue_fallback(
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
+        next_fallback_at: datetime | None,
+    ) -> bool:
+        """In one transaction, if the verification is pending, unexpired and has no message
+        on ``message.channel`` yet: queue ``message`` (due now, with its price debited as any
+        send), show that channel on the verification and set its next timed fallback. False
+        (nothing written) otherwise. A fallback does not count against the send cap."""
+        ...
+
+    async def fallback_due(self, now: datetime, *, limit: int) -> Sequence[Verification]:
+        """Pending, unexpired verifications whose timed fallback is due (``fallback_at``
+        reached), oldest first, with ``messages`` left empty."""
+        ...
+
+    async def clear_fallback(self, verification_id: str) -> None:
+        """No timed fallback is left for this verification."""
+        ...
+
+
+class DeliveryStorage(MessageStore, HousekeepingStore, FallbackStore, Protocol):
     """What the delivery dispatcher needs: the outbox, closing a verification whose time is up
-    before its message goes out, and housekeeping."""
+    before its message goes out, channel fallback, and housekeeping."""
+
+    async def get_service(self, account_id: str, service_id: str) -> Service | None: ...
+
+    async def get_account(self, account_id: str) -> Account | None: ...
 
     async def close(self, verification_id: str, status: VerificationStatus, now: datetime) -> bool:
         """Move a pending verification to a terminal ``status`` and erase its sealed code."""
@@ -535,6 +568,7 @@ class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
 
 
 class Storage(
+    FallbackStore,
     CallbackStore,
     PriceStore,
     BillingStore,

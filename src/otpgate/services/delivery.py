@@ -38,7 +38,7 @@ import math
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from otpgate.domain import policy as rules
@@ -47,10 +47,14 @@ from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import (
     AttemptOutcome,
     Channel,
+    Message,
     OutboundMessage,
     SendReceipt,
+    Service,
     SmsContent,
+    Verification,
     VerificationStatus,
+    new_id,
 )
 from otpgate.domain.phone import country_of, mask
 from otpgate.domain.ports import (
@@ -62,19 +66,35 @@ from otpgate.domain.ports import (
     Metrics,
     Sender,
 )
+from otpgate.domain.routing import CircuitBreaker, ProviderHealth, Routing
 from otpgate.errors import (
+    CountryNotAllowed,
     DeliveryTimeout,
+    InsufficientCredit,
     PermanentDeliveryError,
     TransientDeliveryError,
     Unavailable,
 )
-from otpgate.services.routing import CircuitBreaker, ProviderHealth, Routing
+from otpgate.services.billing import Billing
 
 log = logging.getLogger(__name__)
 
 #: Sends of one message a provider may leave unanswered before the route goes on without it: a
 #: timed-out send may have gone out, so it is sent at most once more through the same provider.
 MAX_UNANSWERED_SENDS = 2
+
+#: Timed fallbacks moved per round of the dispatcher loop.
+FALLBACK_BATCH = 50
+
+
+def _address(verification: Verification, channel: Channel) -> str | None:
+    """Where ``channel`` reaches the verification's user: its number for SMS and calls, the
+    e-mail address it was started with (or given as ``email``) for e-mail."""
+    is_email = "@" in verification.to
+    if channel is Channel.EMAIL:
+        return verification.to if is_email else verification.fallback_email
+    return None if is_email else verification.to
+
 
 #: The longest error text a message keeps (the size of its stored column).
 MAX_ERROR_LENGTH = 500
@@ -83,9 +103,8 @@ MAX_ERROR_LENGTH = 500
 #: a sender that ignores its timeout must not hold a send slot, or outlast its lease, forever.
 SEND_GRACE_SECONDS = 1.0
 
-#: The channels whose text the dispatcher can compose. Voice and e-mail senders can join a route
-#: (the port is the same) once their text is composed here too.
-COMPOSED_CHANNELS = frozenset({Channel.SMS})
+#: The channels whose text the dispatcher can compose (``domain.policy.compose``).
+COMPOSED_CHANNELS = frozenset(Channel)
 
 # The tally of unanswered sends, at the end of a message's error text: " [unanswered: a=1, b=2]".
 # It must outlive this process (another worker claims the next attempt, or a restart does), and
@@ -204,12 +223,14 @@ class Dispatcher:
         concurrency: int = 64,
         poll_seconds: float = 1.0,
         health: Mapping[str, ProviderHealth] | None = None,
+        billing: Billing | None = None,
     ) -> None:
         if not routing.providers or any(name not in senders for name in routing.providers):
             raise ValueError("every provider of the routes needs a sender")
         self._storage = storage
         self._senders = senders
         self._routing = routing
+        self._billing = billing
         self.health: dict[str, ProviderHealth] = dict(health or {}) or {
             name: ProviderHealth(name=name, type=name, breaker=CircuitBreaker(clock=self._seconds))
             for name in routing.providers
@@ -312,6 +333,7 @@ class Dispatcher:
                     self._last_housekeeping = loop.time()
                     await self._housekeeping()
                 self._wake.clear()
+                await self.fallbacks_due()
                 if await self.dispatch_due() == 0 or len(self._inflight) >= self._concurrency:
                     await self._sleep()
             except asyncio.CancelledError:
@@ -362,6 +384,7 @@ class Dispatcher:
         """Send everything due now and wait for it (for tests and the one-shot worker). Sends
         that storage has not recorded yet are tried once before and once after, with no wait."""
         await self.record_sent_marks()
+        await self.fallbacks_due()
         while await self.dispatch_due() or self._inflight:
             if self._inflight:
                 await asyncio.gather(*list(self._inflight), return_exceptions=True)
@@ -421,7 +444,8 @@ class Dispatcher:
                 return
             if plain:
                 assert item.body is not None
-                text, sender_id = item.body, message.sender_id
+                composed = rules.Composed(item.body, item.body)
+                sender_id = message.sender_id
             else:
                 assert verification is not None and verification.code_sealed is not None
                 assert service is not None
@@ -433,11 +457,15 @@ class Dispatcher:
                 policy = rules.effective_policy(
                     service.policy, template=verification.template, sender_id=verification.sender_id
                 )
-                text = rules.compose_sms(
-                    policy, code=code, locale=message.locale, context=verification.context
+                composed = rules.compose(
+                    policy,
+                    message.channel,
+                    code=code,
+                    locale=message.locale,
+                    context=verification.context,
                 )
                 sender_id = policy.sender_id
-            await self._send(item, provider, self._outbound(item, provider, text, sender_id))
+            await self._send(item, provider, self._outbound(item, provider, composed, sender_id))
         except Unavailable:
             # The lease lapses and the row is claimed again once storage is back.
             log.warning("storage unavailable while delivering", extra={"message_id": message.id})
@@ -445,22 +473,24 @@ class Dispatcher:
             log.exception("delivery of %s failed unexpectedly", message.id)
 
     def _outbound(
-        self, item: ClaimedMessage, provider: str, text: str, sender_id: str | None
+        self, item: ClaimedMessage, provider: str, composed: rules.Composed, sender_id: str | None
     ) -> OutboundMessage:
         message = item.message
-        # Only SMS is composed today: _provider_after finds no provider for other channels.
-        shape = sms.measure(text)
+        content = None
+        if message.channel is Channel.SMS:
+            shape = sms.measure(composed.text)
+            content = SmsContent(
+                sender_id=sender_id, encoding=shape.encoding, segments=shape.segments
+            )
         return OutboundMessage(
             message_id=message.id,
-            channel=Channel.SMS,
+            channel=message.channel,
             to=message.to,
-            text=text,
+            text=composed.text,
             receipt_url=self._receipt_urls.get(provider),
-            sms=SmsContent(
-                sender_id=sender_id,
-                encoding=shape.encoding,
-                segments=shape.segments,
-            ),
+            sms=content,
+            locale=message.locale,
+            email=composed.email,
         )
 
     async def _send(self, item: ClaimedMessage, provider: str, outbound: OutboundMessage) -> None:
@@ -655,6 +685,10 @@ class Dispatcher:
             self._wake.set()
 
     async def _fail(self, item: ClaimedMessage, provider: str | None, error: str) -> None:
+        """Fail the message for good; a verification's code first moves to the service's next
+        channel, if one can carry it, so the verification lives on."""
+        if item.verification is not None and item.service is not None:
+            await self._fall_back(item.verification, item.service, after=item.message.channel)
         failed = await self._storage.mark_failed(
             item.message.id, provider=provider, error=error, now=self._clock.now()
         )
@@ -665,6 +699,105 @@ class Dispatcher:
         )
         if failed is not None:
             self._metrics.count("verification_failed")
+
+    # --- channel fallback ------------------------------------------------------------------
+
+    async def fallbacks_due(self) -> int:
+        """Move every verification whose timed fallback is due (no check arrived within the
+        service's ``fallback_after_seconds``) to its next channel; returns how many moved."""
+        now = self._clock.now()
+        moved = 0
+        for verification in await self._storage.fallback_due(now, limit=FALLBACK_BATCH):
+            service = await self._storage.get_service(
+                verification.account_id, verification.service_id
+            )
+            if service is not None and await self._fall_back(
+                verification, service, after=verification.channel
+            ):
+                moved += 1
+            else:
+                await self._storage.clear_fallback(verification.id)
+        return moved
+
+    async def _fall_back(
+        self, verification: Verification, service: Service, *, after: Channel
+    ) -> bool:
+        """Queue the verification's code on the first channel after ``after`` in the service's
+        ``channels`` that this server can deliver, that has an address for it and has not been
+        used yet (at most once per channel). True when a message was queued."""
+        channels = service.policy.channels
+        later = channels[channels.index(after) + 1 :] if after in channels else ()
+        if not later or verification.code_sealed is None:
+            return False
+        try:
+            code = self._vault.unseal(verification.id, verification.code_sealed)
+        except ValueError:
+            return False
+        policy = rules.effective_policy(
+            service.policy, template=verification.template, sender_id=verification.sender_id
+        )
+        now = self._clock.now()
+        for channel in later:
+            to = _address(verification, channel)
+            if to is None or channel not in self.channels:
+                continue
+            if verification.context and channel is not Channel.SMS:
+                continue  # the amount and payee are shown by SMS only
+            message, masked = rules.code_message(
+                policy,
+                message_id=new_id("msg"),
+                account_id=verification.account_id,
+                verification_id=verification.id,
+                to=to,
+                channel=channel,
+                locale=verification.locale,
+                code=code,
+                context=verification.context,
+                now=now,
+            )
+            try:
+                message = await self._priced(message)
+                queued = await self._storage.queue_fallback(
+                    verification.id,
+                    message,
+                    body_masked=masked,
+                    now=now,
+                    next_fallback_at=rules.fallback_at(service.policy, channel, now),
+                )
+            except (InsufficientCredit, CountryNotAllowed) as exc:
+                log.warning(
+                    "channel fallback not billable",
+                    extra={
+                        "verification_id": verification.id,
+                        "channel": channel.value,
+                        "error": exc.code,
+                    },
+                )
+                continue
+            if queued:
+                self._metrics.count("verification_fallback", channel=channel.value)
+                log.info(
+                    "verification falls back to another channel",
+                    extra={
+                        "verification_id": verification.id,
+                        "from": after.value,
+                        "channel": channel.value,
+                    },
+                )
+                self._wake.set()
+                return True
+        return False
+
+    async def _priced(self, message: Message) -> Message:
+        """An SMS fallback is priced and debited like any SMS; a call or an e-mail is not."""
+        if self._billing is None or message.channel is not Channel.SMS:
+            return message
+        account = await self._storage.get_account(message.account_id)
+        country = country_of(message.to)
+        if account is None or country is None:
+            return message
+        price = await self._billing.price(account, country=country, segments=message.segments)
+        return message if price is None else replace(message, price_units=price)
 
     # --- sent-marks storage has not taken yet ----------------------------------------------
 
@@ -716,18 +849,93 @@ class Dispatcher:
 
 
 class ReceiptService:
-    """Applies authenticated delivery reports to messages (API.md §6)."""
+    """Applies authenticated delivery reports to messages (API.md §6).
+
+    A report can arrive before the sent-mark of its message is stored: an SMSC may report
+    within milliseconds, while the dispatcher's sent-marks share a commit a moment later (and
+    an HTTP receipt may reach an API node before the worker's commit). A report that names no
+    known message is therefore held and applied again every second for
+    :attr:`EARLY_REPORT_SECONDS`; only then is it dropped as a report of an unknown message.
+    Held reports live in this process's memory (at most :attr:`EARLY_REPORT_LIMIT`): a
+    process that stops drops them, and their messages stay ``sent``.
+    """
+
+    EARLY_REPORT_SECONDS = 120.0
+    EARLY_REPORT_LIMIT = 10_000
+    RETRY_SECONDS = 1.0
 
     def __init__(self, *, storage: MessageStore, clock: Clock, metrics: Metrics) -> None:
         self._storage = storage
         self._clock = clock
         self._metrics = metrics
+        # (provider, reference) → (report, when it first arrived), oldest first.
+        self._early: dict[tuple[str, str], tuple[DeliveryReport, datetime]] = {}
+        self._retrier: asyncio.Task[None] | None = None
 
     async def record(self, provider: str, report: DeliveryReport | None) -> bool:
-        """True when the report named a known message; unknown ones are ignored."""
+        """True when the report named a known message. An unknown one is held and retried
+        (see the class docstring); the caller acknowledges it either way."""
         if report is None:
             return False
+        known = await self._apply(provider, report)
+        if not known and report.status is not None:
+            self._hold(provider, report)
+        return known
+
+    async def _apply(self, provider: str, report: DeliveryReport) -> bool:
         known = await self._storage.apply_report(provider, report, self._clock.now())
         if known and report.status is not None:
             self._metrics.count("receipt", provider=provider, status=report.status.value)
         return known
+
+    def _hold(self, provider: str, report: DeliveryReport) -> None:
+        key = (provider, report.provider_ref)
+        first = self._early.pop(key, (report, self._clock.now()))[1]
+        self._early[key] = (report, first)
+        while len(self._early) > self.EARLY_REPORT_LIMIT:
+            self._early.pop(next(iter(self._early)))
+        if self._retrier is None:
+            self._retrier = asyncio.create_task(self._retry_held(), name="otpgate-early-reports")
+
+    async def apply_held(self) -> int:
+        """Apply every held report once more; drop those applied and those held too long.
+        Returns how many are still held."""
+        now = self._clock.now()
+        limit = timedelta(seconds=self.EARLY_REPORT_SECONDS)
+        for key, (report, first) in list(self._early.items()):
+            try:
+                known = await self._apply(key[0], report)
+            except Unavailable:
+                break  # storage is down: try them all again next round
+            if known or now - first >= limit:
+                self._early.pop(key, None)
+                if not known:
+                    log.info(
+                        "delivery report for an unknown message dropped",
+                        extra={"provider": key[0]},
+                    )
+        return len(self._early)
+
+    async def _retry_held(self) -> None:
+        try:
+            while self._early:
+                await asyncio.sleep(self.RETRY_SECONDS)
+                await self.apply_held()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the retrier must not die silently with reports held
+            log.exception("retrying early delivery reports failed")
+        finally:
+            self._retrier = None
+
+    @property
+    def held(self) -> int:
+        """How many reports wait for their message's sent-mark."""
+        return len(self._early)
+
+    async def aclose(self) -> None:
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
+            self._retrier = None

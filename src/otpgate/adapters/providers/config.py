@@ -51,8 +51,8 @@ from otpgate.adapters.providers.registry import (
     provider_type,
 )
 from otpgate.domain.ports import Sender
+from otpgate.domain.routing import ANY_COUNTRY, Route
 from otpgate.errors import ConfigurationError
-from otpgate.services.routing import ANY_COUNTRY, Route
 from otpgate.settings import Settings
 
 __all__ = ["Delivery", "Provider", "load_delivery"]

@@ -31,6 +31,7 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -376,6 +377,28 @@ EXPIRE_DUE = (
     .where(v.c.status == PENDING, v.c.expires_at <= now())
     .values(status=const(VerificationStatus.EXPIRED.value), code_sealed=null(), updated_at=now())
 )
+#: Claim a channel fallback: the verification is pending and unexpired and has no message on
+#: that channel yet (at most one per channel); it now shows that channel, and its next timed
+#: fallback is ``fallback_at`` (NULL: none).
+CLAIM_FALLBACK = (
+    update(v)
+    .where(
+        v.c.id == p("id"),
+        v.c.status == PENDING,
+        v.c.expires_at > now(),
+        ~exists().where(m.c.verification_id == v.c.id, m.c.channel == p("channel")),
+    )
+    .values(channel=p("channel"), fallback_at=p("fallback_at", UTCDateTime), updated_at=now())
+    .returning(v.c.id)
+)
+#: Pending verifications whose timed fallback is due.
+FALLBACK_DUE = (
+    select(v)
+    .where(v.c.fallback_at <= now(), v.c.status == PENDING, v.c.expires_at > now())
+    .order_by(v.c.fallback_at)
+    .limit(p("limit", Integer))
+)
+CLEAR_FALLBACK = update(v).where(v.c.id == p("id")).values(fallback_at=null())
 COUNT_RESEND = (
     update(v)
     .where(v.c.id == p("id"), resendable())

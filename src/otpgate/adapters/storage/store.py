@@ -78,6 +78,7 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "webotp_domain": policy.webotp_domain,
         "android_app_hash": policy.android_app_hash,
         "webhook_url": policy.webhook_url,
+        "fallback_after_seconds": policy.fallback_after_seconds,
     }
 
 
@@ -99,6 +100,7 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         webotp_domain=data.get("webotp_domain"),
         android_app_hash=data.get("android_app_hash"),
         webhook_url=data.get("webhook_url"),
+        fallback_after_seconds=data.get("fallback_after_seconds"),
     )
 
 
@@ -198,6 +200,8 @@ def verification_from_row(row: Row, messages: Sequence[Message] = ()) -> Verific
         messages=tuple(messages),
         template=row["template"],
         sender_id=row["sender_id"],
+        fallback_email=row["fallback_email"],
+        fallback_at=row["fallback_at"],
     )
 
 
@@ -233,6 +237,8 @@ def verification_values(v: Verification) -> dict[str, Any]:
         "v_last_sent_at": v.last_sent_at,
         "v_template": v.template,
         "v_sender_id": v.sender_id,
+        "v_fallback_email": v.fallback_email,
+        "v_fallback_at": v.fallback_at,
     }
 
 
@@ -719,6 +725,36 @@ class SqlStore:
             await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until))
             await _charge(tx, message.account_id, [message])
             return await self._with_messages(tx, await tx.one(q.VERIFICATION, id=verification_id))
+
+    async def queue_fallback(
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
+        next_fallback_at: datetime | None,
+    ) -> bool:
+        async with self._x.transaction() as tx:
+            claimed = await tx.one(
+                q.CLAIM_FALLBACK,
+                id=verification_id,
+                channel=message.channel.value,
+                fallback_at=next_fallback_at,
+                now=now,
+            )
+            if claimed is None:
+                return False
+            await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked))
+            await _charge(tx, message.account_id, [message])
+            return True
+
+    async def fallback_due(self, now: datetime, *, limit: int) -> Sequence[Verification]:
+        rows = await self._x.all(q.FALLBACK_DUE, now=now, limit=limit)
+        return [verification_from_row(row) for row in rows]
+
+    async def clear_fallback(self, verification_id: str) -> None:
+        await self._x.run(q.CLEAR_FALLBACK, id=verification_id)
 
     async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
         row = await self._x.one(

@@ -38,9 +38,9 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
 )
+from otpgate.domain.routing import ProviderHealth
 from otpgate.errors import InvalidRequest
 from otpgate.services.billing import CountryPrice
-from otpgate.services.routing import ProviderHealth
 
 #: Deeper than this, a request body is refused: no otpgate field needs more, and rendering or
 #: storing a deeper value would only spend stack.
@@ -180,6 +180,13 @@ class ServiceFields(Body):
     webotp_domain: str | None = Field(None, description="a bare host; adds the WebOTP line")
     android_app_hash: str | None = Field(None, description="11 characters of A-Za-z0-9+/")
     webhook_url: str | None = Field(None, description="an http(s) URL")
+    fallback_after_seconds: int | None = Field(
+        None,
+        description="with several channels: move to the next when no check arrived within "
+        "this many seconds (10–3600, shorter than ttl_seconds); null: only when a channel "
+        "fails for good",
+        json_schema_extra=_range(10, 3_600),
+    )
 
 
 class StartVerification(Body):
@@ -200,6 +207,11 @@ class StartVerification(Body):
     )
     metadata: dict[str, Any] | None = Field(
         None, description="any object, at most 4096 bytes as JSON; returned as given"
+    )
+    email: str | None = Field(
+        None,
+        description="an e-mail address for the email channel when the service falls back to "
+        "it (with channel email, `to` is the address)",
     )
 
 
@@ -320,6 +332,7 @@ class ServiceOut(Out):
     webotp_domain: str | None
     android_app_hash: str | None
     webhook_url: str | None
+    fallback_after_seconds: int | None
     created_at: datetime
     updated_at: datetime
 
@@ -516,6 +529,7 @@ def render_service(s: Service) -> dict[str, Any]:
         "webotp_domain": p.webotp_domain,
         "android_app_hash": p.android_app_hash,
         "webhook_url": p.webhook_url,
+        "fallback_after_seconds": p.fallback_after_seconds,
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
     }

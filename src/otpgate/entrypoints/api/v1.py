@@ -180,6 +180,7 @@ async def start_verification(
                 context=body.context,
                 metadata=body.metadata,
                 country=body.country,
+                email=body.email,
             ),
         )
         return (201 if created else 200), s.render_verification(verification, verifications.now())
