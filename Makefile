@@ -57,8 +57,9 @@ lint: install-dev ## ruff, mypy --strict and import-linter layering
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: install-dev ## Load benchmark: round trips against otpgate vs a bare FastAPI endpoint
+bench: install-dev install-node ## Benchmarks: round trips against otpgate vs a bare FastAPI endpoint, then SMPP throughput on one bind
 	$(BIN)/python -m benchmarks.roundtrip
+	$(BIN)/python -m benchmarks.smpp_throughput
 
 bench-smpp: install-dev install-node ## SMPP throughput on one bind: 1,000 queued messages to node-smpp's SMSC (target >= 1,000 submit_sm/s)
 	$(BIN)/python -m benchmarks.smpp_throughput
