@@ -22,6 +22,7 @@ import asyncio
 import signal
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,16 @@ from sqlalchemy.engine import make_url
 from otpgate.adapters.providers.labsmobile import subid_for
 from otpgate.adapters.storage.engine import create_engine
 from otpgate.adapters.storage.tables import metadata
-from tests.conftest import POSTGRES_URL, code_in, run_in_thread
+from otpgate.bootstrap import build
+from otpgate.domain.model import Channel, OutboundMessage, Principal, SendReceipt
+from otpgate.services.verification import StartRequest
+from tests.conftest import (
+    POSTGRES_URL,
+    Database,
+    code_in,
+    make_settings,
+    run_in_thread,
+)
 from tests.support.labsmobile_stub import LabsMobileStub
 from tests.support.server import Server, run_otpgate, running_server, wait_until
 from tests.support.tcp_proxy import TcpProxy
@@ -204,9 +214,7 @@ def test_one_worker_process_per_sqlite_database(stub: LabsMobileStub, tmp_path: 
         try:
             after.wait_started()
             stub.wait_for_messages(1, timeout=DEADLINE)
-            wait_until(
-                lambda: message_status(server, vid) == "sent", timeout=DEADLINE, what="sent"
-            )
+            wait_until(lambda: message_status(server, vid) == "sent", timeout=DEADLINE, what="sent")
             assert after.terminate() == 0
         finally:
             after.ensure_stopped()
@@ -220,9 +228,7 @@ def test_two_workers_on_postgresql_send_2000_messages_each_exactly_once(
 ) -> None:
     total = 2000
     with running_server(stub, tmp_path, extra_env=scale_mode(postgres_env)) as server:
-        workers = [
-            WorkerProcess.start(server.env, tmp_path / f"worker-{n}.log") for n in (1, 2)
-        ]
+        workers = [WorkerProcess.start(server.env, tmp_path / f"worker-{n}.log") for n in (1, 2)]
         try:
             for worker in workers:
                 worker.wait_started()
@@ -276,7 +282,9 @@ def test_a_worker_killed_mid_send_is_replaced_and_the_code_is_sent_at_most_once_
         # Long enough that the killed worker cannot give up on its send before the kill.
         "OTPGATE_PROVIDER_TIMEOUT_SECONDS": "5",
     }
-    with running_server(stub, tmp_path, extra_env=scale_mode(postgres_env, **short_lease)) as server:
+    with running_server(
+        stub, tmp_path, extra_env=scale_mode(postgres_env, **short_lease)
+    ) as server:
         vid = start_verification(server, "+34600000001")
         stub.hold_next(1)  # the provider takes the first request and does not answer
         killed = WorkerProcess.start(server.env, tmp_path / "killed.log")
@@ -427,3 +435,71 @@ def test_a_worker_that_loses_postgresql_for_a_while_carries_on(
             assert stub.arrivals == 2
     finally:
         proxy.close()
+
+
+# --- a send never outlasts its lease -----------------------------------------------------------
+
+
+class SenderIgnoringItsTimeout:
+    """A provider adapter that never returns by itself (a bug, or a library that rounds its
+    timeout up): the dispatcher's own limit is all that ends its sends."""
+
+    name = "hanging"
+    channels = frozenset({Channel.SMS})
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        self.in_flight += 1
+        try:
+            await asyncio.Event().wait()
+            raise AssertionError("not reached")
+        finally:
+            self.in_flight -= 1
+
+    async def check(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_send_is_abandoned_before_its_lease_lapses(
+    database: Database, tmp_path: Path
+) -> None:
+    """The dispatcher gives a send its timeout plus a grace second, but never past its lease:
+    once the lease lapses another worker may claim the message, and a send still running here
+    would be a second copy in flight, whose outcome would overwrite the other's (the tally of
+    unanswered sends, the lease). The provider timeout is valid (shorter than the lease), the
+    grace second is not: a second dispatcher polls until it can claim the message, and at that
+    moment this one must have let go of its send."""
+    settings = make_settings(
+        database, tmp_path, delivery_lease_seconds=2, provider_timeout_seconds=1.5
+    )
+    sender = SenderIgnoringItsTimeout()
+    container = build(settings, sender=sender)  # the system clock: leases lapse in real time
+    try:
+        account, _ = await container.access.ensure_default_account()
+        me = Principal(account=account, key_id="test")
+        service = await container.catalog.create(me, {"name": "Acme"})
+        await container.verifications.start(
+            me, StartRequest(service_id=service.id, to="+34600000001")
+        )
+        assert await container.dispatcher.dispatch_due() == 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while sender.in_flight == 0:
+            assert loop.time() < deadline, "the send never started"
+            await asyncio.sleep(0.01)
+        while not (
+            claimed := await container.storage.claim_due(
+                now=datetime.now(UTC), lease_seconds=30, limit=1
+            )
+        ):
+            assert loop.time() < deadline, "the message was never claimable again"
+            await asyncio.sleep(0.01)
+        assert len(claimed) == 1
+        assert sender.in_flight == 0  # given up before anyone else could claim the message
+    finally:
+        await container.aclose()
