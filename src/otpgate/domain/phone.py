@@ -92,6 +92,21 @@ def require_allowed_country(destination: Destination, allowed: tuple[str, ...] |
         )
 
 
+def country_of(e164: str) -> str | None:
+    """The ISO 3166-1 alpha-2 region of a stored E.164 number, or None when it has none (an
+    e-mail address, a non-geographic number).
+
+    >>> country_of("+34600000000")
+    'ES'
+    """
+    try:
+        number = phonenumbers.parse(e164, None)
+    except NumberParseException:
+        return None
+    region = phonenumbers.region_code_for_number(number)
+    return region if region and region != "001" else None
+
+
 def mask(e164: str) -> str:
     """A destination fit for logs: country code and last three digits only.
 

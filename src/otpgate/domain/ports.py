@@ -90,7 +90,7 @@ class ReceiptParser(Protocol):
 
 
 #: Where a provider hands the reports that arrive on its own connection.
-ReportSink = Callable[[DeliveryReport], Awaitable[None]]
+ReportSink = Callable[[DeliveryReport], Awaitable[object]]
 
 
 @runtime_checkable
@@ -401,7 +401,7 @@ class MessageStore(Protocol):
         self,
         message_id: str,
         *,
-        provider: str,
+        provider: str | None,
         error: str,
         next_attempt_at: datetime,
         now: datetime,

@@ -51,7 +51,7 @@ from otpgate.domain.model import (
     SmsContent,
     VerificationStatus,
 )
-from otpgate.domain.phone import mask
+from otpgate.domain.phone import country_of, mask
 from otpgate.domain.ports import (
     ClaimedMessage,
     Clock,
@@ -67,6 +67,7 @@ from otpgate.errors import (
     TransientDeliveryError,
     Unavailable,
 )
+from otpgate.services.routing import CircuitBreaker, ProviderHealth, Routing
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +181,13 @@ class _SentMark:
 
 
 class Dispatcher:
-    """Claims due outbox rows and sends them through the route, up to ``concurrency`` at a time.
+    """Claims due outbox rows and sends them through their route, up to ``concurrency`` at a
+    time.
 
-    ``route`` names the providers in the order they are tried; ``senders`` holds a sender for
-    each (and may hold more). ``channels`` is what the route can deliver.
+    ``routing`` says which providers may carry a message, in order (by destination country and
+    channel); ``senders`` holds a sender for each provider it names, and ``health`` a breaker
+    and counters for each (made with default breakers when not given). ``channels`` is what the
+    dispatcher can deliver.
     """
 
     #: Pending verifications past their expiry are written ``expired`` this often (S2).
@@ -194,7 +198,7 @@ class Dispatcher:
         *,
         storage: DeliveryStorage,
         senders: Mapping[str, Sender],
-        route: tuple[str, ...],
+        routing: Routing,
         vault: CodeVault,
         clock: Clock,
         metrics: Metrics,
@@ -202,14 +206,19 @@ class Dispatcher:
         receipt_urls: Mapping[str, str],
         concurrency: int = 64,
         poll_seconds: float = 1.0,
+        health: Mapping[str, ProviderHealth] | None = None,
     ) -> None:
-        if not route or any(name not in senders for name in route):
-            raise ValueError("every provider of the route needs a sender")
-        if len(set(route)) != len(route):
-            raise ValueError("a provider appears twice in the route")
+        if not routing.providers or any(name not in senders for name in routing.providers):
+            raise ValueError("every provider of the routes needs a sender")
         self._storage = storage
         self._senders = senders
-        self._route = route
+        self._routing = routing
+        self.health: dict[str, ProviderHealth] = dict(health or {}) or {
+            name: ProviderHealth(name=name, type=name, breaker=CircuitBreaker(clock=self._seconds))
+            for name in routing.providers
+        }
+        if set(self.health) != set(routing.providers):
+            raise ValueError("health must cover exactly the providers of the routes")
         self._vault = vault
         self._clock = clock
         self._metrics = metrics
@@ -217,8 +226,7 @@ class Dispatcher:
         self._receipt_urls = receipt_urls
         self._concurrency = concurrency
         self._poll_seconds = poll_seconds
-        carried = frozenset(channel for name in route for channel in senders[name].channels)
-        self.channels: frozenset[Channel] = COMPOSED_CHANNELS & carried
+        self.channels: frozenset[Channel] = COMPOSED_CHANNELS & routing.channels
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -395,17 +403,24 @@ class Dispatcher:
                 )
                 return
             tally = unanswered_sends(message.error)
-            provider = self._provider_after(message.provider, message.channel, tally)
-            if provider is None:
+            order = self._order(item)
+            candidates = self._rotation(order, message.provider, tally)
+            if not candidates:
                 await self._fail(
                     item,
                     message.provider,
                     with_unanswered(
                         f"no provider of the route can take this {message.channel.value} "
-                        "message any more",
+                        "message any more"
+                        if order
+                        else f"no route carries {message.channel.value} to this destination",
                         tally,
                     ),
                 )
+                return
+            provider = next((name for name in candidates if self._admits(name)), None)
+            if provider is None:
+                await self._rest(item, candidates, tally)
                 return
             if plain:
                 assert item.body is not None
@@ -461,6 +476,7 @@ class Dispatcher:
             left = (item.lease_until - self._clock.now()).total_seconds()
             limit = min(limit, left - LEASE_MARGIN_SECONDS)
             if limit <= 0:
+                self.health[provider].breaker.release_trial()  # not sent: no outcome to judge
                 log.warning(
                     "lease too short to send; left to lapse",
                     extra={"message_id": item.message.id, "provider": provider},
@@ -470,19 +486,25 @@ class Dispatcher:
             async with asyncio.timeout(limit):
                 receipt = await sender.send(outbound)
         except PermanentDeliveryError as exc:
+            self._judge(provider, str(exc), counts_against=False)
             await self._fail(item, provider, str(exc))
         except DeliveryTimeout as exc:
+            self._judge(provider, str(exc))
             await self._after_unanswered(item, provider, str(exc))
         except TimeoutError:  # the sender overran its own timeout: same unknown outcome
-            await self._after_unanswered(
-                item, provider, f"{provider}: no answer within {round(limit, 1)} s"
-            )
+            error = f"{provider}: no answer within {round(limit, 1)} s"
+            self._judge(provider, error)
+            await self._after_unanswered(item, provider, error)
         except TransientDeliveryError as exc:
+            self._judge(provider, str(exc))
             await self._after_transient(item, provider, str(exc))
         except Exception as exc:  # an adapter bug must not lose the message: retry it
             log.exception("sender %s raised an unexpected error", provider)
-            await self._after_transient(item, provider, f"unexpected: {type(exc).__name__}")
+            error = f"unexpected: {type(exc).__name__}"
+            self._judge(provider, error)
+            await self._after_transient(item, provider, error)
         else:
+            self._judge(provider, None)
             self._metrics.count("message_sent", provider=provider)
             log.info(
                 "message sent",
@@ -497,30 +519,78 @@ class Dispatcher:
 
     # --- the route ---------------------------------------------------------------------------
 
-    def _provider_after(
-        self, last: str | None, channel: Channel, tally: Mapping[str, int]
-    ) -> str | None:
-        """The provider of the next attempt: for a message no provider has failed yet (``last``
-        is None, or not in the route any more), the first of the route that can take it;
-        after a failure on ``last``, the next one after it, wrapping around (so ``last`` itself
-        when it is the only one left). None when no provider can take the message."""
-        usable = [
-            name
-            for name in self._route
-            if channel in self.channels
-            and channel in self._senders[name].channels
-            and tally.get(name, 0) < MAX_UNANSWERED_SENDS
-        ]
-        if not usable:
-            return None
-        if last is None or last not in self._route:
-            return usable[0]
-        start = self._route.index(last)
-        for step in range(1, len(self._route) + 1):
-            candidate = self._route[(start + step) % len(self._route)]
-            if candidate in usable:
-                return candidate
-        return None  # not reached: usable is a non-empty part of the route
+    def _seconds(self) -> float:
+        return self._clock.now().timestamp()
+
+    def _judge(self, provider: str, error: str | None, *, counts_against: bool = True) -> None:
+        """Record a send's outcome on the provider's health: ``error`` None for a success. A
+        refusal of one message (``counts_against`` false) says nothing about the provider, so
+        it leaves the breaker alone."""
+        health = self.health[provider]
+        if error is None:
+            health.sent += 1
+            health.breaker.succeeded()
+            return
+        health.failed += 1
+        health.last_error = error[:MAX_ERROR_LENGTH]
+        if counts_against:
+            before = health.breaker.state
+            health.breaker.failed()
+            if health.breaker.state is not before:
+                log.warning(
+                    "provider circuit %s", health.breaker.state.value, extra={"provider": provider}
+                )
+        else:
+            health.breaker.release_trial()
+
+    def _order(self, item: ClaimedMessage) -> tuple[str, ...]:
+        """The providers of the message's route that carry its channel, in order."""
+        message = item.message
+        country = None if message.channel is Channel.EMAIL else country_of(message.to)
+        return self._routing.providers_for(country, message.channel)
+
+    @staticmethod
+    def _rotation(order: tuple[str, ...], last: str | None, tally: Mapping[str, int]) -> list[str]:
+        """The providers to try next, in turn: for a message no provider has failed yet
+        (``last`` is None, or not in the route any more), the route from its start; after a
+        failure on ``last``, from the one after it, wrapping around (so ``last`` comes last).
+        Providers that left this message unanswered twice are left out."""
+        usable = [name for name in order if tally.get(name, 0) < MAX_UNANSWERED_SENDS]
+        if last is None or last not in order:
+            return usable
+        start = order.index(last) + 1
+        rotated = order[start:] + order[:start]
+        return [name for name in rotated if name in usable]
+
+    def _admits(self, provider: str) -> bool:
+        """Whether the provider's circuit lets a send through now."""
+        return self.health[provider].breaker.allows()
+
+    async def _rest(
+        self, item: ClaimedMessage, candidates: list[str], tally: dict[str, int]
+    ) -> None:
+        """Every provider that could take the message is resting (open circuits): try again
+        when the first of them lets a trial through, without counting it against any of them
+        (unless the verification expires first)."""
+        message, verification = item.message, item.verification
+        now = self._clock.now()
+        wait = min(self.health[name].breaker.resting_for() for name in candidates)
+        retry_at = now + timedelta(seconds=max(wait, self._poll_seconds))
+        error = with_unanswered(
+            f"every provider of the route is resting after failures: {', '.join(candidates)}",
+            tally,
+        )
+        if verification is not None and retry_at >= verification.expires_at:
+            await self._fail(item, message.provider, error)
+            return
+        await self._storage.mark_retry(
+            message.id,
+            provider=message.provider,
+            error=error,
+            next_attempt_at=retry_at,
+            now=now,
+        )
+        self._metrics.count("message_retry", provider="none")
 
     async def _after_unanswered(self, item: ClaimedMessage, provider: str, error: str) -> None:
         self._metrics.count("message_send_timeout", provider=provider)
@@ -543,7 +613,9 @@ class Dispatcher:
         if tally is None:
             tally = unanswered_sends(message.error)
         detail = with_unanswered(error, tally)
-        following = self._provider_after(provider, message.channel, tally)
+        order = self._order(item)
+        following_ones = self._rotation(order, provider, tally)
+        following = following_ones[0] if following_ones else None
         if following is None:
             await self._fail(
                 item,
@@ -561,8 +633,8 @@ class Dispatcher:
         retry_at = self._retry.next_attempt_at(
             now,
             attempt=attempt,
-            rounds=math.ceil(attempt / len(self._route)),
-            at_once=self._route.index(following) > self._route.index(provider),
+            rounds=math.ceil(attempt / max(1, len(order))),
+            at_once=provider in order and order.index(following) > order.index(provider),
             expires_at=expires_at,
         )
         if retry_at is None:

@@ -875,7 +875,7 @@ class SqlStore:
         self,
         message_id: str,
         *,
-        provider: str,
+        provider: str | None,
         error: str,
         next_attempt_at: datetime,
         now: datetime,

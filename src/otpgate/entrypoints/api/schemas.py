@@ -39,6 +39,7 @@ from otpgate.domain.model import (
 )
 from otpgate.errors import InvalidRequest
 from otpgate.services.billing import CountryPrice
+from otpgate.services.routing import ProviderHealth
 
 #: Deeper than this, a request body is refused: no otpgate field needs more, and rendering or
 #: storing a deeper value would only spend stack.
@@ -354,6 +355,33 @@ class PriceOut(Out):
 
 class PriceList(Out):
     data: list[PriceOut]
+
+
+class ProviderOut(Out):
+    name: str
+    type: str
+    state: Literal["closed", "open", "half_open"] = Field(
+        description="circuit breaker: closed (in use), open (resting after failures), "
+        "half_open (one trial send allowed)"
+    )
+    last_error: str | None
+    sent: int = Field(description="sends accepted by the provider, by this process")
+    failed: int = Field(description="sends that failed, by this process")
+
+
+class ProviderList(Out):
+    data: list[ProviderOut]
+
+
+def render_provider(health: ProviderHealth) -> dict[str, Any]:
+    return {
+        "name": health.name,
+        "type": health.type,
+        "state": health.state.value,
+        "last_error": health.last_error,
+        "sent": health.sent,
+        "failed": health.failed,
+    }
 
 
 class KeyOut(Out):

@@ -361,6 +361,21 @@ async def get_ledger(
 
 
 @router.get(
+    "/providers",
+    tags=["delivery"],
+    response_model=s.ProviderList,
+    responses=problem_responses(*AUTHENTICATED, Forbidden),
+)
+async def list_providers(request: Request, principal: Caller) -> Response:
+    """Admin only: every configured provider with its circuit state and the sends this
+    process made through it since it started (each process keeps its own count)."""
+    container = container_of(request)
+    container.access.require_admin(principal)
+    health = container.dispatcher.health
+    return ok({"data": [s.render_provider(h) for h in health.values()]})
+
+
+@router.get(
     "/prices",
     tags=["accounts"],
     response_model=s.PriceList,
