@@ -177,7 +177,7 @@ def test_an_api_without_embedded_worker_queues_and_a_worker_process_sends(
         worker = WorkerProcess.start(server.env, tmp_path / "worker.log")
         try:
             started = worker.wait_started()
-            assert started["providers"] == ["labsmobile"]
+            assert started["providers"] == [{"name": "labsmobile", "type": "labsmobile"}]
             assert started["database"] == backend
             assert started["lease_seconds"] == 30
             sent = stub.wait_for_messages(3, timeout=DEADLINE)

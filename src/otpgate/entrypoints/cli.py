@@ -511,7 +511,10 @@ def _log_worker_start(container: Container) -> None:
     log.info(
         "worker started",
         extra={
-            "providers": list(container.senders),
+            "providers": [
+                {"name": health.name, "type": health.type}
+                for health in container.dispatcher.health.values()
+            ],
             "channels": sorted(c.value for c in container.dispatcher.channels),
             "database": "sqlite" if is_sqlite(settings.effective_database_url) else "postgresql",
             "lease_seconds": settings.delivery_lease_seconds,
