@@ -174,6 +174,17 @@ async def test_a_failing_first_provider_fails_over_and_its_circuit_opens_then_cl
             "sent": 200,
             "failed": 0,
         }
+        # Each message's history shows its attempts: those that met the failing primary, then
+        # the backup's acceptance; those sent while its circuit was open, the backup alone.
+        histories = []
+        for vid in started.values():
+            body = (await api.http.get(f"/v1/verifications/{vid}", headers=api.auth())).json()
+            (message,) = body["messages"]
+            assert message["status"] == "sent" and message["provider"] == "backup"
+            histories.append([(a["provider"], a["outcome"]) for a in message["attempts"]])
+        failed_over = [("primary", "retry"), ("backup", "sent")]
+        assert histories.count(failed_over) == state["primary"]["failed"]
+        assert histories.count([("backup", "sent")]) == 200 - state["primary"]["failed"]
         metrics = (await api.http.get("/metrics")).text
         assert 'otpgate_provider_circuit_state{provider="primary"} 2.0' in metrics
         assert 'otpgate_provider_circuit_state{provider="backup"} 0.0' in metrics

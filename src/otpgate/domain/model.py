@@ -7,6 +7,7 @@ Ids are a type prefix, an underscore and 32 lowercase hex characters from ``secr
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -116,6 +117,66 @@ class Service:
     updated_at: datetime
 
 
+class AttemptOutcome(enum.StrEnum):
+    """What became of one delivery attempt."""
+
+    #: The provider accepted the message.
+    SENT = "sent"
+    #: It failed for now (a transient error, or every provider was resting); another follows.
+    RETRY = "retry"
+    #: The request went out and no answer came: the provider may have sent it.
+    UNANSWERED = "unanswered"
+    #: The message failed for good.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt in a message's history: which provider (None when none was
+    tried), when it ended, how, and the error text when it did not succeed."""
+
+    provider: str | None
+    at: datetime
+    outcome: AttemptOutcome
+    error: str | None = None
+
+    def to_line(self) -> str:
+        """One JSON line, as the message's stored history keeps it."""
+        return (
+            json.dumps(
+                {
+                    "provider": self.provider,
+                    "at": self.at.isoformat(),
+                    "outcome": self.outcome.value,
+                    "error": self.error,
+                },
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
+
+
+def parse_attempt_log(text: str | None) -> tuple[Attempt, ...]:
+    """The attempts of a stored history (lines that do not parse are skipped: a history cut
+    at its size limit ends in a whole line, but a reader must not fail on an old row)."""
+    attempts = []
+    for line in (text or "").splitlines():
+        try:
+            item = json.loads(line)
+            attempts.append(
+                Attempt(
+                    provider=item["provider"],
+                    at=datetime.fromisoformat(item["at"]),
+                    outcome=AttemptOutcome(item["outcome"]),
+                    error=item.get("error"),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return tuple(attempts)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One delivery attempt of a verification's code (or a plain SMS); also the outbox row."""
@@ -143,6 +204,8 @@ class Message:
     client_ref: str | None = None
     label: str | None = None
     ack_url: str | None = None
+    #: The delivery history, oldest first (the first hundred or so attempts).
+    history: tuple[Attempt, ...] = ()
 
     @property
     def price(self) -> str | None:

@@ -18,6 +18,7 @@ from otpgate.domain.billing import LedgerEntry
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    AttemptOutcome,
     Channel,
     Message,
     MessageStatus,
@@ -405,7 +406,12 @@ class MessageStore(Protocol):
         error: str,
         next_attempt_at: datetime,
         now: datetime,
-    ) -> None: ...
+        outcome: AttemptOutcome = AttemptOutcome.RETRY,
+    ) -> None:
+        """Schedule another attempt at ``next_attempt_at`` and record this one in the
+        message's history with ``outcome``; ``mark_sent`` and ``mark_failed`` record theirs
+        the same way, in the same statement."""
+        ...
 
     async def mark_failed(
         self, message_id: str, *, provider: str | None, error: str, now: datetime

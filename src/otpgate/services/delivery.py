@@ -45,6 +45,7 @@ from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import (
+    AttemptOutcome,
     Channel,
     OutboundMessage,
     SendReceipt,
@@ -610,6 +611,7 @@ class Dispatcher:
         there is none, when a message without a verification used its attempts, or when its
         verification expires before the next attempt could be made."""
         message, verification = item.message, item.verification
+        unanswered = tally is not None
         if tally is None:
             tally = unanswered_sends(message.error)
         detail = with_unanswered(error, tally)
@@ -647,7 +649,12 @@ class Dispatcher:
             return
         delay = (retry_at - now).total_seconds()
         await self._storage.mark_retry(
-            message.id, provider=provider, error=detail, next_attempt_at=retry_at, now=now
+            message.id,
+            provider=provider,
+            error=detail,
+            next_attempt_at=retry_at,
+            now=now,
+            outcome=AttemptOutcome.UNANSWERED if unanswered else AttemptOutcome.RETRY,
         )
         self._metrics.count("message_retry", provider=provider)
         log.warning(

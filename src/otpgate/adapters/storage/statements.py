@@ -555,10 +555,27 @@ CLAIM = (
     )
     .returning(*m.c)
 )
+
+
+def _logged() -> ColumnElement[str]:
+    """``attempt_log`` with the ``entry`` parameter (one JSON line) appended, while the log is
+    under :data:`ATTEMPT_LOG_LIMIT` characters; past it the first attempts are kept and the
+    rest only counted (``attempts``). ``||`` on both dialects."""
+    log = func.coalesce(m.c.attempt_log, "")
+    return case(
+        (func.length(log) < ATTEMPT_LOG_LIMIT, log + p("entry")),
+        else_=log,
+    )
+
+
+#: The most characters of delivery history a message keeps (about a hundred attempts).
+ATTEMPT_LOG_LIMIT = 20_000
+
 MARK_SENT = (
     update(m)
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
+        attempt_log=_logged(),
         status=SENT,
         provider=p("provider"),
         provider_ref=p("provider_ref"),
@@ -572,6 +589,7 @@ MARK_RETRY = (
     update(m)
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
+        attempt_log=_logged(),
         provider=p("provider"),
         error=p("error"),
         lease_until=null(),
@@ -583,6 +601,7 @@ MARK_FAILED = (
     update(m)
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
+        attempt_log=_logged(),
         status=const(MessageStatus.FAILED.value),
         provider=p("provider"),
         error=p("error"),

@@ -20,6 +20,8 @@ from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    Attempt,
+    AttemptOutcome,
     Channel,
     CodeType,
     Message,
@@ -30,6 +32,7 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
     new_id,
+    parse_attempt_log,
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
@@ -167,6 +170,7 @@ def message_from_row(row: Row) -> Message:
         client_ref=row["client_ref"],
         label=row["label"],
         ack_url=row["ack_url"],
+        history=parse_attempt_log(row["attempt_log"]),
     )
 
 
@@ -265,6 +269,7 @@ def message_values(
         "m_client_ref": m.client_ref,
         "m_label": m.label,
         "m_ack_url": m.ack_url,
+        "m_attempt_log": None,
     }
 
 
@@ -868,6 +873,7 @@ class SqlStore:
             id=message_id,
             provider=provider,
             provider_ref=receipt.provider_ref,
+            entry=Attempt(provider, now, AttemptOutcome.SENT).to_line(),
             now=now,
         )
 
@@ -879,11 +885,13 @@ class SqlStore:
         error: str,
         next_attempt_at: datetime,
         now: datetime,
+        outcome: AttemptOutcome = AttemptOutcome.RETRY,
     ) -> None:
         await self._x.run(
             q.MARK_RETRY,
             id=message_id,
             provider=provider,
+            entry=Attempt(provider, now, outcome, error[:_ERROR_LENGTH]).to_line(),
             error=error[:_ERROR_LENGTH],
             next_attempt_at=next_attempt_at,
             now=now,
@@ -897,6 +905,9 @@ class SqlStore:
                 q.MARK_FAILED,
                 id=message_id,
                 provider=provider,
+                entry=Attempt(
+                    provider, now, AttemptOutcome.FAILED, error[:_ERROR_LENGTH]
+                ).to_line(),
                 error=error[:_ERROR_LENGTH],
                 now=now,
             )

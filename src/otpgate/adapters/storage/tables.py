@@ -161,6 +161,9 @@ messages = Table(
     Column("client_ref", String(20), nullable=True),
     Column("label", String(255), nullable=True),
     Column("ack_url", Text, nullable=True),
+    #: One JSON line per delivery attempt (provider, time, outcome, error): the message's
+    #: history, appended by the statement that records each outcome. See ``domain.model``.
+    Column("attempt_log", Text, nullable=True),
     Index("ix_messages_verification", "verification_id"),
     Index("ix_messages_account_created", "account_id", "created_at", "id"),
     Index("ix_messages_client_ref", "account_id", "client_ref"),

@@ -28,6 +28,7 @@ from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    AttemptOutcome,
     Channel,
     CheckResult,
     CodeType,
@@ -255,6 +256,13 @@ class Out(BaseModel):
     """A response shape. Every field is always present (null where the type says so)."""
 
 
+class AttemptOut(Out):
+    provider: str | None = Field(description="null when no provider could be tried")
+    at: datetime
+    outcome: AttemptOutcome
+    error: str | None
+
+
 class MessageOut(Out):
     id: str
     channel: Channel
@@ -265,6 +273,9 @@ class MessageOut(Out):
     price: str | None
     created_at: datetime
     updated_at: datetime
+    attempts: list[AttemptOut] = Field(
+        description="delivery attempts, oldest first: provider, time and outcome of each"
+    )
 
 
 class VerificationOut(Out):
@@ -445,6 +456,15 @@ def render_message(m: Message) -> dict[str, Any]:
         "price": m.price,
         "created_at": timestamp(m.created_at),
         "updated_at": timestamp(m.updated_at),
+        "attempts": [
+            {
+                "provider": a.provider,
+                "at": timestamp(a.at),
+                "outcome": a.outcome.value,
+                "error": a.error,
+            }
+            for a in m.history
+        ],
     }
 
 
