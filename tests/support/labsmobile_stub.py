@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import http
 import json
 import secrets
@@ -242,6 +243,8 @@ class LabsMobileStub:
       requests (any endpoint).
     * :meth:`fail_next` — answer result code ``code`` to the next ``n`` valid sends.
     * ``delay_seconds`` — wait this long before answering any authenticated request.
+    * :meth:`hold_next` — take the next ``n`` sends and answer none of them until
+      :meth:`release_held` (a provider that accepted the request and has not answered yet).
     """
 
     def __init__(
@@ -270,6 +273,11 @@ class LabsMobileStub:
         #: Authenticated sends that reached the stub, counted on arrival (before any delay).
         self.arrivals = 0
         self._arrivals_by_subid: collections.Counter[str] = collections.Counter()
+        # The parsed body of every authenticated send, by subid, in order of arrival.
+        self._arrived_bodies: dict[str, list[Any]] = collections.defaultdict(list)
+        self._hold_count = 0
+        self.held = 0  # sends being held now
+        self._release = threading.Event()
         # (clock, window end, status) of the outage in force, if any.
         self._outage: tuple[Callable[[], float], float, int] | None = None
         self.app = Starlette(
@@ -337,6 +345,35 @@ class LabsMobileStub:
         with self._cond:
             self._outage = (clock, clock() + seconds, status)
 
+    def hold_next(self, n: int = 1) -> None:
+        """Hold the next ``n`` sends: each is counted and kept on arrival (:meth:`arrived`), and
+        gets no answer until :meth:`release_held`, a reset or the stop; a released send is then
+        answered as usual."""
+        with self._cond:
+            self._hold_count += n
+            self._release.clear()
+
+    def release_held(self) -> None:
+        """Let every held send go on to its answer."""
+        self._release.set()
+
+    def wait_for_held(self, n: int = 1, timeout: float = 5.0) -> None:
+        """Block until ``n`` sends are being held."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.held >= n, timeout=timeout):
+                raise TimeoutError(f"{self.held} of {n} sends held within {timeout} s")
+
+    def arrived(self, subid: str) -> list[Any]:
+        """The bodies of every authenticated send with this ``subid`` that arrived, answered
+        or not (held ones too), in order of arrival."""
+        with self._cond:
+            return list(self._arrived_bodies.get(subid, []))
+
+    def arrivals_by_subid(self) -> dict[str, int]:
+        """How many authenticated sends arrived, per ``subid``."""
+        with self._cond:
+            return dict(self._arrivals_by_subid)
+
     def arrivals_for(self, subid: str) -> int:
         """Authenticated sends with this ``subid`` that arrived, answered or not."""
         with self._cond:
@@ -349,6 +386,9 @@ class LabsMobileStub:
             self._generation += 1
             self.arrivals = 0
             self._arrivals_by_subid.clear()
+            self._arrived_bodies.clear()
+            self._hold_count = 0
+            self._release.set()  # held sends end (answered 503, as reset ends a delay)
             self._outage = None
             self._requests.clear()
             self._by_subid.clear()
@@ -499,6 +539,20 @@ class LabsMobileStub:
             await asyncio.sleep(min(remaining, 0.05))
         return not self._stopping.is_set() and self._generation == generation
 
+    async def _held(self) -> bool:
+        """Wait for :meth:`release_held`; False when the stub was reset or stopped meanwhile."""
+        generation = self._generation
+        try:
+            while not self._release.is_set():
+                if self._stopping.is_set() or self._generation != generation:
+                    return False
+                await asyncio.sleep(0.05)
+            return not self._stopping.is_set() and self._generation == generation
+        finally:
+            with self._cond:
+                self.held -= 1
+                self._cond.notify_all()
+
     @staticmethod
     def _gone() -> Response:
         return Response("stub reset", status_code=503, media_type="text/plain")
@@ -603,7 +657,15 @@ class LabsMobileStub:
             self.arrivals += 1
             if subid is not None:
                 self._arrivals_by_subid[subid] += 1
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    self._arrived_bodies[subid].append(json.loads(raw))
+            hold = self._hold_count > 0
+            if hold:
+                self._hold_count -= 1
+                self.held += 1
             self._cond.notify_all()
+        if hold and not await self._held():
+            return self._gone()
         if not await self._pause():
             return self._gone()
         body, refusal = self._json_body(request, raw)

@@ -18,11 +18,13 @@ error. The exit status is one of :class:`ExitCode`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
+import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -86,6 +88,7 @@ providers_app = typer.Typer(
 app.add_typer(providers_app, name="providers")
 
 T = TypeVar("T")
+log = logging.getLogger("otpgate.worker")
 
 
 class ExitCode(enum.IntEnum):
@@ -449,7 +452,16 @@ async def _default_account(container: Container, *, base: str = "http://127.0.0.
 
 @app.command()
 def worker() -> None:
-    """Run the delivery worker alone (scale mode: API nodes with OTPGATE_EMBEDDED_WORKER=false)."""
+    """Run the delivery dispatcher (and the callback sender) as a process of its own: the scale
+    mode, beside API processes started with OTPGATE_EMBEDDED_WORKER=false.
+
+    Any number of workers may share one PostgreSQL database: each claims due messages with a
+    lease (FOR UPDATE SKIP LOCKED), so a message goes to one worker at a time, and the lease of a
+    worker that dies lapses to the others after OTPGATE_DELIVERY_LEASE_SECONDS. On SQLite one
+    worker process per database file is allowed; a second one exits with status 2.
+
+    SIGTERM or SIGINT stops it gracefully: no new claims, the sends in flight finish and their
+    sent-marks are recorded, then it exits 0."""
     from otpgate.bootstrap import build, prepare_database
     from otpgate.entrypoints import logs
 
@@ -457,20 +469,90 @@ def worker() -> None:
     logs.configure(settings.log_level, as_json=settings.log_json)
 
     async def main() -> None:
-        await prepare_database(settings)
-        container = build(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        container.start_workers()
-        err.print("otpgate worker running; Ctrl-C stops it")
-        try:
-            await stop.wait()
-        finally:
-            await container.aclose()
+        with _sqlite_worker_lock(settings):
+            await prepare_database(settings)
+            container = build(settings)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _stop_on_signal, sig, stop)
+            try:
+                container.start_workers()
+                _log_worker_start(container)
+                err.print("otpgate worker running; Ctrl-C stops it")
+                await stop.wait()
+                log.info("worker stopping: no new claims; waiting for the sends in flight")
+            finally:
+                await container.aclose()
+                log.info(
+                    "worker stopped",
+                    extra={"unrecorded_sends": len(container.dispatcher.unrecorded_sends)},
+                )
 
     _run(main())
+
+
+def _stop_on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if stop.is_set():
+        # The sends in flight are bounded by OTPGATE_PROVIDER_TIMEOUT_SECONDS; SIGKILL ends the
+        # process at once (their leases lapse to the other workers).
+        log.warning("worker already stopping", extra={"signal": sig.name})
+        return
+    log.info("worker received a stop signal", extra={"signal": sig.name})
+    stop.set()
+
+
+def _log_worker_start(container: Container) -> None:
+    """The start line: what this worker sends through and with which lease (names and numbers
+    only: never a URL, which can hold a password, nor a credential)."""
+    from otpgate.adapters.storage.engine import is_sqlite
+
+    settings = container.settings
+    log.info(
+        "worker started",
+        extra={
+            "providers": [
+                {"name": health.name, "type": health.type}
+                for health in container.dispatcher.health.values()
+            ],
+            "channels": sorted(c.value for c in container.dispatcher.channels),
+            "database": "sqlite" if is_sqlite(settings.effective_database_url) else "postgresql",
+            "lease_seconds": settings.delivery_lease_seconds,
+            "provider_timeout_seconds": settings.provider_timeout_seconds,
+        },
+    )
+
+
+@contextlib.contextmanager
+def _sqlite_worker_lock(settings: Settings) -> Iterator[None]:
+    """On SQLite, hold an exclusive lock on ``<database>.worker.lock`` for the life of the
+    worker: one ``otpgate worker`` per SQLite file. (Several would be safe, since claims take
+    SQLite's write lock, but they would only take turns on that lock, and each turn makes the
+    API's writes wait.) The operating system drops the lock when the process ends, even by
+    SIGKILL. Nothing to do on PostgreSQL."""
+    import fcntl
+
+    from otpgate.adapters.storage.engine import is_sqlite, sqlite_file
+
+    url = settings.effective_database_url
+    path = sqlite_file(url) if is_sqlite(url) else None
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".worker.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                "another otpgate worker already runs on this SQLite database "
+                "(OTPGATE_DATABASE_URL); SQLite takes one worker process: use PostgreSQL "
+                "to run several"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @db_app.command("upgrade")

@@ -103,6 +103,10 @@ MAX_ERROR_LENGTH = 500
 #: a sender that ignores its timeout must not hold a send slot, or outlast its lease, forever.
 SEND_GRACE_SECONDS = 1.0
 
+#: A send is abandoned this long before its lease lapses, leaving time to record the outcome
+#: (as unanswered) before another dispatcher may claim the message.
+LEASE_MARGIN_SECONDS = 0.5
+
 #: The channels whose text the dispatcher can compose (``domain.policy.compose``).
 COMPOSED_CHANNELS = frozenset(Channel)
 
@@ -496,6 +500,19 @@ class Dispatcher:
     async def _send(self, item: ClaimedMessage, provider: str, outbound: OutboundMessage) -> None:
         sender = self._senders[provider]
         limit = self._retry.send_timeout_seconds + SEND_GRACE_SECONDS
+        if item.lease_until is not None:
+            # Never past the lease: once it lapses another dispatcher may claim the row, and a
+            # send still running here would be a second copy in flight whose outcome overwrites
+            # the other's (the unanswered tally, the lease itself).
+            left = (item.lease_until - self._clock.now()).total_seconds()
+            limit = min(limit, left - LEASE_MARGIN_SECONDS)
+            if limit <= 0:
+                self.health[provider].breaker.release_trial()  # not sent: no outcome to judge
+                log.warning(
+                    "lease too short to send; left to lapse",
+                    extra={"message_id": item.message.id, "provider": provider},
+                )
+                return
         try:
             async with asyncio.timeout(limit):
                 receipt = await sender.send(outbound)
@@ -506,7 +523,7 @@ class Dispatcher:
             self._judge(provider, str(exc))
             await self._after_unanswered(item, provider, str(exc))
         except TimeoutError:  # the sender overran its own timeout: same unknown outcome
-            error = f"{provider}: no answer within {limit} s"
+            error = f"{provider}: no answer within {round(limit, 1)} s"
             self._judge(provider, error)
             await self._after_unanswered(item, provider, error)
         except TransientDeliveryError as exc:
