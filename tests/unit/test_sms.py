@@ -179,9 +179,11 @@ EN, ES = BUILTIN_TEMPLATES["en"], BUILTIN_TEMPLATES["es"]
         ({}, "es", "en", False, ES["default"]),
         ({}, "es-MX", "en", False, ES["default"]),  # language part
         ({}, "es_mx", "en", True, ES["transaction"]),
-        ({}, "fr", "es", False, ES["default"]),  # default locale's built-in
-        ({}, "fr", "es-AR", True, ES["transaction"]),  # default locale's language
-        ({}, "fr", "de", False, EN["default"]),  # finally English
+        ({}, "sv", "es", False, ES["default"]),  # default locale's built-in
+        ({}, "sv", "es-AR", True, ES["transaction"]),  # default locale's language
+        ({}, "sv", "ja", False, EN["default"]),  # finally English
+        ({}, "pt-BR", "en", False, BUILTIN_TEMPLATES["pt"]["default"]),
+        ({}, "nl_BE", "en", True, BUILTIN_TEMPLATES["nl"]["transaction"]),
         ({"es": "O {code}"}, "es", "en", False, "O {code}"),
         ({"es": "O {code}"}, "es-MX", "en", False, "O {code}"),
         ({"es-MX": "MX {code}", "es": "O {code}"}, "es-MX", "en", False, "MX {code}"),
@@ -190,7 +192,7 @@ EN, ES = BUILTIN_TEMPLATES["en"], BUILTIN_TEMPLATES["es"]
         ({"es.transaction": "T {code}"}, "es", "en", True, "T {code}"),
         ({"es.transaction": "T {code}"}, "es", "en", False, ES["default"]),
         ({"es.transaction": "T {code}"}, "es-CL", "en", True, "T {code}"),
-        ({"fr": "F {code}"}, "de", "fr", False, "F {code}"),  # default locale's override
+        ({"fr": "F {code}"}, "sv", "fr", False, "F {code}"),  # default locale's override
         ({"fr": "F {code}"}, "es", "fr", False, ES["default"]),  # built-in for locale first
     ],
 )
@@ -222,7 +224,7 @@ BUILTINS = [
 
 
 def test_builtin_locales_and_kinds() -> None:
-    assert {"en", "es"} <= BUILTIN_TEMPLATES.keys()
+    assert BUILTIN_TEMPLATES.keys() == {"en", "es", "fr", "de", "it", "pt", "ca", "nl"}
     for kinds in BUILTIN_TEMPLATES.values():
         assert kinds.keys() == {"default", "transaction"}
 
@@ -254,6 +256,95 @@ def test_builtin_is_gsm7_and_fits_one_segment_in_the_worst_case(template: str, k
     )
     assert measure(worst).segments == 1
     assert measure(worst).encoding == GSM7
+
+
+WORST_HOST = "h" * 36 + ".com"  # 40 characters: the longest host the built-ins are proven with
+
+
+@pytest.mark.parametrize(("template", "kind"), BUILTINS)
+@pytest.mark.parametrize("brand_length", [30, MAX_BRAND_LENGTH])
+@pytest.mark.parametrize(
+    ("webotp_domain", "android_app_hash"),
+    [(None, None), (WORST_HOST, None), (None, "FA+9qCX9VSu"), (WORST_HOST, "FA+9qCX9VSu")],
+)
+def test_builtin_fits_one_gsm7_segment_with_each_autofill_combination(
+    template: str,
+    kind: str,
+    brand_length: int,
+    webotp_domain: str | None,
+    android_app_hash: str | None,
+) -> None:
+    # A 10-character code of the widest alphabet, the brand at 30 and at the longest name a
+    # service may have, 4-digit minutes, 32-character context values.
+    text = render_message(
+        template,
+        brand="W" * brand_length,
+        code="W" * 10,
+        minutes=1440,
+        context=dict.fromkeys(CONTEXT_KEYS, "W" * CONTEXT_VALUE_MAX_LENGTH),
+        webotp_domain=webotp_domain,
+        android_app_hash=android_app_hash,
+    )
+    shape = measure(text)
+    assert shape.encoding == GSM7
+    assert shape.units <= 160
+    assert shape.segments == 1
+    if webotp_domain:
+        assert text.endswith(f"\n@{webotp_domain} #WWWWWWWWWW")
+
+
+def test_builtin_worst_case_is_within_one_segment_by_a_measured_margin() -> None:
+    # The figure docs/api.md quotes: the fullest built-in in the worst case, in septets.
+    worst = max(
+        measure(
+            render_message(
+                template,
+                brand="W" * MAX_BRAND_LENGTH,
+                code="W" * 10,
+                minutes=1440,
+                context=dict.fromkeys(CONTEXT_KEYS, "W" * CONTEXT_VALUE_MAX_LENGTH),
+                webotp_domain=WORST_HOST,
+                android_app_hash="FA+9qCX9VSu",
+            )
+        ).units
+        for kinds in BUILTIN_TEMPLATES.values()
+        for template in kinds.values()
+    )
+    assert worst == 160
+
+
+@pytest.mark.parametrize(("template", "kind"), BUILTINS)
+def test_builtin_keeps_every_placeholder_it_needs(template: str, kind: str) -> None:
+    assert "{code}" in template
+    if kind == "default":
+        assert "{brand}" in template
+        assert "{minutes}" in template
+    rendered = render_message(
+        template,
+        brand="Acme",
+        code="407215",
+        minutes=10,
+        context={"amount": "5 EUR", "payee": "Bob"},
+    )
+    assert "{" not in rendered and "}" not in rendered
+    assert "407215" in rendered
+
+
+@pytest.mark.parametrize(
+    ("word_in_gsm7", "word_outside"),
+    [("codigo", "código"), ("Valido", "Válido"), ("Nao", "Não"), ("Vàlid", "Vâlid")],
+)
+def test_one_accent_outside_gsm7_would_make_a_builtin_ucs2_and_two_segments(
+    word_in_gsm7: str, word_outside: str
+) -> None:
+    # Why the built-ins drop some accents: the same worst case in UCS-2 needs several parts.
+    (template,) = [
+        t for kinds in BUILTIN_TEMPLATES.values() for t in kinds.values() if word_in_gsm7 in t
+    ][:1]
+    accented = template.replace(word_in_gsm7, word_outside, 1)
+    text = render_message(accented, brand="W" * 30, code="W" * 10, minutes=10)
+    assert measure(text).encoding == UCS2
+    assert measure(text).segments >= 2
 
 
 # --- validate_template -------------------------------------------------------------------------

@@ -130,7 +130,10 @@ def _packed_bytes(shape: SmsShape) -> int:
 # MAX_BRAND_LENGTH, a 10-character code, 4-digit minutes, 32-character context values, an Android
 # hash line and the WebOTP line for a 40-character host (tests/unit/test_sms.py proves it). That
 # leaves 94 septets for the text, too few for brand + code + amount + payee (114), so the
-# transaction templates leave the brand to the sender id and the WebOTP line.
+# transaction templates leave the brand to the sender id and the WebOTP line. They are written
+# in GSM-7 on purpose: one accent outside it (Spanish ó, Portuguese ã, French ê) would turn the
+# message into UCS-2, where one part holds 70 characters, so those words go without it; the
+# accents GSM-7 has (à è é ì ò ù ä ö ü ñ) are kept.
 BUILTIN_TEMPLATES: dict[str, dict[str, str]] = {
     "en": {
         "default": "{brand} code: {code}. Valid {minutes} min. Do not share it.",
@@ -139,6 +142,30 @@ BUILTIN_TEMPLATES: dict[str, dict[str, str]] = {
     "es": {
         "default": "{brand}: codigo {code}. Valido {minutes} min. No lo compartas.",
         "transaction": "Codigo {code} autoriza {amount} a {payee}",
+    },
+    "fr": {
+        "default": "Code {brand}: {code}. Valable {minutes} min. Ne pas partager.",
+        "transaction": "Code {code} confirme {amount} à {payee}",
+    },
+    "de": {
+        "default": "{brand} Code: {code}. Gültig {minutes} Min. Nicht weitergeben.",
+        "transaction": "Code {code} bestätigt {amount} an {payee}",
+    },
+    "it": {
+        "default": "{brand}: codice {code}. Valido {minutes} min. Non condividere.",
+        "transaction": "Codice {code} conferma {amount} a {payee}",
+    },
+    "pt": {
+        "default": "{brand} codigo: {code}. Valido {minutes} min. Nao compartilhe.",
+        "transaction": "Codigo {code} confirma {amount} a {payee}",
+    },
+    "ca": {
+        "default": "{brand} codi: {code}. Vàlid {minutes} min. No el comparteixis.",
+        "transaction": "Codi {code} autoritza {amount} a {payee}",
+    },
+    "nl": {
+        "default": "{brand} code: {code}. Geldig {minutes} min. Deel hem niet.",
+        "transaction": "Code {code} voor {amount} aan {payee}",
     },
 }
 
@@ -150,7 +177,7 @@ def _normalize_locale(locale: str) -> str:
     return locale.strip().lower().replace("_", "-")
 
 
-def _locale_chain(locale: str, default_locale: str) -> list[str]:
+def locale_chain(locale: str, default_locale: str) -> list[str]:
     """Locales to try, best first: exact, then language part, for the asked and default locale."""
     chain: list[str] = []
     for loc in (locale, default_locale):
@@ -182,7 +209,7 @@ def select_template(
     kind = "transaction" if with_context else "default"
     suffix = _TRANSACTION_SUFFIX if with_context else ""
     normalized = {_normalize_locale(key): value for key, value in overrides.items()}
-    for candidate in _locale_chain(locale, default_locale):
+    for candidate in locale_chain(locale, default_locale):
         override = normalized.get(candidate + suffix)
         if override is not None:
             return override
