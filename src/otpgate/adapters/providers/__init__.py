@@ -6,7 +6,7 @@ Importing this package imports every provider module, so every factory is regist
 ``bootstrap`` looks a name up.
 """
 
-from otpgate.adapters.providers import console, labsmobile
+from otpgate.adapters.providers import console, labsmobile, smtp
 from otpgate.adapters.providers.registry import create_sender, known_providers, register
 
-__all__ = ["console", "create_sender", "known_providers", "labsmobile", "register"]
+__all__ = ["console", "create_sender", "known_providers", "labsmobile", "register", "smtp"]
