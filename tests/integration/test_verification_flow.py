@@ -381,4 +381,6 @@ async def test_locale_selects_the_template(api: Api) -> None:
     await started(api, "+34600000005", locale="es-MX")
     assert "codigo" in api.sender.sent[-1].text
     await started(api, "+34600000006", locale="fr")
-    assert "code" in api.sender.sent[-1].text
+    assert "Valable" in api.sender.sent[-1].text
+    await started(api, "+34600000007", locale="sv")  # no Swedish built-in: English
+    assert "Valid" in api.sender.sent[-1].text

@@ -105,6 +105,8 @@ class ServicePolicy:
     webotp_domain: str | None = None
     android_app_hash: str | None = None
     webhook_url: str | None = None
+    #: Accept templates that may need more than one SMS part (each part is billed).
+    allow_multipart: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,6 +290,7 @@ class VerificationService:
                 webotp_domain=policy.webotp_domain,
                 android_app_hash=policy.android_app_hash,
                 param="template",
+                allow_multipart=policy.allow_multipart,
             )
         sender_id = request.sender_id
         if sender_id is not None:
@@ -433,9 +434,10 @@ class VerificationService:
         part of the answer) and kept only with the code masked."""
         text = rules.compose_sms(policy, code=code, locale=locale, context=context)
         shape = sms.measure(text)
-        if shape.segments > 1:
-            # Templates are proven to fit one segment with GSM-7 values; only context values
-            # (characters outside GSM-7 switch the message to UCS-2) can push it past.
+        most = sms.MAX_MULTIPART_SEGMENTS if policy.allow_multipart else 1
+        if shape.segments > most:
+            # Templates are proven to fit with GSM-7 values; only context values (characters
+            # outside GSM-7 switch the message to UCS-2) can push it past.
             raise InvalidRequest(
                 f"with this context the message needs {shape.segments} SMS segments; use "
                 "shorter values or GSM-7 characters",
