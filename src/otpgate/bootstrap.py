@@ -8,6 +8,7 @@ setting (DESIGN.md habit 3), never at the first send.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -23,6 +24,7 @@ from otpgate.adapters import providers
 from otpgate.adapters.metrics import PrometheusMetrics
 from otpgate.adapters.outbound import OutboundHttp
 from otpgate.adapters.outbound import from_settings as outbound_from_settings
+from otpgate.adapters.providers.config import Delivery, load_delivery
 from otpgate.adapters.storage.engine import is_sqlite, sqlite_file
 from otpgate.adapters.storage.executor import Executor
 from otpgate.adapters.storage.migrate import upgrade
@@ -30,7 +32,14 @@ from otpgate.adapters.storage.postgres import PostgresExecutor
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
-from otpgate.domain.ports import Clock, ReceiptParser, Sender, Storage
+from otpgate.domain.ports import Clock, ReceiptParser, ReportSource, Sender, Storage
+from otpgate.domain.routing import (
+    CIRCUIT_GAUGE,
+    CircuitBreaker,
+    ProviderHealth,
+    Route,
+    Routing,
+)
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
 from otpgate.services.billing import Billing
@@ -122,6 +131,12 @@ def _development_key(path: Path) -> bytes:
     return path.read_bytes().strip()
 
 
+def build_delivery(settings: Settings) -> Delivery:
+    """The providers and routes of ``settings`` (``OTPGATE_CONFIG`` or the environment form);
+    each provider's factory checks its own options (see ``adapters/providers/registry.py``)."""
+    return load_delivery(settings)
+
+
 def build_sender(settings: Settings) -> Sender:
     """The sender named by ``OTPGATE_SMS_PROVIDER``, made by the factory its provider module
     registered; the factory checks its own settings (see ``adapters/providers/registry.py``)."""
@@ -193,21 +208,49 @@ def build(
     route: Sequence[Sender] | None = None,
     clock: Clock | None = None,
 ) -> Container:
-    """Wire a container. The delivery route is the configured provider alone; ``sender``
-    replaces it (tests pass a recording one), and ``route`` replaces it with several providers,
-    tried in that order (their names must differ)."""
+    """Wire a container. Delivery is what the settings configure (``build_delivery``);
+    ``sender`` replaces it with one provider (tests pass a recording one), and ``route`` with
+    several on one default route, tried in that order (their names must differ)."""
     clock = clock or SystemClock()
     keys = derive_keys(load_master_secret(settings))
     vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
-    if route is None:
-        route = [sender or build_sender(settings)]
-    elif sender is not None:
+    if sender is not None and route is not None:
         raise ValueError("pass either sender or route, not both")
-    senders: dict[str, Sender] = {chosen.name: chosen for chosen in route}
-    if not route or len(senders) != len(route):
-        raise ConfigurationError("a delivery route needs providers with distinct names")
+
+    def seconds() -> float:
+        # Circuit breakers read the same clock as the rest (tests move a frozen one).
+        return clock.now().timestamp()
+
+    if sender is not None or route is not None:
+        chosen = [sender] if sender is not None else list(route or ())
+        senders: dict[str, Sender] = {s.name: s for s in chosen}
+        if not chosen or len(senders) != len(chosen):
+            raise ConfigurationError("a delivery route needs providers with distinct names")
+        routes: tuple[Route, ...] = (Route(frozenset(), tuple(senders)),)
+        health = {
+            name: ProviderHealth(name=name, type=name, breaker=CircuitBreaker(clock=seconds))
+            for name in senders
+        }
+    else:
+        delivery = build_delivery(settings)
+        senders = {p.name: p.sender for p in delivery.providers}
+        routes = delivery.routes
+        health = {
+            p.name: ProviderHealth(
+                name=p.name,
+                type=p.type,
+                breaker=CircuitBreaker(
+                    failure_threshold=p.options.failure_threshold,
+                    cooloff_seconds=p.options.cooloff_seconds,
+                    clock=seconds,
+                ),
+            )
+            for p in delivery.providers
+        }
+    routing = Routing(routes, {name: s.channels for name, s in senders.items()})
     storage = build_storage(settings)
     metrics = PrometheusMetrics()
+    metrics.watch_circuits(lambda: [(name, CIRCUIT_GAUGE[h.state]) for name, h in health.items()])
     parsers: dict[str, ReceiptParser] = {
         name: s for name, s in senders.items() if isinstance(s, ReceiptParser)
     }
@@ -215,10 +258,18 @@ def build(
         name: f"{settings.public_url}/v1/receipts/{name}?token={keys.receipt_token(name)}"
         for name in parsers
     }
+    billing = Billing(
+        prices=storage,
+        credit=storage,
+        clock=clock,
+        cache=TtlCache(settings.lookup_cache_seconds),
+    )
     dispatcher = Dispatcher(
         storage=storage,
         senders=senders,
-        route=tuple(senders),
+        routing=routing,
+        health=health,
+        billing=billing,
         vault=vault,
         clock=clock,
         metrics=metrics,
@@ -231,14 +282,12 @@ def build(
         ),
         receipt_urls=receipt_urls,
     )
+    receipts = ReceiptService(storage=storage, clock=clock, metrics=metrics)
+    for name, source in senders.items():
+        if isinstance(source, ReportSource):
+            source.report_to(functools.partial(receipts.record, name))
     catalog = ServiceCatalog(
         storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
-    )
-    billing = Billing(
-        prices=storage,
-        credit=storage,
-        clock=clock,
-        cache=TtlCache(settings.lookup_cache_seconds),
     )
     verifications = VerificationService(
         storage=storage,
@@ -271,7 +320,7 @@ def build(
         outbound=outbound,
         callbacks=callbacks,
         dispatcher=dispatcher,
-        receipts=ReceiptService(storage=storage, clock=clock, metrics=metrics),
+        receipts=receipts,
         idempotency=Idempotency(store=storage, clock=clock),
         metrics=metrics,
         keys=keys,

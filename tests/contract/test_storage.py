@@ -24,6 +24,8 @@ from otpgate.domain.billing import BillingMode, LedgerKind
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    Attempt,
+    AttemptOutcome,
     Channel,
     Message,
     MessageStatus,
@@ -652,6 +654,47 @@ async def test_mark_sent_records_the_provider_and_only_from_queued(store: Storag
     await store.mark_sent(other_message.id, provider="lm", receipt=receipt, now=at(3))
     (failed,) = (await store.get_verification(account.id, other.id)).messages  # type: ignore[union-attr]
     assert failed.status is MessageStatus.FAILED
+
+
+async def test_each_outcome_is_kept_in_the_message_history(store: Storage) -> None:
+    account, service = await world(store)
+    verification, message = await a_pending(store, service)
+    await store.mark_retry(
+        message.id, provider="a", error="a: HTTP 503", next_attempt_at=at(1), now=at(1)
+    )
+    await store.mark_retry(
+        message.id,
+        provider="b",
+        error="b: no answer",
+        next_attempt_at=at(2),
+        now=at(2),
+        outcome=AttemptOutcome.UNANSWERED,
+    )
+    await store.mark_sent(message.id, provider="a", receipt=SendReceipt("r"), now=at(3))
+    await store.mark_failed(message.id, provider="a", error="late", now=at(4))  # not queued
+    (kept,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert kept.history == (
+        Attempt("a", at(1), AttemptOutcome.RETRY, "a: HTTP 503"),
+        Attempt("b", at(2), AttemptOutcome.UNANSWERED, "b: no answer"),
+        Attempt("a", at(3), AttemptOutcome.SENT, None),
+    )
+    other, failing = await a_pending(store, service, to="+34600000002")
+    await store.mark_failed(failing.id, provider=None, error="closed", now=at(5))
+    (failed,) = (await store.get_verification(account.id, other.id)).messages  # type: ignore[union-attr]
+    assert failed.history == (Attempt(None, at(5), AttemptOutcome.FAILED, "closed"),)
+
+
+async def test_a_long_history_stops_growing_at_its_limit(store: Storage) -> None:
+    account, service = await world(store)
+    verification, message = await a_pending(store, service)
+    for n in range(300):
+        await store.mark_retry(
+            message.id, provider="a", error="e" * 100, next_attempt_at=at(n), now=at(n)
+        )
+    (kept,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert 50 < len(kept.history) < 300
+    assert kept.history[0].at == at(0)  # the first attempts are the ones kept
+    assert [a.at for a in kept.history] == [at(n) for n in range(len(kept.history))]
 
 
 async def test_a_failed_message_fails_its_verification_only_when_nothing_else_lives(

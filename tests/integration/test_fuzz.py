@@ -42,6 +42,7 @@ OPERATIONS = [
     ("GET", "/v1/account"),
     ("GET", "/v1/account/ledger"),
     ("GET", "/v1/prices"),
+    ("GET", "/v1/providers"),
     ("POST", "/v1/messages"),
     ("GET", "/v1/messages/{message_id}"),
     ("GET", "/v1/accounts"),

@@ -307,6 +307,8 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
     await call("GET", "/v1/keys", "/v1/keys", headers=auth)
     other = {"Authorization": f"Bearer {key.json()['key']}"}
     await call("GET", "/v1/accounts", "/v1/accounts", headers=other)  # 403
+    await call("GET", "/v1/providers", "/v1/providers", headers=auth)
+    await call("GET", "/v1/providers", "/v1/providers", headers=other)  # 403
     once = {**auth, "Idempotency-Key": "key-once"}
     own = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=once)
     replayed = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=once)

@@ -3,14 +3,21 @@ several apps in one process (tests) never collide."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "verification_started": ("Verifications created", ("channel",)),
     "verification_resent": ("Codes sent again on a pending verification", ("channel",)),
     "verification_failed": ("Verifications failed because every route failed", ()),
+    "verification_fallback": (
+        "Codes moved to the service's next channel (a failure, or no check in time)",
+        ("channel",),
+    ),
     "check": ("Code checks by result", ("result",)),
     "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
     "message_queued": ("Plain messages queued", ("channel",)),
@@ -61,5 +68,25 @@ class PrometheusMetrics:
             self._request_children[key] = child
         child.observe(seconds)
 
+    def watch_circuits(self, states: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Export ``otpgate_provider_circuit_state{provider}`` (0 closed, 1 half-open, 2 open),
+        read from ``states`` at every scrape, since a circuit half-opens by the clock alone."""
+        self.registry.register(_CircuitCollector(states))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CircuitCollector(Collector):
+    def __init__(self, states: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "otpgate_provider_circuit_state",
+            "Circuit breaker of each provider: 0 closed, 1 half-open (trial), 2 open (resting)",
+            labels=["provider"],
+        )
+        for provider, value in self._states():
+            family.add_metric([provider], value)
+        yield family

@@ -7,6 +7,7 @@ Ids are a type prefix, an underscore and 32 lowercase hex characters from ``secr
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -107,6 +108,8 @@ class ServicePolicy:
     webhook_url: str | None = None
     #: Accept templates that may need more than one SMS part (each part is billed).
     allow_multipart: bool = False
+    #: With several channels: the next one is used when no check arrived within this long.
+    fallback_after_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,66 @@ class Service:
     policy: ServicePolicy
     created_at: datetime
     updated_at: datetime
+
+
+class AttemptOutcome(enum.StrEnum):
+    """What became of one delivery attempt."""
+
+    #: The provider accepted the message.
+    SENT = "sent"
+    #: It failed for now (a transient error, or every provider was resting); another follows.
+    RETRY = "retry"
+    #: The request went out and no answer came: the provider may have sent it.
+    UNANSWERED = "unanswered"
+    #: The message failed for good.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt in a message's history: which provider (None when none was
+    tried), when it ended, how, and the error text when it did not succeed."""
+
+    provider: str | None
+    at: datetime
+    outcome: AttemptOutcome
+    error: str | None = None
+
+    def to_line(self) -> str:
+        """One JSON line, as the message's stored history keeps it."""
+        return (
+            json.dumps(
+                {
+                    "provider": self.provider,
+                    "at": self.at.isoformat(),
+                    "outcome": self.outcome.value,
+                    "error": self.error,
+                },
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
+
+
+def parse_attempt_log(text: str | None) -> tuple[Attempt, ...]:
+    """The attempts of a stored history (lines that do not parse are skipped: a history cut
+    at its size limit ends in a whole line, but a reader must not fail on an old row)."""
+    attempts = []
+    for line in (text or "").splitlines():
+        try:
+            item = json.loads(line)
+            attempts.append(
+                Attempt(
+                    provider=item["provider"],
+                    at=datetime.fromisoformat(item["at"]),
+                    outcome=AttemptOutcome(item["outcome"]),
+                    error=item.get("error"),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return tuple(attempts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +208,8 @@ class Message:
     client_ref: str | None = None
     label: str | None = None
     ack_url: str | None = None
+    #: The delivery history, oldest first (the first hundred or so attempts).
+    history: tuple[Attempt, ...] = ()
 
     @property
     def price(self) -> str | None:
@@ -178,6 +243,10 @@ class Verification:
     #: sender), used instead of the service's.
     template: str | None = None
     sender_id: str | None = None
+    #: Where an e-mail fallback goes (``email`` at start), and when the next channel of the
+    #: service is due if no check arrives first (the service's ``fallback_after_seconds``).
+    fallback_email: str | None = None
+    fallback_at: datetime | None = None
 
     def status_at(self, now: datetime) -> VerificationStatus:
         """The status as the API reports it: a pending verification past its expiry is expired,

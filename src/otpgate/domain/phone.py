@@ -83,6 +83,21 @@ def require_sms_capable(destination: Destination, *, allow_voip: bool = False) -
     raise UnsupportedNumberType(f"{kind} numbers cannot receive SMS codes", param="to")
 
 
+#: Number types a call can reach with a spoken code.
+VOICE_CAPABLE_TYPES = SMS_CAPABLE_TYPES | {PhoneNumberType.FIXED_LINE}
+
+
+def require_voice_capable(destination: Destination) -> None:
+    """Refuse numbers a code call should not ring: premium rate, shared cost, toll free,
+    pagers, voicemail, VoIP (S12); mobiles and fixed lines are called."""
+    number = destination.number or phonenumbers.parse(destination.e164)
+    number_type = phonenumbers.number_type(number)
+    if number_type in VOICE_CAPABLE_TYPES:
+        return
+    kind = _TYPE_NAMES.get(number_type, "unsupported type")
+    raise UnsupportedNumberType(f"{kind} numbers cannot receive code calls", param="to")
+
+
 def require_allowed_country(destination: Destination, allowed: tuple[str, ...] | None) -> None:
     """Geo permissions: ``None`` allows every country."""
     if allowed is not None and destination.country not in allowed:
@@ -92,12 +107,30 @@ def require_allowed_country(destination: Destination, allowed: tuple[str, ...] |
         )
 
 
+def country_of(e164: str) -> str | None:
+    """The ISO 3166-1 alpha-2 region of a stored E.164 number, or None when it has none (an
+    e-mail address, a non-geographic number).
+
+    >>> country_of("+34600000000")
+    'ES'
+    """
+    try:
+        number = phonenumbers.parse(e164, None)
+    except NumberParseException:
+        return None
+    region = phonenumbers.region_code_for_number(number)
+    return region if region and region != "001" else None
+
+
 def mask(e164: str) -> str:
     """A destination fit for logs: country code and last three digits only.
 
     >>> mask("+34600123456")
     '+34******456'
     """
+    if "@" in e164:  # an e-mail address: its first character and its domain
+        local, _, domain = e164.rpartition("@")
+        return f"{local[:1]}***@{domain}"
     if len(e164) < 7:
         return "***"
     return e164[:3] + "*" * (len(e164) - 6) + e164[-3:]

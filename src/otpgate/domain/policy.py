@@ -9,13 +9,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from otpgate.domain import sms
+from otpgate.domain import sms, texts
 from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
-from otpgate.domain.model import Channel, CodeType, ServicePolicy, Verification
+from otpgate.domain.model import (
+    Channel,
+    CodeType,
+    EmailContent,
+    Message,
+    MessageStatus,
+    ServicePolicy,
+    Verification,
+)
 from otpgate.errors import InvalidRequest, MaxSendAttemptsReached, ResendTooSoon
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ POLICY_FIELDS = frozenset(
         "android_app_hash",
         "webhook_url",
         "allow_multipart",
+        "fallback_after_seconds",
     }
 )
 
@@ -78,6 +87,15 @@ def build_policy(fields: Mapping[str, Any], base: ServicePolicy | None = None) -
     }
     policy = replace(base, **changes)
     _check_templates(policy)
+    if (
+        policy.fallback_after_seconds is not None
+        and policy.fallback_after_seconds >= policy.ttl_seconds
+    ):
+        raise InvalidRequest(
+            "fallback_after_seconds must be shorter than ttl_seconds: a fallback after the "
+            "code expired could never be used",
+            param="fallback_after_seconds",
+        )
     if policy.code_length < 6:
         # NIST SP 800-63B wants at least six digits; allowed, but it must not pass unnoticed.
         log.warning(
@@ -97,6 +115,12 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         low, high = _RANGES[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise InvalidRequest(f"{key} must be an integer from {low} to {high}", param=key)
+        return value
+    if key == "fallback_after_seconds":
+        if isinstance(value, bool) or not isinstance(value, int) or not 10 <= value <= 3_600:
+            raise InvalidRequest(
+                "fallback_after_seconds must be an integer from 10 to 3600, or null", param=key
+            )
         return value
     if key == "code_type":
         try:
@@ -262,6 +286,39 @@ def validate_metadata(metadata: Any, encoded_size: int) -> dict[str, Any]:
     return metadata
 
 
+#: An e-mail address otpgate sends to: a plain local part and a domain of DNS labels (no
+#: quoted local parts, comments or address literals: nothing a code e-mail needs).
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"[A-Za-z]{2,63}$"
+)
+
+
+def validate_email(value: Any, *, param: str) -> str:
+    """An e-mail address, trimmed, its domain in lower case; ``InvalidRequest`` naming
+    ``param`` otherwise (at most 254 characters, ASCII)."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{param} must be an e-mail address", param=param)
+    address = value.strip()
+    if len(address) > 254 or not _EMAIL.fullmatch(address) or ".." in address:
+        raise InvalidRequest(
+            f"{param} must be an e-mail address such as ana@example.com", param=param
+        )
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def fallback_at(policy: ServicePolicy, channel: Channel, now: datetime) -> datetime | None:
+    """When a verification started on ``channel`` moves to the service's next channel if no
+    check arrived: ``fallback_after_seconds`` from now, or None (no timed fallback: none set,
+    or no channel after this one)."""
+    if policy.fallback_after_seconds is None or channel not in policy.channels:
+        return None
+    if policy.channels.index(channel) == len(policy.channels) - 1:
+        return None
+    return now + timedelta(seconds=policy.fallback_after_seconds)
+
+
 def validate_locale(locale: Any) -> str | None:
     if locale is None:
         return None
@@ -289,6 +346,92 @@ def compose_sms(
         webotp_domain=policy.webotp_domain,
         android_app_hash=policy.android_app_hash,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Composed:
+    """A code message as one channel carries it: the text (SMS body, words a call speaks,
+    e-mail text part), with the e-mail's subject and HTML for e-mail, and the text as it may
+    be stored (every form of the code masked)."""
+
+    text: str
+    masked: str
+    email: EmailContent | None = None
+
+
+def compose(
+    policy: ServicePolicy,
+    channel: Channel,
+    *,
+    code: str,
+    locale: str,
+    context: Mapping[str, str] | None,
+) -> Composed:
+    """The message of a code on ``channel``: the SMS template; for a call, the code spelled
+    twice in the locale's language; for e-mail, a subject, text and HTML without any remote
+    resource. A transaction's amount and payee are shown by SMS only (the caller refuses
+    other channels for a verification with a context)."""
+    if channel is Channel.SMS:
+        text = compose_sms(policy, code=code, locale=locale, context=context)
+        return Composed(text, mask_code(text, code))
+    if channel is Channel.VOICE:
+        text = texts.voice_text(code, policy.name, locale, default_locale=policy.default_locale)
+        masked = text.replace(texts.spell_code(code), "*")
+        return Composed(text, mask_code(masked, code))
+    subject, text, page = texts.email_content(
+        code, policy.name, minutes_of(policy), locale, default_locale=policy.default_locale
+    )
+    return Composed(text, mask_code(text, code), EmailContent(subject=subject, html=page))
+
+
+#: How a message of each channel other than SMS is labelled in its ``encoding`` column.
+_ENCODING = {Channel.VOICE: "speech", Channel.EMAIL: "UTF-8"}
+
+
+def code_message(
+    policy: ServicePolicy,
+    *,
+    message_id: str,
+    account_id: str,
+    verification_id: str,
+    to: str,
+    channel: Channel,
+    locale: str,
+    code: str,
+    context: Mapping[str, str] | None,
+    now: datetime,
+) -> tuple[Message, str]:
+    """The outbox row of one send of ``code`` on ``channel``, with its text measured now (an
+    SMS's segments and encoding are part of the answer), and the text as stored: every form
+    of the code masked. A call or an e-mail counts as one part. ``InvalidRequest`` when a
+    context pushes an SMS past one segment, or past ``sms.MAX_MULTIPART_SEGMENTS`` when the
+    service allows multipart (templates alone are proven to fit)."""
+    composed = compose(policy, channel, code=code, locale=locale, context=context)
+    if channel is Channel.SMS:
+        shape = sms.measure(composed.text)
+        if shape.segments > (sms.MAX_MULTIPART_SEGMENTS if policy.allow_multipart else 1):
+            raise InvalidRequest(
+                f"with this context the message needs {shape.segments} SMS segments; use "
+                "shorter values or GSM-7 characters",
+                param="context",
+            )
+        segments, encoding = shape.segments, shape.encoding
+    else:
+        segments, encoding = 1, _ENCODING[channel]
+    message = Message(
+        id=message_id,
+        account_id=account_id,
+        verification_id=verification_id,
+        channel=channel,
+        to=to,
+        status=MessageStatus.QUEUED,
+        locale=locale,
+        segments=segments,
+        encoding=encoding,
+        created_at=now,
+        updated_at=now,
+    )
+    return message, composed.masked
 
 
 def effective_policy(

@@ -18,6 +18,7 @@ from otpgate.domain.billing import LedgerEntry
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    AttemptOutcome,
     Channel,
     Message,
     MessageStatus,
@@ -90,7 +91,7 @@ class ReceiptParser(Protocol):
 
 
 #: Where a provider hands the reports that arrive on its own connection.
-ReportSink = Callable[[DeliveryReport], Awaitable[None]]
+ReportSink = Callable[[DeliveryReport], Awaitable[object]]
 
 
 @runtime_checkable
@@ -401,11 +402,16 @@ class MessageStore(Protocol):
         self,
         message_id: str,
         *,
-        provider: str,
+        provider: str | None,
         error: str,
         next_attempt_at: datetime,
         now: datetime,
-    ) -> None: ...
+        outcome: AttemptOutcome = AttemptOutcome.RETRY,
+    ) -> None:
+        """Schedule another attempt at ``next_attempt_at`` and record this one in the
+        message's history with ``outcome``; ``mark_sent`` and ``mark_failed`` record theirs
+        the same way, in the same statement."""
+        ...
 
     async def mark_failed(
         self, message_id: str, *, provider: str | None, error: str, now: datetime
@@ -519,9 +525,41 @@ class VerificationStorage(VerificationStore, LockoutStore, Protocol):
     """What the verification use cases need."""
 
 
-class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
+class FallbackStore(Protocol):
+    """Channel fallback: another channel of a verification's service, with the same code."""
+
+    async def queue_fallback(
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
+        next_fallback_at: datetime | None,
+    ) -> bool:
+        """In one transaction, if the verification is pending, unexpired and has no message
+        on ``message.channel`` yet: queue ``message`` (due now, with its price debited as any
+        send), show that channel on the verification and set its next timed fallback. False
+        (nothing written) otherwise. A fallback does not count against the send cap."""
+        ...
+
+    async def fallback_due(self, now: datetime, *, limit: int) -> Sequence[Verification]:
+        """Pending, unexpired verifications whose timed fallback is due (``fallback_at``
+        reached), oldest first, with ``messages`` left empty."""
+        ...
+
+    async def clear_fallback(self, verification_id: str) -> None:
+        """No timed fallback is left for this verification."""
+        ...
+
+
+class DeliveryStorage(MessageStore, HousekeepingStore, FallbackStore, Protocol):
     """What the delivery dispatcher needs: the outbox, closing a verification whose time is up
-    before its message goes out, and housekeeping."""
+    before its message goes out, channel fallback, and housekeeping."""
+
+    async def get_service(self, account_id: str, service_id: str) -> Service | None: ...
+
+    async def get_account(self, account_id: str) -> Account | None: ...
 
     async def close(self, verification_id: str, status: VerificationStatus, now: datetime) -> bool:
         """Move a pending verification to a terminal ``status`` and erase its sealed code."""
@@ -529,6 +567,7 @@ class DeliveryStorage(MessageStore, HousekeepingStore, Protocol):
 
 
 class Storage(
+    FallbackStore,
     CallbackStore,
     PriceStore,
     BillingStore,

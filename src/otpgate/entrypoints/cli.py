@@ -80,6 +80,10 @@ app.add_typer(verify_app, name="verify")
 app.add_typer(lockouts_app, name="lockouts")
 app.add_typer(prices_app, name="prices")
 app.add_typer(credit_app, name="credit")
+providers_app = typer.Typer(
+    help="Delivery providers and routes (server-side).", no_args_is_help=True
+)
+app.add_typer(providers_app, name="providers")
 
 T = TypeVar("T")
 
@@ -852,6 +856,73 @@ def prices_list(
 
     document = {"data": [render_price(row) for row in _admin(action, as_json)]}
     _emit(document, as_json, _price_list(document["data"], "prices"))
+
+
+# --- providers -------------------------------------------------------------------------------
+
+_PROVIDER_COLUMNS = (("name", "name"), ("type", "type"), ("result", "result"), ("detail", "detail"))
+
+
+@providers_app.command("check")
+def providers_check(as_json: JsonFlag = False) -> None:
+    """Validate the delivery configuration (OTPGATE_CONFIG, or the OTPGATE_SMS_PROVIDER form)
+    and connect to every provider without sending anything: an SMPP bind, an HTTP request that
+    proves reachability and credentials. Exit status 0 when every provider answered, 4 when
+    one did not, 2 when the configuration itself is wrong. Never prints a secret."""
+    from otpgate.adapters.providers.config import load_delivery
+    from otpgate.errors import DeliveryError
+
+    settings = _settings()
+    try:
+        delivery = load_delivery(settings)
+    except ConfigurationError as exc:
+        _fail(exc, as_json)
+    limit = settings.provider_timeout_seconds
+
+    async def probe() -> list[dict[str, Any]]:
+        results = []
+        for provider in delivery.providers:
+            detail: str | None = None
+            try:
+                async with asyncio.timeout(limit + 1):
+                    await provider.sender.check()
+            except DeliveryError as exc:
+                detail = exc.detail
+            except TimeoutError:
+                detail = f"no answer within {limit} s"
+            finally:
+                await provider.sender.aclose()
+            results.append(
+                {
+                    "name": provider.name,
+                    "type": provider.type,
+                    "channels": sorted(c.value for c in provider.sender.channels),
+                    "ok": detail is None,
+                    "result": "ok" if detail is None else "failed",
+                    "detail": detail,
+                }
+            )
+        return results
+
+    results = _run(probe(), as_json=as_json)
+    route_rows = [
+        {"countries": sorted(r.countries) or ["*"], "providers": list(r.providers)}
+        for r in delivery.routes
+    ]
+    document = {"source": delivery.source, "data": results, "routes": route_rows}
+    routes = Table(title="routes", title_justify="left")
+    routes.add_column("countries")
+    routes.add_column("providers, in order")
+    for route in route_rows:
+        routes.add_row(", ".join(route["countries"]), " → ".join(route["providers"]))
+    human = Group(
+        Text(f"delivery configuration from {delivery.source}"),
+        _table("providers", document, _PROVIDER_COLUMNS),
+        routes,
+    )
+    _emit(document, as_json, human)
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(ExitCode.UNAVAILABLE)
 
 
 # --- credit ----------------------------------------------------------------------------------

@@ -38,20 +38,25 @@ import math
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.codes import CodeVault
 from otpgate.domain.model import (
+    AttemptOutcome,
     Channel,
+    Message,
     OutboundMessage,
     SendReceipt,
+    Service,
     SmsContent,
+    Verification,
     VerificationStatus,
+    new_id,
 )
-from otpgate.domain.phone import mask
+from otpgate.domain.phone import country_of, mask
 from otpgate.domain.ports import (
     ClaimedMessage,
     Clock,
@@ -61,18 +66,35 @@ from otpgate.domain.ports import (
     Metrics,
     Sender,
 )
+from otpgate.domain.routing import CircuitBreaker, ProviderHealth, Routing
 from otpgate.errors import (
+    CountryNotAllowed,
     DeliveryTimeout,
+    InsufficientCredit,
     PermanentDeliveryError,
     TransientDeliveryError,
     Unavailable,
 )
+from otpgate.services.billing import Billing
 
 log = logging.getLogger(__name__)
 
 #: Sends of one message a provider may leave unanswered before the route goes on without it: a
 #: timed-out send may have gone out, so it is sent at most once more through the same provider.
 MAX_UNANSWERED_SENDS = 2
+
+#: Timed fallbacks moved per round of the dispatcher loop.
+FALLBACK_BATCH = 50
+
+
+def _address(verification: Verification, channel: Channel) -> str | None:
+    """Where ``channel`` reaches the verification's user: its number for SMS and calls, the
+    e-mail address it was started with (or given as ``email``) for e-mail."""
+    is_email = "@" in verification.to
+    if channel is Channel.EMAIL:
+        return verification.to if is_email else verification.fallback_email
+    return None if is_email else verification.to
+
 
 #: The longest error text a message keeps (the size of its stored column).
 MAX_ERROR_LENGTH = 500
@@ -81,9 +103,8 @@ MAX_ERROR_LENGTH = 500
 #: a sender that ignores its timeout must not hold a send slot, or outlast its lease, forever.
 SEND_GRACE_SECONDS = 1.0
 
-#: The channels whose text the dispatcher can compose. Voice and e-mail senders can join a route
-#: (the port is the same) once their text is composed here too.
-COMPOSED_CHANNELS = frozenset({Channel.SMS})
+#: The channels whose text the dispatcher can compose (``domain.policy.compose``).
+COMPOSED_CHANNELS = frozenset(Channel)
 
 # The tally of unanswered sends, at the end of a message's error text: " [unanswered: a=1, b=2]".
 # It must outlive this process (another worker claims the next attempt, or a restart does), and
@@ -176,10 +197,13 @@ class _SentMark:
 
 
 class Dispatcher:
-    """Claims due outbox rows and sends them through the route, up to ``concurrency`` at a time.
+    """Claims due outbox rows and sends them through their route, up to ``concurrency`` at a
+    time.
 
-    ``route`` names the providers in the order they are tried; ``senders`` holds a sender for
-    each (and may hold more). ``channels`` is what the route can deliver.
+    ``routing`` says which providers may carry a message, in order (by destination country and
+    channel); ``senders`` holds a sender for each provider it names, and ``health`` a breaker
+    and counters for each (made with default breakers when not given). ``channels`` is what the
+    dispatcher can deliver.
     """
 
     #: Pending verifications past their expiry are written ``expired`` this often (S2).
@@ -190,7 +214,7 @@ class Dispatcher:
         *,
         storage: DeliveryStorage,
         senders: Mapping[str, Sender],
-        route: tuple[str, ...],
+        routing: Routing,
         vault: CodeVault,
         clock: Clock,
         metrics: Metrics,
@@ -198,14 +222,21 @@ class Dispatcher:
         receipt_urls: Mapping[str, str],
         concurrency: int = 64,
         poll_seconds: float = 1.0,
+        health: Mapping[str, ProviderHealth] | None = None,
+        billing: Billing | None = None,
     ) -> None:
-        if not route or any(name not in senders for name in route):
-            raise ValueError("every provider of the route needs a sender")
-        if len(set(route)) != len(route):
-            raise ValueError("a provider appears twice in the route")
+        if not routing.providers or any(name not in senders for name in routing.providers):
+            raise ValueError("every provider of the routes needs a sender")
         self._storage = storage
         self._senders = senders
-        self._route = route
+        self._routing = routing
+        self._billing = billing
+        self.health: dict[str, ProviderHealth] = dict(health or {}) or {
+            name: ProviderHealth(name=name, type=name, breaker=CircuitBreaker(clock=self._seconds))
+            for name in routing.providers
+        }
+        if set(self.health) != set(routing.providers):
+            raise ValueError("health must cover exactly the providers of the routes")
         self._vault = vault
         self._clock = clock
         self._metrics = metrics
@@ -213,8 +244,7 @@ class Dispatcher:
         self._receipt_urls = receipt_urls
         self._concurrency = concurrency
         self._poll_seconds = poll_seconds
-        carried = frozenset(channel for name in route for channel in senders[name].channels)
-        self.channels: frozenset[Channel] = COMPOSED_CHANNELS & carried
+        self.channels: frozenset[Channel] = COMPOSED_CHANNELS & routing.channels
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -303,6 +333,7 @@ class Dispatcher:
                     self._last_housekeeping = loop.time()
                     await self._housekeeping()
                 self._wake.clear()
+                await self.fallbacks_due()
                 if await self.dispatch_due() == 0 or len(self._inflight) >= self._concurrency:
                     await self._sleep()
             except asyncio.CancelledError:
@@ -353,6 +384,7 @@ class Dispatcher:
         """Send everything due now and wait for it (for tests and the one-shot worker). Sends
         that storage has not recorded yet are tried once before and once after, with no wait."""
         await self.record_sent_marks()
+        await self.fallbacks_due()
         while await self.dispatch_due() or self._inflight:
             if self._inflight:
                 await asyncio.gather(*list(self._inflight), return_exceptions=True)
@@ -391,21 +423,29 @@ class Dispatcher:
                 )
                 return
             tally = unanswered_sends(message.error)
-            provider = self._provider_after(message.provider, message.channel, tally)
-            if provider is None:
+            order = self._order(item)
+            candidates = self._rotation(order, message.provider, tally)
+            if not candidates:
                 await self._fail(
                     item,
                     message.provider,
                     with_unanswered(
                         f"no provider of the route can take this {message.channel.value} "
-                        "message any more",
+                        "message any more"
+                        if order
+                        else f"no route carries {message.channel.value} to this destination",
                         tally,
                     ),
                 )
                 return
+            provider = next((name for name in candidates if self._admits(name)), None)
+            if provider is None:
+                await self._rest(item, candidates, tally)
+                return
             if plain:
                 assert item.body is not None
-                text, sender_id = item.body, message.sender_id
+                composed = rules.Composed(item.body, item.body)
+                sender_id = message.sender_id
             else:
                 assert verification is not None and verification.code_sealed is not None
                 assert service is not None
@@ -417,11 +457,15 @@ class Dispatcher:
                 policy = rules.effective_policy(
                     service.policy, template=verification.template, sender_id=verification.sender_id
                 )
-                text = rules.compose_sms(
-                    policy, code=code, locale=message.locale, context=verification.context
+                composed = rules.compose(
+                    policy,
+                    message.channel,
+                    code=code,
+                    locale=message.locale,
+                    context=verification.context,
                 )
                 sender_id = policy.sender_id
-            await self._send(item, provider, self._outbound(item, provider, text, sender_id))
+            await self._send(item, provider, self._outbound(item, provider, composed, sender_id))
         except Unavailable:
             # The lease lapses and the row is claimed again once storage is back.
             log.warning("storage unavailable while delivering", extra={"message_id": message.id})
@@ -429,22 +473,24 @@ class Dispatcher:
             log.exception("delivery of %s failed unexpectedly", message.id)
 
     def _outbound(
-        self, item: ClaimedMessage, provider: str, text: str, sender_id: str | None
+        self, item: ClaimedMessage, provider: str, composed: rules.Composed, sender_id: str | None
     ) -> OutboundMessage:
         message = item.message
-        # Only SMS is composed today: _provider_after finds no provider for other channels.
-        shape = sms.measure(text)
+        content = None
+        if message.channel is Channel.SMS:
+            shape = sms.measure(composed.text)
+            content = SmsContent(
+                sender_id=sender_id, encoding=shape.encoding, segments=shape.segments
+            )
         return OutboundMessage(
             message_id=message.id,
-            channel=Channel.SMS,
+            channel=message.channel,
             to=message.to,
-            text=text,
+            text=composed.text,
             receipt_url=self._receipt_urls.get(provider),
-            sms=SmsContent(
-                sender_id=sender_id,
-                encoding=shape.encoding,
-                segments=shape.segments,
-            ),
+            sms=content,
+            locale=message.locale,
+            email=composed.email,
         )
 
     async def _send(self, item: ClaimedMessage, provider: str, outbound: OutboundMessage) -> None:
@@ -454,17 +500,25 @@ class Dispatcher:
             async with asyncio.timeout(limit):
                 receipt = await sender.send(outbound)
         except PermanentDeliveryError as exc:
+            self._judge(provider, str(exc), counts_against=False)
             await self._fail(item, provider, str(exc))
         except DeliveryTimeout as exc:
+            self._judge(provider, str(exc))
             await self._after_unanswered(item, provider, str(exc))
         except TimeoutError:  # the sender overran its own timeout: same unknown outcome
-            await self._after_unanswered(item, provider, f"{provider}: no answer within {limit} s")
+            error = f"{provider}: no answer within {limit} s"
+            self._judge(provider, error)
+            await self._after_unanswered(item, provider, error)
         except TransientDeliveryError as exc:
+            self._judge(provider, str(exc))
             await self._after_transient(item, provider, str(exc))
         except Exception as exc:  # an adapter bug must not lose the message: retry it
             log.exception("sender %s raised an unexpected error", provider)
-            await self._after_transient(item, provider, f"unexpected: {type(exc).__name__}")
+            error = f"unexpected: {type(exc).__name__}"
+            self._judge(provider, error)
+            await self._after_transient(item, provider, error)
         else:
+            self._judge(provider, None)
             self._metrics.count("message_sent", provider=provider)
             log.info(
                 "message sent",
@@ -479,30 +533,78 @@ class Dispatcher:
 
     # --- the route ---------------------------------------------------------------------------
 
-    def _provider_after(
-        self, last: str | None, channel: Channel, tally: Mapping[str, int]
-    ) -> str | None:
-        """The provider of the next attempt: for a message no provider has failed yet (``last``
-        is None, or not in the route any more), the first of the route that can take it;
-        after a failure on ``last``, the next one after it, wrapping around (so ``last`` itself
-        when it is the only one left). None when no provider can take the message."""
-        usable = [
-            name
-            for name in self._route
-            if channel in self.channels
-            and channel in self._senders[name].channels
-            and tally.get(name, 0) < MAX_UNANSWERED_SENDS
-        ]
-        if not usable:
-            return None
-        if last is None or last not in self._route:
-            return usable[0]
-        start = self._route.index(last)
-        for step in range(1, len(self._route) + 1):
-            candidate = self._route[(start + step) % len(self._route)]
-            if candidate in usable:
-                return candidate
-        return None  # not reached: usable is a non-empty part of the route
+    def _seconds(self) -> float:
+        return self._clock.now().timestamp()
+
+    def _judge(self, provider: str, error: str | None, *, counts_against: bool = True) -> None:
+        """Record a send's outcome on the provider's health: ``error`` None for a success. A
+        refusal of one message (``counts_against`` false) says nothing about the provider, so
+        it leaves the breaker alone."""
+        health = self.health[provider]
+        if error is None:
+            health.sent += 1
+            health.breaker.succeeded()
+            return
+        health.failed += 1
+        health.last_error = error[:MAX_ERROR_LENGTH]
+        if counts_against:
+            before = health.breaker.state
+            health.breaker.failed()
+            if health.breaker.state is not before:
+                log.warning(
+                    "provider circuit %s", health.breaker.state.value, extra={"provider": provider}
+                )
+        else:
+            health.breaker.release_trial()
+
+    def _order(self, item: ClaimedMessage) -> tuple[str, ...]:
+        """The providers of the message's route that carry its channel, in order."""
+        message = item.message
+        country = None if message.channel is Channel.EMAIL else country_of(message.to)
+        return self._routing.providers_for(country, message.channel)
+
+    @staticmethod
+    def _rotation(order: tuple[str, ...], last: str | None, tally: Mapping[str, int]) -> list[str]:
+        """The providers to try next, in turn: for a message no provider has failed yet
+        (``last`` is None, or not in the route any more), the route from its start; after a
+        failure on ``last``, from the one after it, wrapping around (so ``last`` comes last).
+        Providers that left this message unanswered twice are left out."""
+        usable = [name for name in order if tally.get(name, 0) < MAX_UNANSWERED_SENDS]
+        if last is None or last not in order:
+            return usable
+        start = order.index(last) + 1
+        rotated = order[start:] + order[:start]
+        return [name for name in rotated if name in usable]
+
+    def _admits(self, provider: str) -> bool:
+        """Whether the provider's circuit lets a send through now."""
+        return self.health[provider].breaker.allows()
+
+    async def _rest(
+        self, item: ClaimedMessage, candidates: list[str], tally: dict[str, int]
+    ) -> None:
+        """Every provider that could take the message is resting (open circuits): try again
+        when the first of them lets a trial through, without counting it against any of them
+        (unless the verification expires first)."""
+        message, verification = item.message, item.verification
+        now = self._clock.now()
+        wait = min(self.health[name].breaker.resting_for() for name in candidates)
+        retry_at = now + timedelta(seconds=max(wait, self._poll_seconds))
+        error = with_unanswered(
+            f"every provider of the route is resting after failures: {', '.join(candidates)}",
+            tally,
+        )
+        if verification is not None and retry_at >= verification.expires_at:
+            await self._fail(item, message.provider, error)
+            return
+        await self._storage.mark_retry(
+            message.id,
+            provider=message.provider,
+            error=error,
+            next_attempt_at=retry_at,
+            now=now,
+        )
+        self._metrics.count("message_retry", provider="none")
 
     async def _after_unanswered(self, item: ClaimedMessage, provider: str, error: str) -> None:
         self._metrics.count("message_send_timeout", provider=provider)
@@ -522,10 +624,13 @@ class Dispatcher:
         there is none, when a message without a verification used its attempts, or when its
         verification expires before the next attempt could be made."""
         message, verification = item.message, item.verification
+        unanswered = tally is not None
         if tally is None:
             tally = unanswered_sends(message.error)
         detail = with_unanswered(error, tally)
-        following = self._provider_after(provider, message.channel, tally)
+        order = self._order(item)
+        following_ones = self._rotation(order, provider, tally)
+        following = following_ones[0] if following_ones else None
         if following is None:
             await self._fail(
                 item,
@@ -543,8 +648,8 @@ class Dispatcher:
         retry_at = self._retry.next_attempt_at(
             now,
             attempt=attempt,
-            rounds=math.ceil(attempt / len(self._route)),
-            at_once=self._route.index(following) > self._route.index(provider),
+            rounds=math.ceil(attempt / max(1, len(order))),
+            at_once=provider in order and order.index(following) > order.index(provider),
             expires_at=expires_at,
         )
         if retry_at is None:
@@ -557,7 +662,12 @@ class Dispatcher:
             return
         delay = (retry_at - now).total_seconds()
         await self._storage.mark_retry(
-            message.id, provider=provider, error=detail, next_attempt_at=retry_at, now=now
+            message.id,
+            provider=provider,
+            error=detail,
+            next_attempt_at=retry_at,
+            now=now,
+            outcome=AttemptOutcome.UNANSWERED if unanswered else AttemptOutcome.RETRY,
         )
         self._metrics.count("message_retry", provider=provider)
         log.warning(
@@ -575,6 +685,10 @@ class Dispatcher:
             self._wake.set()
 
     async def _fail(self, item: ClaimedMessage, provider: str | None, error: str) -> None:
+        """Fail the message for good; a verification's code first moves to the service's next
+        channel, if one can carry it, so the verification lives on."""
+        if item.verification is not None and item.service is not None:
+            await self._fall_back(item.verification, item.service, after=item.message.channel)
         failed = await self._storage.mark_failed(
             item.message.id, provider=provider, error=error, now=self._clock.now()
         )
@@ -585,6 +699,105 @@ class Dispatcher:
         )
         if failed is not None:
             self._metrics.count("verification_failed")
+
+    # --- channel fallback ------------------------------------------------------------------
+
+    async def fallbacks_due(self) -> int:
+        """Move every verification whose timed fallback is due (no check arrived within the
+        service's ``fallback_after_seconds``) to its next channel; returns how many moved."""
+        now = self._clock.now()
+        moved = 0
+        for verification in await self._storage.fallback_due(now, limit=FALLBACK_BATCH):
+            service = await self._storage.get_service(
+                verification.account_id, verification.service_id
+            )
+            if service is not None and await self._fall_back(
+                verification, service, after=verification.channel
+            ):
+                moved += 1
+            else:
+                await self._storage.clear_fallback(verification.id)
+        return moved
+
+    async def _fall_back(
+        self, verification: Verification, service: Service, *, after: Channel
+    ) -> bool:
+        """Queue the verification's code on the first channel after ``after`` in the service's
+        ``channels`` that this server can deliver, that has an address for it and has not been
+        used yet (at most once per channel). True when a message was queued."""
+        channels = service.policy.channels
+        later = channels[channels.index(after) + 1 :] if after in channels else ()
+        if not later or verification.code_sealed is None:
+            return False
+        try:
+            code = self._vault.unseal(verification.id, verification.code_sealed)
+        except ValueError:
+            return False
+        policy = rules.effective_policy(
+            service.policy, template=verification.template, sender_id=verification.sender_id
+        )
+        now = self._clock.now()
+        for channel in later:
+            to = _address(verification, channel)
+            if to is None or channel not in self.channels:
+                continue
+            if verification.context and channel is not Channel.SMS:
+                continue  # the amount and payee are shown by SMS only
+            message, masked = rules.code_message(
+                policy,
+                message_id=new_id("msg"),
+                account_id=verification.account_id,
+                verification_id=verification.id,
+                to=to,
+                channel=channel,
+                locale=verification.locale,
+                code=code,
+                context=verification.context,
+                now=now,
+            )
+            try:
+                message = await self._priced(message)
+                queued = await self._storage.queue_fallback(
+                    verification.id,
+                    message,
+                    body_masked=masked,
+                    now=now,
+                    next_fallback_at=rules.fallback_at(service.policy, channel, now),
+                )
+            except (InsufficientCredit, CountryNotAllowed) as exc:
+                log.warning(
+                    "channel fallback not billable",
+                    extra={
+                        "verification_id": verification.id,
+                        "channel": channel.value,
+                        "error": exc.code,
+                    },
+                )
+                continue
+            if queued:
+                self._metrics.count("verification_fallback", channel=channel.value)
+                log.info(
+                    "verification falls back to another channel",
+                    extra={
+                        "verification_id": verification.id,
+                        "from": after.value,
+                        "channel": channel.value,
+                    },
+                )
+                self._wake.set()
+                return True
+        return False
+
+    async def _priced(self, message: Message) -> Message:
+        """An SMS fallback is priced and debited like any SMS; a call or an e-mail is not."""
+        if self._billing is None or message.channel is not Channel.SMS:
+            return message
+        account = await self._storage.get_account(message.account_id)
+        country = country_of(message.to)
+        if account is None or country is None:
+            return message
+        price = await self._billing.price(account, country=country, segments=message.segments)
+        return message if price is None else replace(message, price_units=price)
 
     # --- sent-marks storage has not taken yet ----------------------------------------------
 

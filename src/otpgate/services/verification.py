@@ -27,7 +27,6 @@ from otpgate.domain.model import (
     CheckResult,
     CodeType,
     Message,
-    MessageStatus,
     Principal,
     Service,
     ServicePolicy,
@@ -36,10 +35,12 @@ from otpgate.domain.model import (
     new_id,
 )
 from otpgate.domain.phone import (
+    country_of,
     mask,
     parse_phone,
     require_allowed_country,
     require_sms_capable,
+    require_voice_capable,
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
@@ -84,6 +85,16 @@ class StartRequest:
     #: Supersede a pending verification of the destination even with the same context: a new
     #: code (LabsMobile's sendCode), under the same resend rules as any superseding.
     replace_pending: bool = False
+    #: Where the code goes if the service falls back to e-mail.
+    email: str | None = None
+
+
+def destination_key(to: str, country: str | None = None) -> str:
+    """How a destination is stored: an e-mail address as :func:`validate_email` writes it, a
+    number in E.164 (``InvalidPhoneNumber`` when it is neither)."""
+    if "@" in to:
+        return rules.validate_email(to, param="to")
+    return parse_phone(to, country).e164
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +142,33 @@ class VerificationService:
         policy = service.policy
         channel = self._channel(service, request.channel)
         code_length, template, sender_id = self._own_settings(policy, request)
-        # 1. Destination: valid, assigned, of a type that receives SMS, in an allowed country.
-        destination = parse_phone(request.to, request.country)
-        require_sms_capable(destination)
-        require_allowed_country(destination, policy.allowed_countries)
+        # 1. Destination: an e-mail address, or a valid, assigned number of a type that
+        #    receives the channel, in an allowed country.
+        country: str | None = None
+        if channel is Channel.EMAIL:
+            to = rules.validate_email(request.to, param="to")
+        else:
+            destination = parse_phone(request.to, request.country)
+            if channel is Channel.SMS:
+                require_sms_capable(destination)
+            else:
+                require_voice_capable(destination)
+            require_allowed_country(destination, policy.allowed_countries)
+            to, country = destination.e164, destination.country
+        fallback_email = (
+            rules.validate_email(request.email, param="email")
+            if request.email is not None
+            else None
+        )
         # 2. Request fields, validated before any write.
         locale = rules.validate_locale(request.locale) or policy.default_locale
         context = rules.validate_context(request.context)
+        if context and channel is not Channel.SMS:
+            raise InvalidRequest(
+                "a code bound to a transaction (context) goes by SMS only, where the amount "
+                "and payee are shown with it",
+                param="channel",
+            )
         metadata = rules.validate_metadata(
             request.metadata, len(json.dumps(request.metadata or {}))
         )
@@ -149,9 +180,7 @@ class VerificationService:
             )
         )
         now = self._clock.now()
-        pending, lockout = await self._storage.pending_for_destination(
-            service.id, destination.e164, now
-        )
+        pending, lockout = await self._storage.pending_for_destination(service.id, to, now)
         # 3. Lockout after too many consecutive failures (S8): neither a resend nor a new
         #    verification may restart the guessing.
         self._refuse_if_locked(lockout)
@@ -175,7 +204,7 @@ class VerificationService:
         verification, message, body_masked = self._new(
             service,
             principal,
-            destination.e164,
+            to,
             channel,
             locale,
             context,
@@ -188,8 +217,13 @@ class VerificationService:
         )
         # 5. The price, when a price table applies: a prepaid account cannot send where there
         #    is none, and the debit happens in the same transaction as the insert.
-        message = await self._priced(principal.account, message, destination.country)
-        verification = replace(verification, messages=(message,))
+        message = await self._priced(principal.account, message, country)
+        verification = replace(
+            verification,
+            messages=(message,),
+            fallback_email=fallback_email,
+            fallback_at=rules.fallback_at(policy, channel, now),
+        )
         lease_until = self._outbox.lease_until(now)
         created = await self._storage.create_verification(
             verification,
@@ -200,9 +234,7 @@ class VerificationService:
         )
         if not created:
             # A concurrent start won the race for this destination; ours becomes a resend.
-            pending, _ = await self._storage.pending_for_destination(
-                service.id, destination.e164, now
-            )
+            pending, _ = await self._storage.pending_for_destination(service.id, to, now)
             if pending is None:
                 raise ResendTooSoon(
                     "another start for this destination is in progress", retry_after=1
@@ -212,7 +244,7 @@ class VerificationService:
         self._metrics.count("verification_started", channel=channel.value)
         log.info(
             "verification started",
-            extra={"verification_id": verification.id, "to": mask(destination.e164)},
+            extra={"verification_id": verification.id, "to": mask(to)},
         )
         return verification, True
 
@@ -297,10 +329,11 @@ class VerificationService:
             sender_id = sms.validate_sender_id(sender_id)
         return code_length, template, sender_id
 
-    async def _priced(self, account: Account, message: Message, country: str) -> Message:
-        """The message with its price, or as it is when no price applies;
-        ``CountryNotAllowed`` when a prepaid account cannot be billed for ``country``."""
-        if self._billing is None:
+    async def _priced(self, account: Account, message: Message, country: str | None) -> Message:
+        """The message with its price, or as it is when no price applies (no price table, or
+        not an SMS: prices are per SMS part); ``CountryNotAllowed`` when a prepaid account
+        cannot be billed for ``country``."""
+        if self._billing is None or message.channel is not Channel.SMS or country is None:
             return message
         price = await self._billing.price(account, country=country, segments=message.segments)
         return message if price is None else replace(message, price_units=price)
@@ -341,7 +374,7 @@ class VerificationService:
             code,
             verification.context,
         )
-        message = await self._priced(account, message, parse_phone(verification.to).country)
+        message = await self._priced(account, message, country_of(verification.to))
         lease_until = self._outbox.lease_until(now)
         updated = await self._storage.record_resend(
             verification.id,
@@ -432,32 +465,18 @@ class VerificationService:
     ) -> tuple[Message, str]:
         """The outbox row for one send, with the text measured now (segments and encoding are
         part of the answer) and kept only with the code masked."""
-        text = rules.compose_sms(policy, code=code, locale=locale, context=context)
-        shape = sms.measure(text)
-        most = sms.MAX_MULTIPART_SEGMENTS if policy.allow_multipart else 1
-        if shape.segments > most:
-            # Templates are proven to fit with GSM-7 values; only context values (characters
-            # outside GSM-7 switch the message to UCS-2) can push it past.
-            raise InvalidRequest(
-                f"with this context the message needs {shape.segments} SMS segments; use "
-                "shorter values or GSM-7 characters",
-                param="context",
-            )
-        now = self._clock.now()
-        message = Message(
-            id=new_id("msg"),
+        return rules.code_message(
+            policy,
+            message_id=new_id("msg"),
             account_id=account_id,
             verification_id=verification_id,
-            channel=channel,
             to=to,
-            status=MessageStatus.QUEUED,
+            channel=channel,
             locale=locale,
-            segments=shape.segments,
-            encoding=shape.encoding,
-            created_at=now,
-            updated_at=now,
+            code=code,
+            context=context,
+            now=self._clock.now(),
         )
-        return message, rules.mask_code(text, code)
 
     # --- check ------------------------------------------------------------------------------
 
@@ -492,13 +511,13 @@ class VerificationService:
         presented = self._presented(code)
         checked_context = rules.validate_context(context)
         service = await self._service(principal, service_id)
-        destination = parse_phone(to, country)
+        destination = destination_key(to, country)
         verification = await self._storage.latest_verification(
-            principal.account.id, service.id, destination.e164
+            principal.account.id, service.id, destination
         )
         if verification is None:
             raise NotFound("no verification for this destination in this service")
-        lockout = await self._storage.lockout(service.id, destination.e164)
+        lockout = await self._storage.lockout(service.id, destination)
         return await self._check(verification, presented, checked_context, lockout)
 
     @staticmethod
@@ -645,15 +664,15 @@ class VerificationService:
         before anything is written.
         """
         service = await self._service(principal, service_id)
-        destination = parse_phone(to, country)
-        lockout = await self._storage.lockout(service.id, destination.e164)
+        destination = destination_key(to, country)
+        lockout = await self._storage.lockout(service.id, destination)
         locked_until = lockout.locked_until if lockout.in_force(self._clock.now()) else None
-        await self._storage.reset_destination_failures(service.id, destination.e164)
+        await self._storage.reset_destination_failures(service.id, destination)
         log.info(
             "destination lockout cleared",
-            extra={"service_id": service.id, "to": mask(destination.e164)},
+            extra={"service_id": service.id, "to": mask(destination)},
         )
-        return destination.e164, locked_until
+        return destination, locked_until
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -376,6 +377,28 @@ EXPIRE_DUE = (
     .where(v.c.status == PENDING, v.c.expires_at <= now())
     .values(status=const(VerificationStatus.EXPIRED.value), code_sealed=null(), updated_at=now())
 )
+#: Claim a channel fallback: the verification is pending and unexpired and has no message on
+#: that channel yet (at most one per channel); it now shows that channel, and its next timed
+#: fallback is ``fallback_at`` (NULL: none).
+CLAIM_FALLBACK = (
+    update(v)
+    .where(
+        v.c.id == p("id"),
+        v.c.status == PENDING,
+        v.c.expires_at > now(),
+        ~exists().where(m.c.verification_id == v.c.id, m.c.channel == p("channel")),
+    )
+    .values(channel=p("channel"), fallback_at=p("fallback_at", UTCDateTime), updated_at=now())
+    .returning(v.c.id)
+)
+#: Pending verifications whose timed fallback is due.
+FALLBACK_DUE = (
+    select(v)
+    .where(v.c.fallback_at <= now(), v.c.status == PENDING, v.c.expires_at > now())
+    .order_by(v.c.fallback_at)
+    .limit(p("limit", Integer))
+)
+CLEAR_FALLBACK = update(v).where(v.c.id == p("id")).values(fallback_at=null())
 COUNT_RESEND = (
     update(v)
     .where(v.c.id == p("id"), resendable())
@@ -555,10 +578,27 @@ CLAIM = (
     )
     .returning(*m.c)
 )
+
+
+def _logged() -> ColumnElement[str]:
+    """``attempt_log`` with the ``entry`` parameter (one JSON line) appended, while the log is
+    under :data:`ATTEMPT_LOG_LIMIT` characters; past it the first attempts are kept and the
+    rest only counted (``attempts``). ``||`` on both dialects."""
+    log = func.coalesce(m.c.attempt_log, "")
+    return case(
+        (func.length(log) < ATTEMPT_LOG_LIMIT, log + p("entry")),
+        else_=log,
+    )
+
+
+#: The most characters of delivery history a message keeps (about a hundred attempts).
+ATTEMPT_LOG_LIMIT = 20_000
+
 MARK_SENT = (
     update(m)
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
+        attempt_log=_logged(),
         status=SENT,
         provider=p("provider"),
         provider_ref=p("provider_ref"),
@@ -572,6 +612,7 @@ MARK_RETRY = (
     update(m)
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
+        attempt_log=_logged(),
         provider=p("provider"),
         error=p("error"),
         lease_until=null(),
@@ -583,6 +624,7 @@ MARK_FAILED = (
     update(m)
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
+        attempt_log=_logged(),
         status=const(MessageStatus.FAILED.value),
         provider=p("provider"),
         error=p("error"),

@@ -20,6 +20,8 @@ from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    Attempt,
+    AttemptOutcome,
     Channel,
     CodeType,
     Message,
@@ -30,6 +32,7 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
     new_id,
+    parse_attempt_log,
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
@@ -76,6 +79,7 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "android_app_hash": policy.android_app_hash,
         "webhook_url": policy.webhook_url,
         "allow_multipart": policy.allow_multipart,
+        "fallback_after_seconds": policy.fallback_after_seconds,
     }
 
 
@@ -99,6 +103,7 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         webhook_url=data.get("webhook_url"),
         # absent from services stored before it existed: the default, one segment
         allow_multipart=bool(data.get("allow_multipart", False)),
+        fallback_after_seconds=data.get("fallback_after_seconds"),
     )
 
 
@@ -170,6 +175,7 @@ def message_from_row(row: Row) -> Message:
         client_ref=row["client_ref"],
         label=row["label"],
         ack_url=row["ack_url"],
+        history=parse_attempt_log(row["attempt_log"]),
     )
 
 
@@ -197,6 +203,8 @@ def verification_from_row(row: Row, messages: Sequence[Message] = ()) -> Verific
         messages=tuple(messages),
         template=row["template"],
         sender_id=row["sender_id"],
+        fallback_email=row["fallback_email"],
+        fallback_at=row["fallback_at"],
     )
 
 
@@ -232,6 +240,8 @@ def verification_values(v: Verification) -> dict[str, Any]:
         "v_last_sent_at": v.last_sent_at,
         "v_template": v.template,
         "v_sender_id": v.sender_id,
+        "v_fallback_email": v.fallback_email,
+        "v_fallback_at": v.fallback_at,
     }
 
 
@@ -268,6 +278,7 @@ def message_values(
         "m_client_ref": m.client_ref,
         "m_label": m.label,
         "m_ack_url": m.ack_url,
+        "m_attempt_log": None,
     }
 
 
@@ -718,6 +729,36 @@ class SqlStore:
             await _charge(tx, message.account_id, [message])
             return await self._with_messages(tx, await tx.one(q.VERIFICATION, id=verification_id))
 
+    async def queue_fallback(
+        self,
+        verification_id: str,
+        message: Message,
+        *,
+        body_masked: str,
+        now: datetime,
+        next_fallback_at: datetime | None,
+    ) -> bool:
+        async with self._x.transaction() as tx:
+            claimed = await tx.one(
+                q.CLAIM_FALLBACK,
+                id=verification_id,
+                channel=message.channel.value,
+                fallback_at=next_fallback_at,
+                now=now,
+            )
+            if claimed is None:
+                return False
+            await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked))
+            await _charge(tx, message.account_id, [message])
+            return True
+
+    async def fallback_due(self, now: datetime, *, limit: int) -> Sequence[Verification]:
+        rows = await self._x.all(q.FALLBACK_DUE, now=now, limit=limit)
+        return [verification_from_row(row) for row in rows]
+
+    async def clear_fallback(self, verification_id: str) -> None:
+        await self._x.run(q.CLEAR_FALLBACK, id=verification_id)
+
     async def get_verification(self, account_id: str, verification_id: str) -> Verification | None:
         row = await self._x.one(
             q.VERIFICATION_OF_ACCOUNT, id=verification_id, account_id=account_id
@@ -871,6 +912,7 @@ class SqlStore:
             id=message_id,
             provider=provider,
             provider_ref=receipt.provider_ref,
+            entry=Attempt(provider, now, AttemptOutcome.SENT).to_line(),
             now=now,
         )
 
@@ -878,15 +920,17 @@ class SqlStore:
         self,
         message_id: str,
         *,
-        provider: str,
+        provider: str | None,
         error: str,
         next_attempt_at: datetime,
         now: datetime,
+        outcome: AttemptOutcome = AttemptOutcome.RETRY,
     ) -> None:
         await self._x.run(
             q.MARK_RETRY,
             id=message_id,
             provider=provider,
+            entry=Attempt(provider, now, outcome, error[:_ERROR_LENGTH]).to_line(),
             error=error[:_ERROR_LENGTH],
             next_attempt_at=next_attempt_at,
             now=now,
@@ -900,6 +944,9 @@ class SqlStore:
                 q.MARK_FAILED,
                 id=message_id,
                 provider=provider,
+                entry=Attempt(
+                    provider, now, AttemptOutcome.FAILED, error[:_ERROR_LENGTH]
+                ).to_line(),
                 error=error[:_ERROR_LENGTH],
                 now=now,
             )

@@ -118,7 +118,12 @@ verifications = Table(
     # used instead of the service's; and its own sender.
     Column("template", Text, nullable=True),
     Column("sender_id", String(15), nullable=True),
+    # Channel fallback: the address an e-mail fallback goes to, and when the next channel is
+    # due if no check has arrived (NULL: no timed fallback pending).
+    Column("fallback_email", String(320), nullable=True),
+    Column("fallback_at", UTCDateTime, nullable=True),
     Index("ix_verifications_account_created", "account_id", "created_at", "id"),
+    Index("ix_verifications_fallback", "fallback_at"),
     Index("ix_verifications_service_to_created", "service_id", "to", "created_at"),
     # At most one pending verification per (service, destination): concurrent starts cannot
     # create two live codes for one number.
@@ -161,6 +166,9 @@ messages = Table(
     Column("client_ref", String(20), nullable=True),
     Column("label", String(255), nullable=True),
     Column("ack_url", Text, nullable=True),
+    #: One JSON line per delivery attempt (provider, time, outcome, error): the message's
+    #: history, appended by the statement that records each outcome. See ``domain.model``.
+    Column("attempt_log", Text, nullable=True),
     Index("ix_messages_verification", "verification_id"),
     Index("ix_messages_account_created", "account_id", "created_at", "id"),
     Index("ix_messages_client_ref", "account_id", "client_ref"),

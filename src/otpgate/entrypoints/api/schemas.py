@@ -28,6 +28,7 @@ from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits
 from otpgate.domain.model import (
     Account,
     ApiKey,
+    AttemptOutcome,
     Channel,
     CheckResult,
     CodeType,
@@ -37,6 +38,7 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
 )
+from otpgate.domain.routing import ProviderHealth
 from otpgate.errors import InvalidRequest
 from otpgate.services.billing import CountryPrice
 
@@ -183,6 +185,13 @@ class ServiceFields(Body):
         description="accept custom templates longer than one SMS segment (each part billed); "
         "default false",
     )
+    fallback_after_seconds: int | None = Field(
+        None,
+        description="with several channels: move to the next when no check arrived within "
+        "this many seconds (10–3600, shorter than ttl_seconds); null: only when a channel "
+        "fails for good",
+        json_schema_extra=_range(10, 3_600),
+    )
 
 
 class StartVerification(Body):
@@ -203,6 +212,11 @@ class StartVerification(Body):
     )
     metadata: dict[str, Any] | None = Field(
         None, description="any object, at most 4096 bytes as JSON; returned as given"
+    )
+    email: str | None = Field(
+        None,
+        description="an e-mail address for the email channel when the service falls back to "
+        "it (with channel email, `to` is the address)",
     )
 
 
@@ -259,6 +273,13 @@ class Out(BaseModel):
     """A response shape. Every field is always present (null where the type says so)."""
 
 
+class AttemptOut(Out):
+    provider: str | None = Field(description="null when no provider could be tried")
+    at: datetime
+    outcome: AttemptOutcome
+    error: str | None
+
+
 class MessageOut(Out):
     id: str
     channel: Channel
@@ -269,6 +290,9 @@ class MessageOut(Out):
     price: str | None
     created_at: datetime
     updated_at: datetime
+    attempts: list[AttemptOut] = Field(
+        description="delivery attempts, oldest first: provider, time and outcome of each"
+    )
 
 
 class VerificationOut(Out):
@@ -314,6 +338,7 @@ class ServiceOut(Out):
     android_app_hash: str | None
     webhook_url: str | None
     allow_multipart: bool
+    fallback_after_seconds: int | None
     created_at: datetime
     updated_at: datetime
 
@@ -360,6 +385,33 @@ class PriceOut(Out):
 
 class PriceList(Out):
     data: list[PriceOut]
+
+
+class ProviderOut(Out):
+    name: str
+    type: str
+    state: Literal["closed", "open", "half_open"] = Field(
+        description="circuit breaker: closed (in use), open (resting after failures), "
+        "half_open (one trial send allowed)"
+    )
+    last_error: str | None
+    sent: int = Field(description="sends accepted by the provider, by this process")
+    failed: int = Field(description="sends that failed, by this process")
+
+
+class ProviderList(Out):
+    data: list[ProviderOut]
+
+
+def render_provider(health: ProviderHealth) -> dict[str, Any]:
+    return {
+        "name": health.name,
+        "type": health.type,
+        "state": health.state.value,
+        "last_error": health.last_error,
+        "sent": health.sent,
+        "failed": health.failed,
+    }
 
 
 class KeyOut(Out):
@@ -423,6 +475,15 @@ def render_message(m: Message) -> dict[str, Any]:
         "price": m.price,
         "created_at": timestamp(m.created_at),
         "updated_at": timestamp(m.updated_at),
+        "attempts": [
+            {
+                "provider": a.provider,
+                "at": timestamp(a.at),
+                "outcome": a.outcome.value,
+                "error": a.error,
+            }
+            for a in m.history
+        ],
     }
 
 
@@ -475,6 +536,7 @@ def render_service(s: Service) -> dict[str, Any]:
         "android_app_hash": p.android_app_hash,
         "webhook_url": p.webhook_url,
         "allow_multipart": p.allow_multipart,
+        "fallback_after_seconds": p.fallback_after_seconds,
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
     }

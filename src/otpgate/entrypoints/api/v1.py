@@ -180,6 +180,7 @@ async def start_verification(
                 context=body.context,
                 metadata=body.metadata,
                 country=body.country,
+                email=body.email,
             ),
         )
         return (201 if created else 200), s.render_verification(verification, verifications.now())
@@ -358,6 +359,21 @@ async def get_ledger(
     """Every top-up, debit and refund of the account, newest first."""
     result = await container_of(request).billing.ledger(principal, limit=limit, cursor=cursor)
     return ok(page([s.render_ledger_entry(e) for e in result.items], result.next_cursor))
+
+
+@router.get(
+    "/providers",
+    tags=["delivery"],
+    response_model=s.ProviderList,
+    responses=problem_responses(*AUTHENTICATED, Forbidden),
+)
+async def list_providers(request: Request, principal: Caller) -> Response:
+    """Admin only: every configured provider with its circuit state and the sends this
+    process made through it since it started (each process keeps its own count)."""
+    container = container_of(request)
+    container.access.require_admin(principal)
+    health = container.dispatcher.health
+    return ok({"data": [s.render_provider(h) for h in health.values()]})
 
 
 @router.get(
