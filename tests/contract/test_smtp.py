@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
+from otpgate.adapters.providers.config import load_delivery
 from otpgate.adapters.providers.registry import (
     create_provider,
     create_sender,
@@ -797,3 +798,52 @@ def test_url_forms(url: str, port: int, implicit_tls: bool, starttls: bool) -> N
 
 def test_from_options_is_the_registered_factory() -> None:
     assert provider_type("smtp", setting="X").factory is from_options
+
+
+def test_load_delivery_environment_form_names_email_from(tmp_path: Path) -> None:
+    # OTPGATE_SMTP_URL beside an SMS provider adds the smtp provider; its options are named
+    # by their environment variables.
+    settings = Settings(
+        sms_provider="console", smtp_url=SecretStr(f"smtps://{USER}:{PASSWORD}@mail.example.com")
+    )  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError) as info:
+        load_delivery(settings)
+    assert "OTPGATE_EMAIL_FROM is required" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+    delivery = load_delivery(settings.model_copy(update={"email_from": "a@b.example"}))
+    assert [(p.name, p.type) for p in delivery.providers] == [
+        ("console", "console"),
+        ("smtp", "smtp"),
+    ]
+
+
+def test_load_delivery_file_form(tmp_path: Path) -> None:
+    path = tmp_path / "otpgate.toml"
+    path.write_text(
+        "[providers.mail]\n"
+        'type = "smtp"\n'
+        f'url = "smtps://{USER}:{PASSWORD}@mail.example.com"\n'
+        'from = "Acme <no-reply@acme.example>"\n'
+        "[[routes]]\n"
+        'countries = ["*"]\n'
+        'providers = ["mail"]\n'
+    )
+    delivery = load_delivery(Settings(config=path))  # type: ignore[call-arg]
+    (provider,) = delivery.providers
+    assert isinstance(provider.sender, SmtpSender) and provider.sender.name == "mail"
+    assert PASSWORD not in repr(provider.sender)
+
+    path.write_text(
+        "[providers.mail]\n"
+        'type = "smtp"\n'
+        f'url = "smtps://{USER}:{PASSWORD}@mail.example.com"\n'
+        'from = "nobody"\n'
+        "[[routes]]\n"
+        'countries = ["*"]\n'
+        'providers = ["mail"]\n'
+    )
+    with pytest.raises(ConfigurationError) as info:
+        load_delivery(Settings(config=path))  # type: ignore[call-arg]
+    assert f"providers.mail.from in {path} must be an address" in str(info.value)
+    assert PASSWORD not in str(info.value) and "nobody" not in str(info.value)
