@@ -195,6 +195,7 @@ class Container:
     async def aclose(self) -> None:
         await self.dispatcher.stop()
         await self.callbacks.stop()
+        await self.receipts.aclose()
         for sender in self.senders.values():
             await sender.aclose()
         await self.outbound.aclose()

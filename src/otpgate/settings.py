@@ -54,13 +54,21 @@ class Settings(BaseSettings):
     smpp_url: SecretStr = SecretStr("")
     #: smsbox's ``sendsms`` URL with ``username`` and ``password`` (holds the password).
     kannel_url: SecretStr = SecretStr("")
+    #: The ``smsc-id`` Kannel routes otpgate's messages to; empty: Kannel's own routing.
+    kannel_smsc: str = ""
+    #: Which Kannel delivery reports to ask for (sum of 1, 2, 4, 8, 16); unset: 19.
+    kannel_dlr_mask: int | None = None
     twilio_account_sid: str = ""
     twilio_auth_token: SecretStr = SecretStr("")
     twilio_from: str = ""
+    #: SMS through a Twilio Messaging Service instead of ``twilio_from``.
+    twilio_messaging_service_sid: str = ""
     twilio_url: str = "https://api.twilio.com"
     vonage_api_key: str = ""
     vonage_api_secret: SecretStr = SecretStr("")
     vonage_url: str = "https://rest.nexmo.com"
+    #: The sender for a service without a sender id (Vonage needs one on every SMS).
+    vonage_from: str = ""
     #: ``smtp://user:pass@host:port?starttls=1`` (holds the password), for the e-mail channel.
     smtp_url: SecretStr = SecretStr("")
     email_from: str = ""

@@ -496,6 +496,37 @@ async def test_receipts_update_message_status(lm_api: Api, stub: LabsMobileStub)
     assert unknown_provider.status_code == 404
 
 
+async def test_a_report_that_arrives_before_the_sent_mark_is_applied_once_the_mark_lands(
+    lm_api: Api, stub: LabsMobileStub
+) -> None:
+    """An SMSC can report before otpgate has stored the message as sent: the report is held
+    and applied as soon as the message is known, not lost."""
+    vid = (await lm_api.start()).json()["id"]
+    message_id = (await status_of(lm_api, vid))["messages"][0]["id"]  # type: ignore[index]
+    subid = subid_for(message_id)
+    token = lm_api.container.keys.receipt_token("labsmobile")
+    # LabsMobile's ACK parameters, as its stub would send them once it had the message.
+    params = {"acklevel": "handset", "status": "ok", "desc": "DELIVRD", "subid": subid}
+    early = await lm_api.http.get("/v1/receipts/labsmobile", params={"token": token, **params})
+    assert early.status_code == 200  # acknowledged, so the provider does not retry
+    receipts = lm_api.container.receipts
+    assert receipts.held == 1
+    assert (await status_of(lm_api, vid))["messages"][0]["status"] == "queued"  # type: ignore[index]
+
+    await lm_api.deliver()  # the provider accepts it and the sent-mark is stored
+    assert await receipts.apply_held() == 0
+    assert (await status_of(lm_api, vid))["messages"][0]["status"] == "delivered"  # type: ignore[index]
+
+    # A report for a message that never comes is dropped after its time.
+    await lm_api.http.get(
+        "/v1/receipts/labsmobile", params={"token": token, **params, "subid": "f" * 20}
+    )
+    assert receipts.held == 1
+    assert await receipts.apply_held() == 1
+    lm_api.clock.advance(receipts.EARLY_REPORT_SECONDS)
+    assert await receipts.apply_held() == 0
+
+
 # --- S22: a worker killed between claim and provider answer ------------------------------------
 
 

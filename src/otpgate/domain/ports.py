@@ -113,9 +113,10 @@ class ReceiptAuthenticator(Protocol):
     def authenticate_receipt(
         self, url: str, params: Mapping[str, str], headers: Mapping[str, str]
     ) -> bool:
-        """True when the request to ``url`` (the receipt URL otpgate gave the provider,
-        token included) with ``params`` (query and form fields) and ``headers`` (lower-case
-        names) carries the provider's valid signature."""
+        """True when the request to ``url`` (the receipt URL otpgate gave the provider, built
+        from ``OTPGATE_PUBLIC_URL`` with the request's own query, token included) with
+        ``params`` (the fields of its POST body; the query is part of ``url``) and
+        ``headers`` (lower-case names) carries the provider's valid signature."""
         ...
 
 

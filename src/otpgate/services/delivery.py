@@ -849,18 +849,93 @@ class Dispatcher:
 
 
 class ReceiptService:
-    """Applies authenticated delivery reports to messages (API.md §6)."""
+    """Applies authenticated delivery reports to messages (API.md §6).
+
+    A report can arrive before the sent-mark of its message is stored: an SMSC may report
+    within milliseconds, while the dispatcher's sent-marks share a commit a moment later (and
+    an HTTP receipt may reach an API node before the worker's commit). A report that names no
+    known message is therefore held and applied again every second for
+    :attr:`EARLY_REPORT_SECONDS`; only then is it dropped as a report of an unknown message.
+    Held reports live in this process's memory (at most :attr:`EARLY_REPORT_LIMIT`): a
+    process that stops drops them, and their messages stay ``sent``.
+    """
+
+    EARLY_REPORT_SECONDS = 120.0
+    EARLY_REPORT_LIMIT = 10_000
+    RETRY_SECONDS = 1.0
 
     def __init__(self, *, storage: MessageStore, clock: Clock, metrics: Metrics) -> None:
         self._storage = storage
         self._clock = clock
         self._metrics = metrics
+        # (provider, reference) → (report, when it first arrived), oldest first.
+        self._early: dict[tuple[str, str], tuple[DeliveryReport, datetime]] = {}
+        self._retrier: asyncio.Task[None] | None = None
 
     async def record(self, provider: str, report: DeliveryReport | None) -> bool:
-        """True when the report named a known message; unknown ones are ignored."""
+        """True when the report named a known message. An unknown one is held and retried
+        (see the class docstring); the caller acknowledges it either way."""
         if report is None:
             return False
+        known = await self._apply(provider, report)
+        if not known and report.status is not None:
+            self._hold(provider, report)
+        return known
+
+    async def _apply(self, provider: str, report: DeliveryReport) -> bool:
         known = await self._storage.apply_report(provider, report, self._clock.now())
         if known and report.status is not None:
             self._metrics.count("receipt", provider=provider, status=report.status.value)
         return known
+
+    def _hold(self, provider: str, report: DeliveryReport) -> None:
+        key = (provider, report.provider_ref)
+        first = self._early.pop(key, (report, self._clock.now()))[1]
+        self._early[key] = (report, first)
+        while len(self._early) > self.EARLY_REPORT_LIMIT:
+            self._early.pop(next(iter(self._early)))
+        if self._retrier is None:
+            self._retrier = asyncio.create_task(self._retry_held(), name="otpgate-early-reports")
+
+    async def apply_held(self) -> int:
+        """Apply every held report once more; drop those applied and those held too long.
+        Returns how many are still held."""
+        now = self._clock.now()
+        limit = timedelta(seconds=self.EARLY_REPORT_SECONDS)
+        for key, (report, first) in list(self._early.items()):
+            try:
+                known = await self._apply(key[0], report)
+            except Unavailable:
+                break  # storage is down: try them all again next round
+            if known or now - first >= limit:
+                self._early.pop(key, None)
+                if not known:
+                    log.info(
+                        "delivery report for an unknown message dropped",
+                        extra={"provider": key[0]},
+                    )
+        return len(self._early)
+
+    async def _retry_held(self) -> None:
+        try:
+            while self._early:
+                await asyncio.sleep(self.RETRY_SECONDS)
+                await self.apply_held()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the retrier must not die silently with reports held
+            log.exception("retrying early delivery reports failed")
+        finally:
+            self._retrier = None
+
+    @property
+    def held(self) -> int:
+        """How many reports wait for their message's sent-mark."""
+        return len(self._early)
+
+    async def aclose(self) -> None:
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
+            self._retrier = None
