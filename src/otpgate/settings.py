@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     #: ``smtp://user:pass@host:port?starttls=1`` (holds the password), for the e-mail channel.
     smtp_url: SecretStr = SecretStr("")
     email_from: str = ""
+    #: PEM bundle of the CAs that may sign the SMTP server's certificate (default: certifi's).
+    smtp_ca_file: Path | None = None
     provider_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     #: Calls to URLs that callers supply (LabsMobile ``ackurl``, webhooks). Comma-separated

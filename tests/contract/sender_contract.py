@@ -8,7 +8,8 @@ module subclasses with a ``case`` fixture for its real (or faithfully stubbed) c
     class TestContract(SenderContract):
         pass
 
-The helpers here (``make_sms``, ``assert_no_secret``) are shared by those modules too.
+The helpers here (``make_sms``, ``make_email``, ``assert_no_secret``) are shared by those modules
+too. A sender of another channel than SMS sets ``SenderCase.message`` (``make_email`` for e-mail).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from otpgate.adapters.providers.registry import PROVIDER_NAME
-from otpgate.domain.model import Channel, OutboundMessage, SendReceipt, SmsContent
+from otpgate.domain.model import Channel, EmailContent, OutboundMessage, SendReceipt, SmsContent
 from otpgate.domain.ports import Sender
 from otpgate.errors import DeliveryError, TransientDeliveryError
 
@@ -47,6 +48,25 @@ def make_sms(
         text=text,
         receipt_url=receipt_url,
         sms=SmsContent(sender_id=sender_id, encoding=encoding, segments=segments),
+    )
+
+
+def make_email(
+    *,
+    message_id: str = MESSAGE_ID,
+    to: str = "ana@example.com",
+    text: str = TEXT,
+    subject: str = "Your Acme verification code",
+    html: str = f"<p>Your Acme code is <b>{CODE}</b>. Do not share it.</p>",
+    locale: str = "en",
+) -> OutboundMessage:
+    return OutboundMessage(
+        message_id=message_id,
+        channel=Channel.EMAIL,
+        to=to,
+        text=text,
+        locale=locale,
+        email=EmailContent(subject=subject, html=html),
     )
 
 

@@ -157,7 +157,7 @@ def test_an_unknown_provider_names_the_setting_and_the_known_ones() -> None:
         "OTPGATE_SMS_PROVIDER='pigeon' is not a provider; known providers: "
         + ", ".join(known_providers())
     )
-    assert "console, kannel, labsmobile, smpp, twilio, vonage" in str(info.value)
+    assert "console, kannel, labsmobile, smpp, smtp, twilio, vonage" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -389,6 +389,20 @@ def test_bad_input_is_refused_and_changes_nothing(server: Server) -> None:
 # --- server-side commands on the server's database ------------------------------------------
 
 
+def test_services_allow_multipart_flag(server: Server) -> None:
+    created = new_service(server, "--allow-multipart")
+    assert created["allow_multipart"] is True
+    assert new_service(server)["allow_multipart"] is False
+    updated = ok(
+        server.run("services", "update", "--id", created["id"], "--no-allow-multipart", "--json")
+    )
+    assert updated["allow_multipart"] is False
+    kept = ok(
+        server.run("services", "update", "--id", created["id"], "--ttl-seconds", "120", "--json")
+    )
+    assert kept["allow_multipart"] is False
+
+
 def test_services_list_show_update(server: Server) -> None:
     auth = {"Authorization": f"Bearer {server.key}"}
     created = new_service(server, "--code-length", "8", "--allowed-country", "ES")

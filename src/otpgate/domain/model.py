@@ -106,6 +106,8 @@ class ServicePolicy:
     webotp_domain: str | None = None
     android_app_hash: str | None = None
     webhook_url: str | None = None
+    #: Accept templates that may need more than one SMS part (each part is billed).
+    allow_multipart: bool = False
     #: With several channels: the next one is used when no check arrived within this long.
     fallback_after_seconds: int | None = None
 

@@ -60,6 +60,7 @@ POLICY_FIELDS = frozenset(
         "webotp_domain",
         "android_app_hash",
         "webhook_url",
+        "allow_multipart",
         "fallback_after_seconds",
     }
 )
@@ -163,6 +164,10 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         return sms.validate_webotp_domain(_text(key, value))
     if key == "android_app_hash":
         return sms.validate_android_app_hash(_text(key, value))
+    if key == "allow_multipart":
+        if not isinstance(value, bool):
+            raise InvalidRequest("allow_multipart must be true or false", param=key)
+        return value
     if key == "webhook_url":
         url = _text(key, value)
         if not _URL.match(url) or len(url) > 2_048:
@@ -186,17 +191,21 @@ def _text(key: str, value: Any) -> str:
 
 
 def _check_templates(policy: ServicePolicy) -> None:
-    """Every template the service may use must fit one SMS segment with the longest values."""
+    """Every template the service may use must fit one SMS segment with the longest values: the
+    service's name as ``{brand}``, a code of the longest length a verification may ask for
+    (``MAX_CODE_LENGTH``, not only the service's own), its validity, and its autofill lines.
+    With ``allow_multipart`` a template may need up to ``sms.MAX_MULTIPART_SEGMENTS`` parts."""
 
     def fits(template: str, param: str, brand: str = policy.name) -> None:
         sms.validate_template(
             template,
             brand=brand,
-            code_length=policy.code_length,
+            code_length=MAX_CODE_LENGTH,
             max_minutes=minutes_of(policy),
             webotp_domain=policy.webotp_domain,
             android_app_hash=policy.android_app_hash,
             param=param,
+            allow_multipart=policy.allow_multipart,
         )
 
     for locale, template in policy.templates.items():
@@ -395,11 +404,12 @@ def code_message(
     """The outbox row of one send of ``code`` on ``channel``, with its text measured now (an
     SMS's segments and encoding are part of the answer), and the text as stored: every form
     of the code masked. A call or an e-mail counts as one part. ``InvalidRequest`` when a
-    context pushes an SMS past one segment (templates alone are proven to fit)."""
+    context pushes an SMS past one segment, or past ``sms.MAX_MULTIPART_SEGMENTS`` when the
+    service allows multipart (templates alone are proven to fit)."""
     composed = compose(policy, channel, code=code, locale=locale, context=context)
     if channel is Channel.SMS:
         shape = sms.measure(composed.text)
-        if shape.segments > 1:
+        if shape.segments > (sms.MAX_MULTIPART_SEGMENTS if policy.allow_multipart else 1):
             raise InvalidRequest(
                 f"with this context the message needs {shape.segments} SMS segments; use "
                 "shorter values or GSM-7 characters",

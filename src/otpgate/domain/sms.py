@@ -35,6 +35,8 @@ CONTEXT_VALUE_MAX_LENGTH = 32
 CONTEXT_KEYS = ("amount", "payee")
 #: Longest service name, i.e. the longest ``{brand}`` the built-in templates are proven against.
 MAX_BRAND_LENGTH = 40
+#: The most parts a template may need in the worst case when the service allows multipart.
+MAX_MULTIPART_SEGMENTS = 10
 
 # GSM 03.38 default alphabet, in code-point order 0x00-0x7F. 0x1B is the escape to the extension
 # table, not a character, so it is left out of the set (written here as a placeholder and removed).
@@ -329,11 +331,13 @@ def validate_template(
     webotp_domain: str | None,
     android_app_hash: str | None,
     param: str = "templates",
+    allow_multipart: bool = False,
 ) -> None:
-    """Refuse, with ``InvalidRequest(param=param)``, a template that cannot be sent as one part.
+    """Refuse, with ``InvalidRequest(param=param)``, a template that cannot be sent as one part
+    (or, with ``allow_multipart``, as at most :data:`MAX_MULTIPART_SEGMENTS` parts).
 
     Refused: no ``{code}``; an unknown placeholder or a stray brace; or a worst-case rendering that
-    needs more than one part. The worst case is ``brand`` as given, a code of ``code_length``
+    needs more parts than allowed. The worst case is ``brand`` as given, a code of ``code_length``
     characters, ``{minutes}`` with as many digits as ``max_minutes``, context values of
     :data:`CONTEXT_VALUE_MAX_LENGTH` characters (one-septet ``W``, or ``Ж`` if the template is
     UCS-2 anyway), plus the autofill lines. With an Android hash the message must also be at most
@@ -360,12 +364,19 @@ def validate_template(
         android_app_hash=android_app_hash,
     )
     shape = measure(message)
-    if shape.segments > 1:
+    extra = " including the autofill lines" if webotp_domain or android_app_hash else ""
+    if allow_multipart and shape.segments > MAX_MULTIPART_SEGMENTS:
+        raise InvalidRequest(
+            f"template is too long: with the longest values{extra} it needs {shape.segments} "
+            f"SMS parts, and at most {MAX_MULTIPART_SEGMENTS} are allowed",
+            param=param,
+        )
+    if not allow_multipart and shape.segments > 1:
         limit = _SINGLE_PART[shape.encoding]
-        extra = " including the autofill lines" if webotp_domain or android_app_hash else ""
         raise InvalidRequest(
             f"template is too long: with the longest values{extra} it needs {shape.units} "
-            f"{shape.encoding} units, and one SMS holds {limit}",
+            f"{shape.encoding} units, and one SMS holds {limit}; set allow_multipart to "
+            "accept longer messages sent (and billed) as several parts",
             param=param,
         )
     if android_app_hash and _packed_bytes(shape) > 140:

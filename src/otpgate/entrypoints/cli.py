@@ -696,6 +696,13 @@ AllowedCountry = Annotated[
 SenderId = Annotated[str | None, typer.Option(help="SMS sender.")]
 DefaultLocale = Annotated[str | None, typer.Option(help="e.g. en, es.")]
 WebOtpDomain = Annotated[str | None, typer.Option(help="Host for the WebOTP line.")]
+AllowMultipart = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-multipart/--no-allow-multipart",
+        help="Accept templates longer than one SMS segment (each part billed).",
+    ),
+]
 ServiceId = Annotated[str, typer.Option("--id", help="Service id (svc_…).")]
 
 
@@ -720,6 +727,7 @@ def services_create(
     sender_id: SenderId = None,
     default_locale: DefaultLocale = None,
     webotp_domain: WebOtpDomain = None,
+    allow_multipart: AllowMultipart = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a service; options not given keep their defaults."""
@@ -737,6 +745,7 @@ def services_create(
         sender_id=sender_id,
         default_locale=default_locale,
         webotp_domain=webotp_domain,
+        allow_multipart=allow_multipart,
     )
 
     async def action(c: Container) -> Any:
@@ -793,6 +802,7 @@ def services_update(
     sender_id: SenderId = None,
     default_locale: DefaultLocale = None,
     webotp_domain: WebOtpDomain = None,
+    allow_multipart: AllowMultipart = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Change a service: only the options given change, the rest stays as it is."""
@@ -810,6 +820,7 @@ def services_update(
         sender_id=sender_id,
         default_locale=default_locale,
         webotp_domain=webotp_domain,
+        allow_multipart=allow_multipart,
     )
 
     async def action(c: Container) -> Any:

@@ -322,6 +322,7 @@ class VerificationService:
                 webotp_domain=policy.webotp_domain,
                 android_app_hash=policy.android_app_hash,
                 param="template",
+                allow_multipart=policy.allow_multipart,
             )
         sender_id = request.sender_id
         if sender_id is not None:

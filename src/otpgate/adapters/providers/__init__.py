@@ -6,7 +6,7 @@ Importing this package imports every provider module, so every type is registere
 ``bootstrap`` looks one up.
 """
 
-from otpgate.adapters.providers import console, kannel, labsmobile, smpp, twilio, vonage
+from otpgate.adapters.providers import console, kannel, labsmobile, smpp, smtp, twilio, vonage
 from otpgate.adapters.providers.registry import create_sender, known_providers, register
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "labsmobile",
     "register",
     "smpp",
+    "smtp",
     "twilio",
     "vonage",
 ]

@@ -48,6 +48,7 @@ from otpgate.adapters.providers.registry import (
     ProviderOptions,
     create_provider,
     env_options,
+    option_names,
     provider_type,
 )
 from otpgate.domain.ports import Sender
@@ -96,7 +97,7 @@ def _from_environment(settings: Settings) -> Delivery:
 
 def _env_provider(type_: str, settings: Settings) -> Provider:
     registered = provider_type(type_, setting="OTPGATE_SMS_PROVIDER")
-    names = {option: registered.env_setting(option) for option in registered.options.model_fields}
+    names = {option: registered.env_setting(option) for option in option_names(registered.options)}
     sender, options = create_provider(
         type_,
         type_,
@@ -144,7 +145,7 @@ def _file_provider(path: Path, name: str, table: Any, settings: Settings) -> Pro
     options: Mapping[str, Any] = {k: v for k, v in table.items() if k != "type"}
     names = {option: f"{where}.{option} in {path}" for option in options}
     registered = provider_type(type_, setting=f"{where}.type in {path}")
-    for option in registered.options.model_fields:
+    for option in option_names(registered.options):
         names.setdefault(option, f"{where}.{option} in {path}")
     sender, validated = create_provider(
         name,

@@ -38,6 +38,7 @@ __all__ = [
     "create_sender",
     "env_options",
     "known_providers",
+    "option_names",
     "provider_type",
     "register",
 ]
@@ -138,11 +139,17 @@ def provider_type(type_: str, *, setting: str) -> ProviderType[Any]:
     return registered
 
 
+def option_names(options: type[ProviderOptions]) -> tuple[str, ...]:
+    """The options as the operator writes them: a field's alias where it has one (an option
+    named ``from`` is the field ``from_``, a Python keyword being no attribute name)."""
+    return tuple(info.alias or name for name, info in options.model_fields.items())
+
+
 def env_options(registered: ProviderType[Any], settings: Settings) -> dict[str, Any]:
     """The options of ``registered`` that the environment sets: every option whose ``Settings``
     field exists and was given (or has a non-empty default, such as a provider's public URL)."""
     values: dict[str, Any] = {}
-    for option in registered.options.model_fields:
+    for option in option_names(registered.options):
         field_name = registered.env.get(option, f"{registered.kind}_{option}")
         if field_name not in Settings.model_fields:
             continue
@@ -187,7 +194,7 @@ def create_sender(type_: str, settings: Settings) -> Sender:
     """The one provider of the environment form: ``OTPGATE_SMS_PROVIDER=type_`` with its options
     from ``OTPGATE_<TYPE>_<OPTION>``; the provider is named after its type."""
     registered = provider_type(type_, setting="OTPGATE_SMS_PROVIDER")
-    names = {option: registered.env_setting(option) for option in registered.options.model_fields}
+    names = {option: registered.env_setting(option) for option in option_names(registered.options)}
     sender, _ = create_provider(
         type_,
         type_,

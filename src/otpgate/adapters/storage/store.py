@@ -78,6 +78,7 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "webotp_domain": policy.webotp_domain,
         "android_app_hash": policy.android_app_hash,
         "webhook_url": policy.webhook_url,
+        "allow_multipart": policy.allow_multipart,
         "fallback_after_seconds": policy.fallback_after_seconds,
     }
 
@@ -100,6 +101,8 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         webotp_domain=data.get("webotp_domain"),
         android_app_hash=data.get("android_app_hash"),
         webhook_url=data.get("webhook_url"),
+        # absent from services stored before it existed: the default, one segment
+        allow_multipart=bool(data.get("allow_multipart", False)),
         fallback_after_seconds=data.get("fallback_after_seconds"),
     )
 

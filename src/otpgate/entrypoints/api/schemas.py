@@ -180,6 +180,11 @@ class ServiceFields(Body):
     webotp_domain: str | None = Field(None, description="a bare host; adds the WebOTP line")
     android_app_hash: str | None = Field(None, description="11 characters of A-Za-z0-9+/")
     webhook_url: str | None = Field(None, description="an http(s) URL")
+    allow_multipart: bool | None = Field(
+        None,
+        description="accept custom templates longer than one SMS segment (each part billed); "
+        "default false",
+    )
     fallback_after_seconds: int | None = Field(
         None,
         description="with several channels: move to the next when no check arrived within "
@@ -332,6 +337,7 @@ class ServiceOut(Out):
     webotp_domain: str | None
     android_app_hash: str | None
     webhook_url: str | None
+    allow_multipart: bool
     fallback_after_seconds: int | None
     created_at: datetime
     updated_at: datetime
@@ -529,6 +535,7 @@ def render_service(s: Service) -> dict[str, Any]:
         "webotp_domain": p.webotp_domain,
         "android_app_hash": p.android_app_hash,
         "webhook_url": p.webhook_url,
+        "allow_multipart": p.allow_multipart,
         "fallback_after_seconds": p.fallback_after_seconds,
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
