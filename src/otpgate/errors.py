@@ -376,6 +376,13 @@ class TransientDeliveryError(DeliveryError):
     code, title = "delivery_transient", "Transient delivery error"
 
 
+class NotConnected(TransientDeliveryError):
+    """The provider could not be reached at all (no SMPP bind is up): nothing was attempted,
+    so the attempt is not counted against the message."""
+
+    code, title = "delivery_not_connected", "Provider not connected"
+
+
 class DeliveryTimeout(TransientDeliveryError):
     """The request went out and no answer came back in time (or the connection dropped before
     it did): the provider may have sent the message. The dispatcher sends such a message at

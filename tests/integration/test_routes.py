@@ -23,8 +23,9 @@ import pytest
 
 from otpgate.adapters.providers.config import load_delivery
 from otpgate.bootstrap import build
+from otpgate.domain.model import Channel, OutboundMessage, SendReceipt
 from otpgate.entrypoints.api.app import create_app
-from otpgate.errors import ConfigurationError
+from otpgate.errors import ConfigurationError, NotConnected
 from otpgate.settings import Settings
 from tests.conftest import TEST_SECRET, Api, Database, FrozenClock, code_in, make_settings
 from tests.support.labsmobile_stub import LabsMobileStub
@@ -361,3 +362,64 @@ def test_providers_check_refuses_a_bad_configuration_with_usage_status(tmp_path:
     assert result.returncode == 2
     assert "providers.main.colour" in result.stderr
     assert "tok-SECRET-42" not in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# A provider that is not connected uses no attempt
+
+
+class Unbound:
+    """A provider whose link is down (an SMPP bind that cannot be made): nothing is sent."""
+
+    name = "link"
+    channels = frozenset({Channel.SMS})
+
+    def __init__(self) -> None:
+        self.down = True
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        if self.down:
+            raise NotConnected("link: no SMPP bind: connection refused")
+        self.sent.append(message)
+        return SendReceipt(provider_ref=message.message_id)
+
+    async def check(self) -> None:
+        if self.down:
+            raise NotConnected("link: no SMPP bind")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_messages_queued_while_a_provider_is_not_connected_use_no_attempt(
+    database: Database, tmp_path: Path
+) -> None:
+    link = Unbound()
+    clock = FrozenClock()
+    container = build(make_settings(database, tmp_path), sender=link, clock=clock)
+    app = create_app(container, run_dispatcher=False)
+    async with app.router.lifespan_context(app):
+        account, issued = await container.access.ensure_default_account()
+        assert issued is not None
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            api = Api(http, container, None, clock, issued.secret, account.id, "", database)  # type: ignore[arg-type]
+            api.service_id = await api.new_service()
+            sent = await http.post(
+                "/v1/messages", json={"to": "+34600000001", "text": "hello"}, headers=api.auth()
+            )
+            message_id = sent.json()["id"]
+            for _ in range(20):  # far more rounds than OTPGATE_DELIVERY_MAX_ATTEMPTS (5)
+                await api.deliver()
+                clock.advance(60)
+            stored = await container.storage.get_message(account.id, message_id)
+            assert stored is not None and stored.status.value == "queued"
+            assert stored.attempts == 0
+            assert {a.outcome.value for a in stored.history} == {"retry"}
+            link.down = False
+            clock.advance(60)
+            await api.deliver()
+            stored = await container.storage.get_message(account.id, message_id)
+            assert stored is not None and stored.status.value == "sent"
+            assert stored.attempts == 1 and len(link.sent) == 1

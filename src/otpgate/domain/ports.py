@@ -408,10 +408,12 @@ class MessageStore(Protocol):
         next_attempt_at: datetime,
         now: datetime,
         outcome: AttemptOutcome = AttemptOutcome.RETRY,
+        counted: bool = True,
     ) -> None:
         """Schedule another attempt at ``next_attempt_at`` and record this one in the
         message's history with ``outcome``; ``mark_sent`` and ``mark_failed`` record theirs
-        the same way, in the same statement."""
+        the same way, in the same statement. ``counted`` false takes back the attempt the
+        claim counted (nothing was attempted: the provider was not connected)."""
         ...
 
     async def mark_failed(

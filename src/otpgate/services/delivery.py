@@ -71,6 +71,7 @@ from otpgate.errors import (
     CountryNotAllowed,
     DeliveryTimeout,
     InsufficientCredit,
+    NotConnected,
     PermanentDeliveryError,
     TransientDeliveryError,
     Unavailable,
@@ -526,6 +527,10 @@ class Dispatcher:
             error = f"{provider}: no answer within {round(limit, 1)} s"
             self._judge(provider, error)
             await self._after_unanswered(item, provider, error)
+        except NotConnected as exc:
+            # Nothing was attempted: the attempt is not counted against the message.
+            self._judge(provider, str(exc))
+            await self._after_transient(item, provider, str(exc), counted=False)
         except TransientDeliveryError as exc:
             self._judge(provider, str(exc))
             await self._after_transient(item, provider, str(exc))
@@ -620,6 +625,7 @@ class Dispatcher:
             error=error,
             next_attempt_at=retry_at,
             now=now,
+            counted=False,  # nothing was attempted
         )
         self._metrics.count("message_retry", provider="none")
 
@@ -636,6 +642,7 @@ class Dispatcher:
         error: str,
         *,
         tally: dict[str, int] | None = None,
+        counted: bool = True,
     ) -> None:
         """Schedule the next attempt on the provider whose turn it is, or fail the message when
         there is none, when a message without a verification used its attempts, or when its
@@ -659,7 +666,8 @@ class Dispatcher:
                 ),
             )
             return
-        attempt = message.attempts  # the claim (or handoff) already counted this attempt
+        # The claim (or handoff) already counted this attempt, unless it is taken back.
+        attempt = message.attempts if counted else message.attempts - 1
         expires_at = verification.expires_at if verification is not None else None
         now = self._clock.now()
         retry_at = self._retry.next_attempt_at(
@@ -685,6 +693,7 @@ class Dispatcher:
             next_attempt_at=retry_at,
             now=now,
             outcome=AttemptOutcome.UNANSWERED if unanswered else AttemptOutcome.RETRY,
+            counted=counted,
         )
         self._metrics.count("message_retry", provider=provider)
         log.warning(

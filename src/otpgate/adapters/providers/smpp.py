@@ -28,7 +28,8 @@ Wire behaviour:
   0x40; an escape pair or a surrogate pair is never split.
 * A message sent while no bind is up waits for one within the send timeout; if the bind
   cannot be made (refused connection, refused credentials, time up) ``send`` raises
-  ``TransientDeliveryError`` before anything was written. A ``submit_sm`` written without a
+  ``NotConnected`` (a ``TransientDeliveryError`` the dispatcher does not count as an attempt)
+  before anything was written. A ``submit_sm`` written without a
   ``submit_sm_resp`` in time (or whose connection dropped before the answer) raises
   ``DeliveryTimeout``: the SMSC may have taken it.
 * ``submit_sm_resp`` statuses: see :data:`TRANSIENT_STATUSES` and :data:`PERMANENT_STATUSES`;
@@ -94,6 +95,7 @@ from otpgate.errors import (
     ConfigurationError,
     DeliveryError,
     DeliveryTimeout,
+    NotConnected,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
@@ -778,10 +780,10 @@ class SmppSender:
             if link is not None and link.usable():
                 return link
             if self._failed_binds > failures:
-                raise TransientDeliveryError(f"{self.name}: no SMPP bind: {self._last_error}")
+                raise NotConnected(f"{self.name}: no SMPP bind: {self._last_error}")
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TransientDeliveryError(
+                raise NotConnected(
                     f"{self.name}: no SMPP bind within the timeout ({self._last_error})"
                 )
             changed = self._changed

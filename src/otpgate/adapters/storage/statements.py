@@ -613,6 +613,9 @@ MARK_RETRY = (
     .where(m.c.id == p("id"), m.c.status == QUEUED)
     .values(
         attempt_log=_logged(),
+        # ``uncounted`` is 1 when nothing was attempted (the provider was not connected): the
+        # claim's count is taken back.
+        attempts=m.c.attempts - p("uncounted", Integer),
         provider=p("provider"),
         error=p("error"),
         lease_until=null(),

@@ -925,10 +925,12 @@ class SqlStore:
         next_attempt_at: datetime,
         now: datetime,
         outcome: AttemptOutcome = AttemptOutcome.RETRY,
+        counted: bool = True,
     ) -> None:
         await self._x.run(
             q.MARK_RETRY,
             id=message_id,
+            uncounted=0 if counted else 1,
             provider=provider,
             entry=Attempt(provider, now, outcome, error[:_ERROR_LENGTH]).to_line(),
             error=error[:_ERROR_LENGTH],
