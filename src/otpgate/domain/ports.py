@@ -594,6 +594,57 @@ class Storage(
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something a service's integrator is told about (its ``webhook_url``): ``type`` such as
+    ``verification.approved``, ``message.delivered``, ``fraud.blocked``, ``spend_cap.reached``.
+    ``data`` carries ids, statuses and counts, never a code, a message text or a full number."""
+
+    type: str
+    account_id: str
+    service_id: str | None
+    data: Mapping[str, Any]
+
+
+class EventSink(Protocol):
+    async def emit(self, event: Event) -> None:
+        """Record the event for delivery (an outbox: it is sent later, with retries). Never
+        raises for a service without a webhook; raises only ``Unavailable``."""
+        ...
+
+
+class NoEvents:
+    """The sink used when events are not delivered: it drops them."""
+
+    async def emit(self, event: Event) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """A security-relevant action: who (``actor``: the API key id, or ``cli``), on what account,
+    what (``action`` such as ``key.created``, ``service.updated``, ``block.lifted``), on which
+    object (``target``), and its state before and after (never a secret)."""
+
+    account_id: str
+    actor: str
+    action: str
+    target: str
+    before: Mapping[str, Any] | None = None
+    after: Mapping[str, Any] | None = None
+
+
+class AuditTrail(Protocol):
+    async def record(self, entry: AuditEntry) -> None: ...
+
+
+class NoAudit:
+    """The trail used when nothing is audited: it drops entries."""
+
+    async def record(self, entry: AuditEntry) -> None:
+        return None
+
+
 class Metrics(Protocol):
     """Counts events for monitoring. Labels are low-cardinality words, never codes or numbers."""
 
