@@ -30,6 +30,16 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "message_failed": ("Messages failed for good", ("provider",)),
     "receipt": ("Delivery receipts applied", ("provider", "status")),
+    "rate_limited": ("Sends and checks refused by a rate limit, by limit", ("limit",)),
+    "rate_limit_unavailable": (
+        "Sends and checks refused because the rate-limit store could not answer",
+        ("kind",),
+    ),
+    "rate_limit_fail_open": (
+        "Sends let through unlimited while the rate-limit store could not answer "
+        "(services with fail_open)",
+        (),
+    ),
 }
 
 

@@ -34,6 +34,8 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import ConfigurationError as LimitsConfigurationError
 from limits.errors import StorageError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from otpgate.domain.ports import RateCounter, RateRefusal
@@ -78,6 +80,9 @@ class LimitsRateLimiter:
                 wrap_exceptions=True,
                 socket_timeout=timeout_seconds,
                 socket_connect_timeout=timeout_seconds,
+                # redis-py retries 10 times with backoff by default (seconds, when Redis is
+                # down); one immediate retry covers a pooled connection Redis dropped.
+                retry=Retry(NoBackoff(), 1),  # type: ignore[arg-type]
             )
         except (LimitsConfigurationError, ValueError) as exc:
             # The text of a URL parser's error may quote the URL, password included.
