@@ -8,6 +8,7 @@ import contextlib
 import secrets
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from otpgate.adapters.ratelimit import LimitsRateLimiter
 from otpgate.adapters.storage import tables as t
+from otpgate.domain.ports import RateCounter
+from otpgate.errors import Unavailable
 from tests.conftest import Api, Database, code_in, make_settings, serving
 from tests.support.server import OTPGATE, _wait_until_healthy, free_port, running_server
 
@@ -459,3 +463,35 @@ async def test_redis_down_checks_fail_closed_and_starts_follow_the_service(
             assert await stored(api) == (before[0] + 1, before[1] + 1)
             # Checks still fail closed.
             assert (await api.check(passed.json()["id"], "000000")).status_code == 503
+
+
+async def test_the_openapi_document_shows_client_ip_and_rate_limits(api: Api) -> None:
+    schemas = (await api.http.get("/openapi.json")).json()["components"]["schemas"]
+    assert "client_ip" in schemas["StartVerification"]["properties"]
+    accepted = schemas["ServiceFields"]["properties"]["rate_limits"]["anyOf"][0]
+    assert set(accepted["properties"]) == {
+        "per_number",
+        "per_prefix",
+        "per_country",
+        "per_ip",
+        "per_service",
+        "fail_open",
+    }
+    assert accepted["additionalProperties"] is False
+    assert "rate_limits" in schemas["ServiceOut"]["required"]
+
+
+async def test_a_redis_that_cannot_answer_is_unavailable_and_its_password_never_shows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = LimitsRateLimiter.redis(
+        f"redis://:hunter2secret@127.0.0.1:{free_port()}/0", key_prefix="x", timeout_seconds=0.5
+    )
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await limiter.acquire([RateCounter("per_number", "svc/number/+34600000001", 1, 60)])
+    finally:
+        await limiter.aclose()
+    assert refused.value.retry_after == 1
+    shown = "".join(traceback.format_exception(refused.value)) + caplog.text
+    assert "hunter2secret" not in shown
