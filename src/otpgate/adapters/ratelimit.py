@@ -24,6 +24,7 @@ one per counter.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,6 +49,51 @@ T = TypeVar("T")
 _DOWN = "the rate-limit store (Redis) cannot answer; try again shortly"
 
 
+class SweptMemoryStorage(MemoryStorage):
+    """``limits``' async in-process storage, with its clean-up made cheap.
+
+    The library schedules a sweep of *every* key after *every* count, and sweeps each key
+    through a thread hop (``asyncio.to_thread``): with tens of thousands of counters (one per
+    destination number) that sweep never ends and takes the event loop's time from requests
+    (measured: p99 of a send near 10 ms at 20,000 numbers; ``benchmarks/ratelimit.py``). Here
+    the sweep runs at most every ``SWEEP_SECONDS``, inline, yielding to other tasks every
+    ``SWEEP_BATCH`` keys. Expired events are also ignored by every read, so sweeping late
+    only keeps memory a little longer. (The hooks are the library's private methods, pinned
+    in the lock at 5.8: if they were renamed, the library's own sweep would run instead,
+    correct and slower.)"""
+
+    SWEEP_SECONDS = 10.0
+    SWEEP_BATCH = 2_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_sweep = 0.0
+        self._sweeping: asyncio.Task[None] | None = None
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep or (self._sweeping is not None and not self._sweeping.done()):
+            return
+        self._next_sweep = now + self.SWEEP_SECONDS
+        self._sweeping = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        now = time.time()
+        for n, key in enumerate(list(self.events)):
+            events = self.events.get(key)
+            if events:
+                # Newest first; keep those whose expiry is still ahead.
+                keep = bisect.bisect_left(events, -now, key=lambda event: -event.expiry)
+                if keep < len(events):
+                    del events[keep:]
+            if not events and not (key in self.locks and self.locks[key].locked()):
+                self.events.pop(key, None)
+                self.locks.pop(key, None)
+            if n % self.SWEEP_BATCH == self.SWEEP_BATCH - 1:
+                await asyncio.sleep(0)
+                now = time.time()
+
+
 class LimitsRateLimiter:
     """``RateLimiter`` over a ``limits`` async storage, moving windows."""
 
@@ -62,7 +108,7 @@ class LimitsRateLimiter:
 
     @classmethod
     def in_process(cls) -> LimitsRateLimiter:
-        return cls(MemoryStorage(), concurrent=False)
+        return cls(SweptMemoryStorage(), concurrent=False)
 
     @classmethod
     def redis(cls, url: str, *, key_prefix: str, timeout_seconds: float) -> LimitsRateLimiter:
