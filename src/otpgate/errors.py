@@ -353,9 +353,10 @@ class Unavailable(OtpgateError):
     SQLite write lock held by another process), or cannot write (a full disk, an I/O error).
     `GET /readyz` answers this too while it lasts. The request fails fast instead of hanging, and
     the server serves other requests meanwhile. A verification and its outbox row are written
-    together, so a start either happened completely or not at all. Also answered when the rate-limit store (`OTPGATE_REDIS_URL`)
-    cannot answer within `OTPGATE_REDIS_TIMEOUT_SECONDS`: always for a check, and for a start or
-    resend unless the service sets `rate_limits.fail_open`.
+    together, so a start either happened completely or not at all. Also answered when the
+    rate-limit store (`OTPGATE_REDIS_URL`) cannot answer within
+    `OTPGATE_REDIS_TIMEOUT_SECONDS`: always for a check, and for a start or resend unless the
+    service sets `rate_limits.fail_open`.
 
     Client: retry with backoff, with the same `Idempotency-Key` if you sent one. A start may
     have committed before the failure. If so, the retry finds the pending verification and
