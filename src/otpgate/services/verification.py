@@ -42,12 +42,23 @@ from otpgate.domain.phone import (
     require_sms_capable,
     require_voice_capable,
 )
+from otpgate.domain.events import (
+    VERIFICATION_APPROVED,
+    VERIFICATION_FAILED,
+    VERIFICATION_MAX_ATTEMPTS,
+    verification_event,
+)
 from otpgate.domain.ports import (
     NO_LOCKOUT,
+    AuditEntry,
+    AuditTrail,
     ClaimedMessage,
     Clock,
+    EventSink,
     Lockout,
     Metrics,
+    NoAudit,
+    NoEvents,
     Outbox,
     Page,
     VerificationStorage,
@@ -118,8 +129,11 @@ class VerificationService:
         lockout: LockoutPolicy,
         outbox: Outbox,
         billing: Billing | None = None,
+        events: EventSink | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
-        """``billing`` prices each message; without it messages carry no price."""
+        """``billing`` prices each message; without it messages carry no price. ``events``
+        hears of approvals and failures (for the service's webhook); ``audit`` of lockouts."""
         self._storage = storage
         self._catalog = catalog
         self._vault = vault
@@ -129,6 +143,8 @@ class VerificationService:
         self._lockout = lockout
         self._outbox = outbox
         self._billing = billing
+        self._events: EventSink = events or NoEvents()
+        self._audit: AuditTrail = audit or NoAudit()
 
     # --- start and resend --------------------------------------------------------------------
 
@@ -192,7 +208,8 @@ class VerificationService:
                 return await self._resend(principal.account, service, pending, channel), False
             # Its code was sealed under another master key (a rotation): it can never be sent
             # again, so it fails and a new verification takes its place.
-            await self._storage.close(pending.id, VerificationStatus.FAILED, now)
+            if await self._storage.close(pending.id, VerificationStatus.FAILED, now):
+                await self._events.emit(verification_event(VERIFICATION_FAILED, pending))
             pending = None
         sends_so_far = 0
         if pending is not None:
@@ -356,7 +373,8 @@ class VerificationService:
         )
         code = self._code_of(verification)
         if code is None:
-            await self._storage.close(verification.id, VerificationStatus.FAILED, now)
+            if await self._storage.close(verification.id, VerificationStatus.FAILED, now):
+                await self._events.emit(verification_event(VERIFICATION_FAILED, verification))
             raise InvalidRequest(
                 "this verification's code can no longer be sent (the secret key changed); "
                 "start a new verification",
@@ -495,7 +513,9 @@ class VerificationService:
         )
         if verification is None:
             raise NotFound("no such verification")
-        return await self._check(verification, presented, checked_context, lockout)
+        return await self._check(
+            verification, presented, checked_context, lockout, actor=principal.key_id
+        )
 
     async def check_destination(
         self,
@@ -518,7 +538,9 @@ class VerificationService:
         if verification is None:
             raise NotFound("no verification for this destination in this service")
         lockout = await self._storage.lockout(service.id, destination)
-        return await self._check(verification, presented, checked_context, lockout)
+        return await self._check(
+            verification, presented, checked_context, lockout, actor=principal.key_id
+        )
 
     @staticmethod
     def _presented(code: Any) -> str:
@@ -532,6 +554,8 @@ class VerificationService:
         presented: str,
         context: dict[str, str] | None,
         lockout: Lockout,
+        *,
+        actor: str,
     ) -> CheckResult:
         now = self._clock.now()
         # 1. Closed verifications answer with their status and never look at the code, so a
@@ -556,6 +580,14 @@ class VerificationService:
             ):
                 self._metrics.count("check", result="approved")
                 log.info("verification approved", extra={"verification_id": verification.id})
+                # After the commit: a crash right here loses this event (services/events.py).
+                await self._events.emit(
+                    verification_event(
+                        VERIFICATION_APPROVED,
+                        verification,
+                        check_attempts=verification.check_attempts + 1,
+                    )
+                )
                 return CheckResult(
                     verification.id,
                     VerificationStatus.APPROVED,
@@ -580,11 +612,31 @@ class VerificationService:
                 extra={"service_id": verification.service_id, "to": mask(verification.to)},
             )
             self._metrics.count("destination_locked")
+            await self._audit.record(
+                AuditEntry(
+                    account_id=verification.account_id,
+                    actor=actor,
+                    action="lockout.imposed",
+                    target=verification.service_id,
+                    after={
+                        "service_id": verification.service_id,
+                        "to": mask(verification.to),
+                        "consecutive_failures": failures,
+                        "locked_seconds": self._lockout.seconds,
+                    },
+                )
+            )
         remaining = max(0, verification.max_check_attempts - attempts)
         new_status = (
             VerificationStatus.PENDING if remaining else VerificationStatus.MAX_ATTEMPTS_REACHED
         )
         self._metrics.count("check", result="wrong")
+        if not remaining:
+            await self._events.emit(
+                verification_event(
+                    VERIFICATION_MAX_ATTEMPTS, verification, check_attempts=attempts
+                )
+            )
         return CheckResult(verification.id, new_status, False, remaining)
 
     async def _reread(self, verification: Verification, now: Any) -> CheckResult:
@@ -668,6 +720,21 @@ class VerificationService:
         lockout = await self._storage.lockout(service.id, destination)
         locked_until = lockout.locked_until if lockout.in_force(self._clock.now()) else None
         await self._storage.reset_destination_failures(service.id, destination)
+        await self._audit.record(
+            AuditEntry(
+                account_id=principal.account.id,
+                actor=principal.key_id,
+                action="lockout.cleared",
+                target=service.id,
+                before={
+                    "service_id": service.id,
+                    "to": mask(destination),
+                    "consecutive_failures": lockout.failures,
+                    "locked_until": None if locked_until is None else locked_until.isoformat(),
+                },
+                after={"service_id": service.id, "to": mask(destination), "consecutive_failures": 0},
+            )
+        )
         log.info(
             "destination lockout cleared",
             extra={"service_id": service.id, "to": mask(destination)},
