@@ -32,7 +32,7 @@ from standardwebhooks import Webhook
 from otpgate.domain.model import MessageStatus, Verification, VerificationStatus, new_id
 from otpgate.domain.ports import Event
 
-SECRET_PREFIX: Final = "whsec_"
+SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (a prefix, not a secret)
 SECRET_BYTES: Final = 32
 _NONCE_BYTES: Final = 12
 

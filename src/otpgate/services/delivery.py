@@ -44,6 +44,7 @@ from datetime import datetime, timedelta
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.codes import CodeVault
+from otpgate.domain.events import VERIFICATION_FAILED, verification_event
 from otpgate.domain.model import (
     AttemptOutcome,
     Channel,
@@ -57,7 +58,6 @@ from otpgate.domain.model import (
     new_id,
 )
 from otpgate.domain.phone import country_of, mask
-from otpgate.domain.events import VERIFICATION_FAILED, verification_event
 from otpgate.domain.ports import (
     ClaimedMessage,
     Clock,

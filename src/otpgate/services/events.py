@@ -35,6 +35,7 @@ from otpgate.domain.events import (
     record_of,
     signed_headers,
 )
+from otpgate.domain.model import Principal
 from otpgate.domain.ports import (
     AuditEntry,
     AuditTrail,
@@ -47,7 +48,6 @@ from otpgate.domain.ports import (
     Outbound,
     Page,
 )
-from otpgate.domain.model import Principal
 from otpgate.errors import (
     Forbidden,
     InvalidRequest,

@@ -21,6 +21,12 @@ from otpgate.domain.codes import (
     presented_code,
     validate_custom_code,
 )
+from otpgate.domain.events import (
+    VERIFICATION_APPROVED,
+    VERIFICATION_FAILED,
+    VERIFICATION_MAX_ATTEMPTS,
+    verification_event,
+)
 from otpgate.domain.model import (
     Account,
     Channel,
@@ -41,12 +47,6 @@ from otpgate.domain.phone import (
     require_allowed_country,
     require_sms_capable,
     require_voice_capable,
-)
-from otpgate.domain.events import (
-    VERIFICATION_APPROVED,
-    VERIFICATION_FAILED,
-    VERIFICATION_MAX_ATTEMPTS,
-    verification_event,
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
@@ -633,9 +633,7 @@ class VerificationService:
         self._metrics.count("check", result="wrong")
         if not remaining:
             await self._events.emit(
-                verification_event(
-                    VERIFICATION_MAX_ATTEMPTS, verification, check_attempts=attempts
-                )
+                verification_event(VERIFICATION_MAX_ATTEMPTS, verification, check_attempts=attempts)
             )
         return CheckResult(verification.id, new_status, False, remaining)
 
@@ -732,7 +730,11 @@ class VerificationService:
                     "consecutive_failures": lockout.failures,
                     "locked_until": None if locked_until is None else locked_until.isoformat(),
                 },
-                after={"service_id": service.id, "to": mask(destination), "consecutive_failures": 0},
+                after={
+                    "service_id": service.id,
+                    "to": mask(destination),
+                    "consecutive_failures": 0,
+                },
             )
         )
         log.info(

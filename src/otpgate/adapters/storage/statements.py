@@ -796,7 +796,9 @@ def webhook_secrets_of(count: int) -> Select[Any]:
 
 
 @functools.cache
-def events_page(*, by_account: bool, by_service: bool, by_type: bool, with_cursor: bool) -> Select[Any]:
+def events_page(
+    *, by_account: bool, by_service: bool, by_type: bool, with_cursor: bool
+) -> Select[Any]:
     query = select(events)
     if by_account:
         query = query.where(events.c.account_id == p("account_id"))

@@ -17,6 +17,13 @@ from typing import Any
 from otpgate.adapters.storage import statements as q
 from otpgate.adapters.storage.executor import Conflict, Executor, Row, Session
 from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind
+from otpgate.domain.events import (
+    AuditRecord,
+    DeliveryState,
+    EventRecord,
+    message_event,
+    record_of,
+)
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -33,13 +40,6 @@ from otpgate.domain.model import (
     VerificationStatus,
     new_id,
     parse_attempt_log,
-)
-from otpgate.domain.events import (
-    AuditRecord,
-    DeliveryState,
-    EventRecord,
-    message_event,
-    record_of,
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
@@ -652,6 +652,7 @@ class SqlStore:
             created_at=service.created_at,
             updated_at=service.updated_at,
             deleted_at=None,
+            webhook_secret_sealed=None,
         )
 
     async def get_service(self, account_id: str, service_id: str) -> Service | None:
@@ -1078,7 +1079,9 @@ class SqlStore:
     ) -> None:
         """Inside the report's transaction: queue its event when the message's service has a
         webhook (a service without one costs this one read and writes nothing)."""
-        service = await tx.one(q.SERVICE_OF_VERIFICATION, verification_id=changed["verification_id"])
+        service = await tx.one(
+            q.SERVICE_OF_VERIFICATION, verification_id=changed["verification_id"]
+        )
         if service is None:
             return
         url = (service["policy"] or {}).get("webhook_url")

@@ -610,7 +610,9 @@ async def delete_service(request: Request, principal: Caller, service_id: s.Text
     response_model=s.WebhookSecretOut,
     responses=problem_responses(*AUTHENTICATED, NotFound),
 )
-async def rotate_webhook_secret(request: Request, principal: Caller, service_id: s.Text) -> Response:
+async def rotate_webhook_secret(
+    request: Request, principal: Caller, service_id: s.Text
+) -> Response:
     """Issue a new webhook signing secret for the service, shown in this response only. The
     old one stops signing at once: deliveries from now on, retries included, use the new one."""
     secret = await container_of(request).webhook_secrets.issue(principal, service_id)
