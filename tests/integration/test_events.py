@@ -122,7 +122,7 @@ async def test_events_are_signed_delivered_and_listed(api: Api, receiver: Receiv
         "service_id": service_id,
         "channel": "sms",
         "status": "approved",
-        "check_attempts": 1,
+        "check_attempts": 0,
     }
     assert by_type["verification.max_attempts_reached"]["data"]["verification_id"] == failing_id
     delivered = by_type["message.delivered"]["data"]

@@ -731,7 +731,10 @@ class Dispatcher:
         if failed is not None:
             self._metrics.count("verification_failed")
             # After the commit, as the verification events are (services/events.py).
-            await self._events.emit(verification_event(VERIFICATION_FAILED, failed))
+            try:
+                await self._events.emit(verification_event(VERIFICATION_FAILED, failed))
+            except Unavailable:  # the failure stands; only its event is lost
+                log.warning("event lost: storage unavailable", extra={"event_type": "failed"})
 
     # --- channel fallback ------------------------------------------------------------------
 

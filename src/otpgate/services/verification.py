@@ -54,6 +54,7 @@ from otpgate.domain.ports import (
     AuditTrail,
     ClaimedMessage,
     Clock,
+    Event,
     EventSink,
     Lockout,
     Metrics,
@@ -70,6 +71,7 @@ from otpgate.errors import (
     MaxSendAttemptsReached,
     NotFound,
     ResendTooSoon,
+    Unavailable,
 )
 from otpgate.services.billing import Billing
 from otpgate.services.catalog import ServiceCatalog
@@ -209,7 +211,7 @@ class VerificationService:
             # Its code was sealed under another master key (a rotation): it can never be sent
             # again, so it fails and a new verification takes its place.
             if await self._storage.close(pending.id, VerificationStatus.FAILED, now):
-                await self._events.emit(verification_event(VERIFICATION_FAILED, pending))
+                await self._emit(verification_event(VERIFICATION_FAILED, pending))
             pending = None
         sends_so_far = 0
         if pending is not None:
@@ -374,7 +376,7 @@ class VerificationService:
         code = self._code_of(verification)
         if code is None:
             if await self._storage.close(verification.id, VerificationStatus.FAILED, now):
-                await self._events.emit(verification_event(VERIFICATION_FAILED, verification))
+                await self._emit(verification_event(VERIFICATION_FAILED, verification))
             raise InvalidRequest(
                 "this verification's code can no longer be sent (the secret key changed); "
                 "start a new verification",
@@ -581,11 +583,11 @@ class VerificationService:
                 self._metrics.count("check", result="approved")
                 log.info("verification approved", extra={"verification_id": verification.id})
                 # After the commit: a crash right here loses this event (services/events.py).
-                await self._events.emit(
+                await self._emit(
                     verification_event(
                         VERIFICATION_APPROVED,
                         verification,
-                        check_attempts=verification.check_attempts + 1,
+                        check_attempts=verification.check_attempts,
                     )
                 )
                 return CheckResult(
@@ -632,7 +634,7 @@ class VerificationService:
         )
         self._metrics.count("check", result="wrong")
         if not remaining:
-            await self._events.emit(
+            await self._emit(
                 verification_event(VERIFICATION_MAX_ATTEMPTS, verification, check_attempts=attempts)
             )
         return CheckResult(verification.id, new_status, False, remaining)
@@ -744,6 +746,17 @@ class VerificationService:
         return destination, locked_until
 
     # --- helpers ----------------------------------------------------------------------------
+
+    async def _emit(self, event: Event) -> None:
+        """Queue an event after its state change committed. Storage failing now must not turn
+        an approval that took effect into an error answer: the event is lost, and logged."""
+        try:
+            await self._events.emit(event)
+        except Unavailable:
+            log.warning(
+                "event lost: storage unavailable",
+                extra={"event_type": event.type, "service_id": event.service_id},
+            )
 
     async def _service(self, principal: Principal, service_id: str) -> Service:
         service = await self._catalog.lookup(principal.account.id, service_id)
