@@ -33,6 +33,7 @@ from otpgate.adapters.storage.postgres import PostgresExecutor
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
+from otpgate.domain.events import SecretBox
 from otpgate.domain.model import Limit
 from otpgate.domain.ports import (
     Clock,
@@ -51,11 +52,13 @@ from otpgate.domain.routing import (
 )
 from otpgate.errors import ConfigurationError
 from otpgate.services.accounts import AccessService
+from otpgate.services.audit import AuditLog
 from otpgate.services.billing import Billing
 from otpgate.services.cache import TtlCache
 from otpgate.services.callbacks import CallbackSender
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
+from otpgate.services.events import EventLog, EventSender, WebhookEvents, WebhookSecrets
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
 from otpgate.services.ratelimit import RateLimiting
@@ -80,6 +83,8 @@ class Keys:
     digest: bytes
     sealing: bytes
     receipts: bytes
+    #: Seals the services' webhook signing secrets (``domain.events.SecretBox``).
+    webhooks: bytes
 
     def __repr__(self) -> str:
         return "Keys(<hidden>)"
@@ -98,6 +103,7 @@ def derive_keys(master: bytes) -> Keys:
         digest=derive("code-digest"),
         sealing=derive("code-sealing"),
         receipts=derive("receipt-token"),
+        webhooks=derive("webhook-secret-sealing"),
     )
 
 
@@ -209,16 +215,24 @@ class Container:
     keys: Keys
     senders: dict[str, Sender]
     rate_limiter: RateLimiter
+    events: WebhookEvents
+    event_sender: EventSender
+    event_log: EventLog
+    webhook_secrets: WebhookSecrets
+    audit: AuditLog
     receipt_parsers: dict[str, ReceiptParser] = field(default_factory=dict)
 
     def start_workers(self) -> None:
-        """Run the delivery dispatcher and the callback sender in this process."""
+        """Run the delivery dispatcher, the callback sender and the webhook event sender in
+        this process."""
         self.dispatcher.start()
         self.callbacks.start()
+        self.event_sender.start()
 
     async def aclose(self) -> None:
         await self.dispatcher.stop()
         await self.callbacks.stop()
+        await self.event_sender.stop()
         await self.receipts.aclose()
         for sender in self.senders.values():
             await sender.aclose()
@@ -276,6 +290,19 @@ def build(
     routing = Routing(routes, {name: s.channels for name, s in senders.items()})
     storage = build_storage(settings)
     metrics = PrometheusMetrics()
+    audit = AuditLog(store=storage, clock=clock)
+    box = SecretBox(keys.webhooks)
+    outbound = outbound_from_settings(settings)
+    event_sender = EventSender(
+        store=storage, outbound=outbound, box=box, clock=clock, metrics=metrics
+    )
+    catalog = ServiceCatalog(
+        storage=storage,
+        clock=clock,
+        cache=TtlCache(settings.lookup_cache_seconds),
+        audit=audit,
+    )
+    events = WebhookEvents(store=storage, catalog=catalog, clock=clock, wake=event_sender.wake)
     metrics.watch_circuits(lambda: [(name, CIRCUIT_GAUGE[h.state]) for name, h in health.items()])
     parsers: dict[str, ReceiptParser] = {
         name: s for name, s in senders.items() if isinstance(s, ReceiptParser)
@@ -307,14 +334,12 @@ def build(
             send_timeout_seconds=settings.provider_timeout_seconds,
         ),
         receipt_urls=receipt_urls,
+        events=events,
     )
     receipts = ReceiptService(storage=storage, clock=clock, metrics=metrics)
     for name, source in senders.items():
         if isinstance(source, ReportSource):
             source.report_to(functools.partial(receipts.record, name))
-    catalog = ServiceCatalog(
-        storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
-    )
     rate_limiter = build_rate_limiter(settings)
     rate_limits = RateLimiting(
         limiter=rate_limiter,
@@ -337,17 +362,21 @@ def build(
         outbox=dispatcher,
         billing=billing,
         rate_limits=rate_limits,
+        events=events,
+        audit=audit,
     )
     messaging = Messaging(
         messages=storage, billing=billing, clock=clock, metrics=metrics, outbox=dispatcher
     )
-    outbound = outbound_from_settings(settings)
     callbacks = CallbackSender(store=storage, outbound=outbound, clock=clock, metrics=metrics)
     return Container(
         settings=settings,
         storage=storage,
         access=AccessService(
-            storage=storage, clock=clock, key_cache=TtlCache(settings.lookup_cache_seconds)
+            storage=storage,
+            clock=clock,
+            key_cache=TtlCache(settings.lookup_cache_seconds),
+            audit=audit,
         ),
         catalog=catalog,
         verifications=verifications,
@@ -362,6 +391,11 @@ def build(
         keys=keys,
         senders=senders,
         rate_limiter=rate_limiter,
+        events=events,
+        event_sender=event_sender,
+        event_log=EventLog(store=storage),
+        webhook_secrets=WebhookSecrets(store=storage, box=box, clock=clock, audit=audit),
+        audit=audit,
         receipt_parsers=parsers,
     )
 

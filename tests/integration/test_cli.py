@@ -877,6 +877,8 @@ def test_python_client_against_the_server(server: Server) -> None:
         assert client.get_account()["username"] == server.username
         service = client.create_service("Client", code_length=4)
         assert service["code_length"] == 4
+        # The create alone shows the webhook signing secret.
+        assert service.pop("webhook_secret").startswith("whsec_")
         assert client.get_service(service["id"]) == service
         assert service["id"] in [s["id"] for s in client.list_services(limit=200)["data"]]
         updated = client.update_service(service["id"], ttl_seconds=300)

@@ -102,6 +102,7 @@ async def session(
         keys.digest,
         keys.sealing,
         keys.receipts,
+        keys.webhooks,
         keys.receipt_token(sender.name),
     ]
     app = create_app(container, run_dispatcher=False)
@@ -126,13 +127,28 @@ async def session(
             replayed_key = replay.json()["key"]
 
             # Codes: 10 digits, so that no code can turn up in stored bytes by chance.
-            service = await http.post(
-                "/v1/services",
-                json={"name": "Acme", "code_length": 10, "resend_interval_seconds": 30},
-                headers=auth,
-            )
+            # Webhook signing secrets: issued with the service (under an Idempotency-Key, and
+            # replayed without it), then rotated; events are queued for the hook.
+            service_body = {
+                "name": "Acme",
+                "code_length": 10,
+                "resend_interval_seconds": 30,
+                "webhook_url": "http://127.0.0.1:9/hook",
+            }
+            once_service = {**auth, "Idempotency-Key": "service-once"}
+            service = await http.post("/v1/services", json=service_body, headers=once_service)
             assert service.status_code == 201
             service_id = service.json()["id"]
+            issued_secret = service.json()["webhook_secret"]
+            assert issued_secret.startswith("whsec_")
+            service_replay = await http.post(
+                "/v1/services", json=service_body, headers=once_service
+            )
+            assert service_replay.json()["webhook_secret"] is None
+            rotated = await http.post(f"/v1/services/{service_id}/webhook-secret", headers=auth)
+            assert rotated.status_code == 200
+            for whsec in (issued_secret, rotated.json()["webhook_secret"]):
+                secrets += [whsec, base64.b64decode(whsec.removeprefix("whsec_"))]
             started = []
             for n, to in enumerate(("+34600000001", "+34600000002", "+34600000003")):
                 headers = {**auth, "Idempotency-Key": f"start-{n}"}
@@ -166,6 +182,9 @@ async def session(
             assert await check(started[0], codes[0])
             assert await check(started[1], codes[1])
             # The third stays pending: its sealed code is in storage, encrypted.
+            await container.event_sender.drain()  # nothing listens: the events stay pending
+            events = await http.get("/v1/events", headers=auth)
+            assert [e["type"] for e in events.json()["data"]] == ["verification.approved"] * 2
     held = await stored_bytes(database)
     return secrets, held, log_text.getvalue(), replayed_key
 

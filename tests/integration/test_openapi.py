@@ -292,6 +292,9 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
         json={"allowed_countries": ["es"], "sender_id": "SHOP", "templates": {"es": "{code}"}},
         headers=auth,
     )
+    rotate = "/v1/services/{service_id}/webhook-secret"
+    rotated = await call("POST", rotate, f"/v1/services/{sid}/webhook-secret", headers=auth)
+    assert rotated.json()["webhook_secret"].startswith("whsec_")
     one_per_prefix = {"per_prefix": {"limit": 1, "window_seconds": 60}}
     limited = await call(
         "PATCH",
@@ -311,6 +314,7 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
         )
     assert answer.status_code == 429 and answer.json()["code"] == "rate_limited"
     await call("DELETE", "/v1/services/{service_id}", f"/v1/services/{sid}", headers=auth)
+    await call("POST", rotate, f"/v1/services/{sid}/webhook-secret", headers=auth)  # 404
 
     await call("GET", "/v1/account", "/v1/account", headers=auth)
     account = await call(
@@ -329,6 +333,13 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
     await call("GET", "/v1/accounts", "/v1/accounts", headers=other)  # 403
     await call("GET", "/v1/providers", "/v1/providers", headers=auth)
     await call("GET", "/v1/providers", "/v1/providers", headers=other)  # 403
+    await call("GET", "/v1/audit", "/v1/audit?limit=5", headers=auth)
+    await call("GET", "/v1/audit", "/v1/audit?action=key.created", headers=other)
+    await call("GET", "/v1/audit", f"/v1/audit?account_id={api.account_id}", headers=other)  # 403
+    await call("GET", "/v1/audit", "/v1/audit?cursor=nope", headers=auth)  # 400
+    await call("GET", "/v1/events", "/v1/events?type=verification.approved", headers=auth)
+    await call("GET", "/v1/events", f"/v1/events?account_id={api.account_id}", headers=other)
+    await call("GET", "/v1/events", "/v1/events?type=nope", headers=auth)  # 400
     once = {**auth, "Idempotency-Key": "key-once"}
     own = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=once)
     replayed = await call("POST", "/v1/keys", "/v1/keys", json={"name": "mine"}, headers=once)

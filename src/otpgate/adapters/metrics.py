@@ -22,6 +22,7 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
     "message_queued": ("Plain messages queued", ("channel",)),
     "callback": ("Calls to callers' URLs by result (delivered, retry, given_up)", ("result",)),
+    "webhook": ("Webhook event deliveries by result (delivered, retry, given_up)", ("result",)),
     "message_sent": ("Messages accepted by a provider", ("provider",)),
     "message_retry": ("Transient delivery errors scheduled for retry", ("provider",)),
     "message_send_timeout": (

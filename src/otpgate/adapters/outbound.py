@@ -226,7 +226,7 @@ class _Target:
 
 
 class OutboundHttp:
-    """GET requests to caller-supplied URLs, under the rules of the module docstring.
+    """GET and POST requests to caller-supplied URLs, under the rules of the module docstring.
 
     ``resolver`` answers name lookups (aiohttp's ``ThreadedResolver``, the system's
     ``getaddrinfo``, by default; tests give their own). It is asked once per call; ``aclose``
@@ -275,15 +275,36 @@ class OutboundHttp:
         except OutboundRefused as error:
             raise _logged(error, origin=None) from None
         try:
-            return await self._call(target, params)
+            return await self._call(target, "GET", params=params)
+        except OutboundError as error:
+            raise _logged(error, origin=target.origin) from None
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
+        """POST ``body`` with ``headers`` (a webhook delivery) to ``url``: the same address
+        rules, timeout, redirect refusal and errors as :meth:`get`."""
+        try:
+            target = self._target(url)
+        except OutboundRefused as error:
+            raise _logged(error, origin=None) from None
+        try:
+            return await self._call(target, "POST", body=body, headers=headers)
         except OutboundError as error:
             raise _logged(error, origin=target.origin) from None
 
     # ----------------------------------------------------------------------------------------
     # Internals
 
-    async def _call(self, target: _Target, params: Mapping[str, str]) -> int:
+    async def _call(
+        self,
+        target: _Target,
+        method: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> int:
         request_url = target.url.extend_query(params) if params else target.url
+        sent_headers = {**(headers or {}), "User-Agent": _USER_AGENT}
         # One deadline for the whole call; the body alone may run into it without failing it.
         deadline = asyncio.get_running_loop().time() + self._timeout_seconds
         try:
@@ -291,11 +312,13 @@ class OutboundHttp:
                 hosts = await self._checked_hosts(target)
             async with self._session(hosts) as session:
                 async with asyncio.timeout_at(deadline):
-                    response = await session.get(
+                    response = await session.request(
+                        method,
                         request_url,
+                        data=body,
                         allow_redirects=False,
                         raise_for_status=False,
-                        headers={"User-Agent": _USER_AGENT},
+                        headers=sent_headers,
                     )
                 try:
                     status = response.status

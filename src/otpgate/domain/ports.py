@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from otpgate.domain.billing import LedgerEntry
 from otpgate.domain.model import (
@@ -29,6 +29,9 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
 )
+
+if TYPE_CHECKING:  # domain.events builds on the Event below
+    from otpgate.domain.events import AuditRecord, EventRecord
 
 
 class Clock(Protocol):
@@ -492,6 +495,11 @@ class Outbound(Protocol):
         ``TransientOutboundError``."""
         ...
 
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
+        """POST ``body`` with ``headers`` to ``url``, under the same rules and errors as
+        ``get``."""
+        ...
+
 
 class IdempotencyStore(Protocol):
     async def begin(
@@ -569,7 +577,72 @@ class DeliveryStorage(MessageStore, HousekeepingStore, FallbackStore, Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """An event leased for one delivery attempt, with its service's sealed signing secret
+    (``None`` when the service has none)."""
+
+    record: EventRecord
+    sealed_secret: bytes | None
+
+
+class EventStore(Protocol):
+    """The events outbox (webhook deliveries) and the services' sealed signing secrets."""
+
+    async def insert_event(self, record: EventRecord) -> None:
+        """Queue an event, due at ``record.next_attempt_at``."""
+        ...
+
+    async def claim_events(
+        self, *, now: datetime, lease_seconds: int, limit: int
+    ) -> Sequence[ClaimedEvent]:
+        """Lease up to ``limit`` pending events that are due, as ``claim_due`` does for
+        messages; each claim counts an attempt."""
+        ...
+
+    async def finish_event(
+        self, event_id: str, *, delivered: bool, error: str | None, now: datetime
+    ) -> None:
+        """Answered with a 2xx (``delivered``, ``delivered_at`` = ``now``), or given up."""
+        ...
+
+    async def retry_event(
+        self, event_id: str, *, error: str, next_attempt_at: datetime, now: datetime
+    ) -> None: ...
+
+    async def list_events(
+        self,
+        account_id: str | None,
+        *,
+        service_id: str | None,
+        type: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[EventRecord]:
+        """Newest first; every account's when ``account_id`` is ``None``."""
+        ...
+
+    async def set_webhook_secret(
+        self, account_id: str, service_id: str, sealed: bytes, now: datetime
+    ) -> bool:
+        """Replace the live service's sealed signing secret; False when there is no such
+        service."""
+        ...
+
+
+class AuditStore(Protocol):
+    async def insert_audit(self, record: AuditRecord) -> None: ...
+
+    async def list_audit(
+        self, account_id: str | None, *, action: str | None, limit: int, cursor: str | None
+    ) -> Page[AuditRecord]:
+        """Newest first; every account's when ``account_id`` is ``None``."""
+        ...
+
+
 class Storage(
+    EventStore,
+    AuditStore,
     FallbackStore,
     CallbackStore,
     PriceStore,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from otpgate.domain.billing import BillingMode
 from otpgate.domain.model import Account, ApiKey, Principal, new_id
-from otpgate.domain.ports import AccountStore, Clock, Page
+from otpgate.domain.ports import AccountStore, AuditEntry, AuditTrail, Clock, NoAudit, Page
 from otpgate.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from otpgate.services.cache import TtlCache
 
@@ -46,9 +46,11 @@ class AccessService:
         storage: AccountStore,
         clock: Clock,
         key_cache: TtlCache[tuple[ApiKey, Account]] | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._storage = storage
         self._clock = clock
+        self._audit: AuditTrail = audit or NoAudit()
         # Keys are looked up on every request; a revocation through this process drops the
         # cache at once, one through another process is seen within the cache's lifetime.
         self._key_cache = key_cache or TtlCache(0)
@@ -140,7 +142,9 @@ class AccessService:
 
     # --- keys -------------------------------------------------------------------------------
 
-    async def create_key(self, account_id: str, *, name: str) -> IssuedKey:
+    async def create_key(self, account_id: str, *, name: str, actor: str = "cli") -> IssuedKey:
+        """A new key of the account; ``actor`` (the key id of the caller, or ``cli``) is
+        recorded in the audit trail."""
         name = name.strip()
         if not 1 <= len(name) <= 200:
             raise InvalidRequest("name must be 1 to 200 characters", param="name")
@@ -154,6 +158,15 @@ class AccessService:
             created_at=self._clock.now(),
         )
         await self._storage.create_key(key)
+        await self._audit.record(
+            AuditEntry(
+                account_id=account_id,
+                actor=actor,
+                action="key.created",
+                target=key.id,
+                after={"id": key.id, "name": key.name},
+            )
+        )
         return IssuedKey(key=key, secret=secret)
 
     async def list_keys(self, principal: Principal) -> Sequence[ApiKey]:
@@ -163,3 +176,13 @@ class AccessService:
         if not await self._storage.revoke_key(principal.account.id, key_id, self._clock.now()):
             raise NotFound("no such API key")
         self._key_cache.forget()
+        await self._audit.record(
+            AuditEntry(
+                account_id=principal.account.id,
+                actor=principal.key_id,
+                action="key.revoked",
+                target=key_id,
+                before={"id": key_id, "revoked": False},
+                after={"id": key_id, "revoked": True},
+            )
+        )

@@ -6,19 +6,47 @@ from collections.abc import Mapping
 from typing import Any
 
 from otpgate.domain import policy as rules
+from otpgate.domain.events import policy_snapshot
 from otpgate.domain.model import Principal, Service, new_id
-from otpgate.domain.ports import Clock, Page, ServiceStore
+from otpgate.domain.ports import AuditEntry, AuditTrail, Clock, NoAudit, Page, ServiceStore
 from otpgate.errors import InvalidRequest, NotFound
 from otpgate.services.cache import TtlCache
 
 
 class ServiceCatalog:
     def __init__(
-        self, *, storage: ServiceStore, clock: Clock, cache: TtlCache[Service] | None = None
+        self,
+        *,
+        storage: ServiceStore,
+        clock: Clock,
+        cache: TtlCache[Service] | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._storage = storage
         self._clock = clock
         self._cache = cache or TtlCache(0)
+        self._audit: AuditTrail = audit or NoAudit()
+
+    async def _audited(
+        self,
+        principal: Principal,
+        action: str,
+        service_id: str,
+        before: Service | None,
+        after: Service | None,
+    ) -> None:
+        """Record a settings change: the policy before and after, never a secret (the
+        webhook URL is reduced to its origin)."""
+        await self._audit.record(
+            AuditEntry(
+                account_id=principal.account.id,
+                actor=principal.key_id,
+                action=action,
+                target=service_id,
+                before=None if before is None else policy_snapshot(before.policy),
+                after=None if after is None else policy_snapshot(after.policy),
+            )
+        )
 
     async def lookup(self, account_id: str, service_id: str) -> Service | None:
         """The account's live service, through the shared cache (every start reads it)."""
@@ -37,6 +65,7 @@ class ServiceCatalog:
             updated_at=now,
         )
         await self._storage.create_service(service)
+        await self._audited(principal, "service.created", service.id, None, service)
         return service
 
     async def named(self, principal: Principal, name: str) -> Service:
@@ -75,12 +104,15 @@ class ServiceCatalog:
         if updated is None:
             raise NotFound("no such service")
         self._cache.forget((principal.account.id, service_id))
+        await self._audited(principal, "service.updated", service_id, current, updated)
         return updated
 
     async def delete(self, principal: Principal, service_id: str) -> None:
         """Delete the service; its pending verifications are canceled with it."""
-        if not await self._storage.delete_service(
+        current = await self._storage.get_service(principal.account.id, service_id)
+        if current is None or not await self._storage.delete_service(
             principal.account.id, service_id, self._clock.now()
         ):
             raise NotFound("no such service")
         self._cache.forget((principal.account.id, service_id))
+        await self._audited(principal, "service.deleted", service_id, current, None)

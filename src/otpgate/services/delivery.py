@@ -44,6 +44,7 @@ from datetime import datetime, timedelta
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
 from otpgate.domain.codes import CodeVault
+from otpgate.domain.events import VERIFICATION_FAILED, verification_event
 from otpgate.domain.model import (
     AttemptOutcome,
     Channel,
@@ -62,8 +63,10 @@ from otpgate.domain.ports import (
     Clock,
     DeliveryReport,
     DeliveryStorage,
+    EventSink,
     MessageStore,
     Metrics,
+    NoEvents,
     Sender,
 )
 from otpgate.domain.routing import CircuitBreaker, ProviderHealth, Routing
@@ -229,6 +232,7 @@ class Dispatcher:
         poll_seconds: float = 1.0,
         health: Mapping[str, ProviderHealth] | None = None,
         billing: Billing | None = None,
+        events: EventSink | None = None,
     ) -> None:
         if not routing.providers or any(name not in senders for name in routing.providers):
             raise ValueError("every provider of the routes needs a sender")
@@ -236,6 +240,7 @@ class Dispatcher:
         self._senders = senders
         self._routing = routing
         self._billing = billing
+        self._events: EventSink = events or NoEvents()
         self.health: dict[str, ProviderHealth] = dict(health or {}) or {
             name: ProviderHealth(name=name, type=name, breaker=CircuitBreaker(clock=self._seconds))
             for name in routing.providers
@@ -725,6 +730,11 @@ class Dispatcher:
         )
         if failed is not None:
             self._metrics.count("verification_failed")
+            # After the commit, as the verification events are (services/events.py).
+            try:
+                await self._events.emit(verification_event(VERIFICATION_FAILED, failed))
+            except Unavailable:  # the failure stands; only its event is lost
+                log.warning("event lost: storage unavailable", extra={"event_type": "failed"})
 
     # --- channel fallback ------------------------------------------------------------------
 

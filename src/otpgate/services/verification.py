@@ -21,6 +21,12 @@ from otpgate.domain.codes import (
     presented_code,
     validate_custom_code,
 )
+from otpgate.domain.events import (
+    VERIFICATION_APPROVED,
+    VERIFICATION_FAILED,
+    VERIFICATION_MAX_ATTEMPTS,
+    verification_event,
+)
 from otpgate.domain.model import (
     Account,
     Channel,
@@ -44,10 +50,16 @@ from otpgate.domain.phone import (
 )
 from otpgate.domain.ports import (
     NO_LOCKOUT,
+    AuditEntry,
+    AuditTrail,
     ClaimedMessage,
     Clock,
+    Event,
+    EventSink,
     Lockout,
     Metrics,
+    NoAudit,
+    NoEvents,
     Outbox,
     Page,
     VerificationStorage,
@@ -59,6 +71,7 @@ from otpgate.errors import (
     MaxSendAttemptsReached,
     NotFound,
     ResendTooSoon,
+    Unavailable,
 )
 from otpgate.services.billing import Billing
 from otpgate.services.catalog import ServiceCatalog
@@ -122,9 +135,12 @@ class VerificationService:
         outbox: Outbox,
         billing: Billing | None = None,
         rate_limits: RateLimiting | None = None,
+        events: EventSink | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         """``billing`` prices each message; without it messages carry no price. Without
-        ``rate_limits`` nothing is rate-limited (bootstrap always gives one)."""
+        ``rate_limits`` nothing is rate-limited (bootstrap always gives one). ``events`` hears
+        of approvals and failures (for the service's webhook); ``audit`` of lockouts."""
         self._storage = storage
         self._catalog = catalog
         self._vault = vault
@@ -135,6 +151,8 @@ class VerificationService:
         self._outbox = outbox
         self._billing = billing
         self._rate_limits = rate_limits
+        self._events: EventSink = events or NoEvents()
+        self._audit: AuditTrail = audit or NoAudit()
 
     # --- start and resend --------------------------------------------------------------------
 
@@ -202,7 +220,8 @@ class VerificationService:
                 return resent, False
             # Its code was sealed under another master key (a rotation): it can never be sent
             # again, so it fails and a new verification takes its place.
-            await self._storage.close(pending.id, VerificationStatus.FAILED, now)
+            if await self._storage.close(pending.id, VerificationStatus.FAILED, now):
+                await self._emit(verification_event(VERIFICATION_FAILED, pending))
             pending = None
         sends_so_far = 0
         if pending is not None:
@@ -385,7 +404,8 @@ class VerificationService:
         )
         code = self._code_of(verification)
         if code is None:
-            await self._storage.close(verification.id, VerificationStatus.FAILED, now)
+            if await self._storage.close(verification.id, VerificationStatus.FAILED, now):
+                await self._emit(verification_event(VERIFICATION_FAILED, verification))
             raise InvalidRequest(
                 "this verification's code can no longer be sent (the secret key changed); "
                 "start a new verification",
@@ -527,7 +547,9 @@ class VerificationService:
         )
         if verification is None:
             raise NotFound("no such verification")
-        return await self._check(verification, presented, checked_context, lockout)
+        return await self._check(
+            verification, presented, checked_context, lockout, actor=principal.key_id
+        )
 
     async def check_destination(
         self,
@@ -550,7 +572,9 @@ class VerificationService:
         if verification is None:
             raise NotFound("no verification for this destination in this service")
         lockout = await self._storage.lockout(service.id, destination)
-        return await self._check(verification, presented, checked_context, lockout)
+        return await self._check(
+            verification, presented, checked_context, lockout, actor=principal.key_id
+        )
 
     @staticmethod
     def _presented(code: Any) -> str:
@@ -564,6 +588,8 @@ class VerificationService:
         presented: str,
         context: dict[str, str] | None,
         lockout: Lockout,
+        *,
+        actor: str,
     ) -> CheckResult:
         now = self._clock.now()
         # 1. Closed verifications answer with their status and never look at the code, so a
@@ -592,6 +618,14 @@ class VerificationService:
             ):
                 self._metrics.count("check", result="approved")
                 log.info("verification approved", extra={"verification_id": verification.id})
+                # After the commit: a crash right here loses this event (services/events.py).
+                await self._emit(
+                    verification_event(
+                        VERIFICATION_APPROVED,
+                        verification,
+                        check_attempts=verification.check_attempts,
+                    )
+                )
                 return CheckResult(
                     verification.id,
                     VerificationStatus.APPROVED,
@@ -616,11 +650,29 @@ class VerificationService:
                 extra={"service_id": verification.service_id, "to": mask(verification.to)},
             )
             self._metrics.count("destination_locked")
+            await self._audit.record(
+                AuditEntry(
+                    account_id=verification.account_id,
+                    actor=actor,
+                    action="lockout.imposed",
+                    target=verification.service_id,
+                    after={
+                        "service_id": verification.service_id,
+                        "to": mask(verification.to),
+                        "consecutive_failures": failures,
+                        "locked_seconds": self._lockout.seconds,
+                    },
+                )
+            )
         remaining = max(0, verification.max_check_attempts - attempts)
         new_status = (
             VerificationStatus.PENDING if remaining else VerificationStatus.MAX_ATTEMPTS_REACHED
         )
         self._metrics.count("check", result="wrong")
+        if not remaining:
+            await self._emit(
+                verification_event(VERIFICATION_MAX_ATTEMPTS, verification, check_attempts=attempts)
+            )
         return CheckResult(verification.id, new_status, False, remaining)
 
     async def _reread(self, verification: Verification, now: Any) -> CheckResult:
@@ -704,6 +756,25 @@ class VerificationService:
         lockout = await self._storage.lockout(service.id, destination)
         locked_until = lockout.locked_until if lockout.in_force(self._clock.now()) else None
         await self._storage.reset_destination_failures(service.id, destination)
+        await self._audit.record(
+            AuditEntry(
+                account_id=principal.account.id,
+                actor=principal.key_id,
+                action="lockout.cleared",
+                target=service.id,
+                before={
+                    "service_id": service.id,
+                    "to": mask(destination),
+                    "consecutive_failures": lockout.failures,
+                    "locked_until": None if locked_until is None else locked_until.isoformat(),
+                },
+                after={
+                    "service_id": service.id,
+                    "to": mask(destination),
+                    "consecutive_failures": 0,
+                },
+            )
+        )
         log.info(
             "destination lockout cleared",
             extra={"service_id": service.id, "to": mask(destination)},
@@ -711,6 +782,17 @@ class VerificationService:
         return destination, locked_until
 
     # --- helpers ----------------------------------------------------------------------------
+
+    async def _emit(self, event: Event) -> None:
+        """Queue an event after its state change committed. Storage failing now must not turn
+        an approval that took effect into an error answer: the event is lost, and logged."""
+        try:
+            await self._events.emit(event)
+        except Unavailable:
+            log.warning(
+                "event lost: storage unavailable",
+                extra={"event_type": event.type, "service_id": event.service_id},
+            )
 
     async def _service(self, principal: Principal, service_id: str) -> Service:
         service = await self._catalog.lookup(principal.account.id, service_id)

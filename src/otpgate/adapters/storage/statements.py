@@ -27,6 +27,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Integer,
+    LargeBinary,
     String,
     and_,
     case,
@@ -659,7 +660,21 @@ APPLY_REPORT = (
         or_(m.c.status == QUEUED, m.c.status == SENT),
     )
     .values(status=p("status"), error=p("error"), updated_at=now())
-    .returning(m.c.id, m.c.account_id, m.c.to, m.c.client_ref, m.c.ack_url)
+    .returning(
+        m.c.id,
+        m.c.account_id,
+        m.c.to,
+        m.c.client_ref,
+        m.c.ack_url,
+        m.c.verification_id,
+        m.c.channel,
+    )
+)
+#: The service of a verification, for its webhook (a delivery report's event).
+SERVICE_OF_VERIFICATION = (
+    select(services.c.id, services.c.policy)
+    .select_from(v.join(services, services.c.id == v.c.service_id))
+    .where(v.c.id == p("verification_id"), services.c.deleted_at.is_(None))
 )
 MESSAGE_BY_REFERENCE = (
     select(m.c.id)
@@ -715,6 +730,97 @@ RETRY_CALLBACK = (
         updated_at=now(),
     )
 )
+
+# --- events (the webhook outbox) and the audit log ---------------------------------------------
+
+events, audit = t.events, t.audit_log
+INSERT_EVENT = insert(events)
+CLAIM_EVENTS = (
+    update(events)
+    .where(
+        events.c.id.in_(
+            select(events.c.id)
+            .where(
+                events.c.status == PENDING,
+                events.c.next_attempt_at <= now(),
+                or_(events.c.lease_until.is_(None), events.c.lease_until < now()),
+            )
+            .order_by(events.c.next_attempt_at)
+            .limit(p("limit", Integer))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(
+        lease_until=p("lease_until", UTCDateTime),
+        attempts=events.c.attempts + 1,
+        updated_at=now(),
+    )
+    .returning(*events.c)
+)
+FINISH_EVENT = (
+    update(events)
+    .where(events.c.id == p("id"), events.c.status == PENDING)
+    .values(
+        status=p("status"),
+        last_error=p("error"),
+        lease_until=null(),
+        next_attempt_at=null(),
+        delivered_at=p("delivered_at", UTCDateTime),
+        updated_at=now(),
+    )
+)
+RETRY_EVENT = (
+    update(events)
+    .where(events.c.id == p("id"), events.c.status == PENDING)
+    .values(
+        last_error=p("error"),
+        lease_until=null(),
+        next_attempt_at=p("next_attempt_at", UTCDateTime),
+        updated_at=now(),
+    )
+)
+SET_WEBHOOK_SECRET = (
+    update(services)
+    .where(services.c.id == p("service_id"), _live_service())
+    .values(webhook_secret_sealed=p("sealed", LargeBinary), updated_at=now())
+)
+
+
+@functools.cache
+def webhook_secrets_of(count: int) -> Select[Any]:
+    """The sealed signing secrets of ``count`` services (parameters from :func:`id_params`)."""
+    return select(services.c.id, services.c.webhook_secret_sealed).where(
+        services.c.id.in_(_ids(count))
+    )
+
+
+@functools.cache
+def events_page(
+    *, by_account: bool, by_service: bool, by_type: bool, with_cursor: bool
+) -> Select[Any]:
+    query = select(events)
+    if by_account:
+        query = query.where(events.c.account_id == p("account_id"))
+    if by_service:
+        query = query.where(events.c.service_id == p("service_id"))
+    if by_type:
+        query = query.where(events.c.type == p("type"))
+    return _paged(query, events, with_cursor)
+
+
+INSERT_AUDIT = insert(audit)
+
+
+@functools.cache
+def audit_page(*, by_account: bool, by_action: bool, with_cursor: bool) -> Select[Any]:
+    query = select(audit)
+    if by_account:
+        query = query.where(audit.c.account_id == p("account_id"))
+    if by_action:
+        query = query.where(audit.c.action == p("action"))
+    return _paged(query, audit, with_cursor)
+
 
 # --- idempotency keys ------------------------------------------------------------------------
 

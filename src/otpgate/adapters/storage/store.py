@@ -17,6 +17,13 @@ from typing import Any
 from otpgate.adapters.storage import statements as q
 from otpgate.adapters.storage.executor import Conflict, Executor, Row, Session
 from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind
+from otpgate.domain.events import (
+    AuditRecord,
+    DeliveryState,
+    EventRecord,
+    message_event,
+    record_of,
+)
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -39,6 +46,7 @@ from otpgate.domain.model import (
 from otpgate.domain.ports import (
     NO_LOCKOUT,
     Callback,
+    ClaimedEvent,
     ClaimedMessage,
     DeliveryReport,
     Lockout,
@@ -341,6 +349,56 @@ def callback_from_row(row: Row) -> Callback:
     )
 
 
+def event_values(record: EventRecord) -> dict[str, Any]:
+    """The parameters of ``INSERT_EVENT``."""
+    return {
+        "id": record.id,
+        "account_id": record.account_id,
+        "service_id": record.service_id,
+        "type": record.type,
+        "url": record.url,
+        "payload": dict(record.data),
+        "status": record.state.value,
+        "attempts": record.attempts,
+        "next_attempt_at": record.next_attempt_at,
+        "lease_until": None,
+        "last_error": record.last_error,
+        "created_at": record.created_at,
+        "updated_at": record.created_at,
+        "delivered_at": record.delivered_at,
+    }
+
+
+def event_from_row(row: Row) -> EventRecord:
+    return EventRecord(
+        id=row["id"],
+        type=row["type"],
+        account_id=row["account_id"],
+        service_id=row["service_id"],
+        url=row["url"],
+        data=dict(row["payload"]),
+        created_at=row["created_at"],
+        state=DeliveryState(row["status"]),
+        attempts=int(row["attempts"]),
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        delivered_at=row["delivered_at"],
+    )
+
+
+def audit_from_row(row: Row) -> AuditRecord:
+    return AuditRecord(
+        id=row["id"],
+        account_id=row["account_id"],
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"],
+        before=None if row["before"] is None else dict(row["before"]),
+        after=None if row["after"] is None else dict(row["after"]),
+        created_at=row["created_at"],
+    )
+
+
 def ledger_values(entry: LedgerEntry) -> dict[str, Any]:
     """The parameters of ``INSERT_LEDGER`` (``l_`` + column)."""
     return {
@@ -623,6 +681,7 @@ class SqlStore:
             created_at=service.created_at,
             updated_at=service.updated_at,
             deleted_at=None,
+            webhook_secret_sealed=None,
         )
 
     async def get_service(self, account_id: str, service_id: str) -> Service | None:
@@ -1034,12 +1093,151 @@ class SqlStore:
                             )
                         ),
                     )
+                if changed is not None and changed["verification_id"]:
+                    await self._report_event(tx, provider, report.status, changed, now)
             if changed is not None:
                 return True
         known = await self._x.one(
             q.MESSAGE_BY_REFERENCE, provider=provider, provider_ref=report.provider_ref
         )
         return known is not None
+
+    @staticmethod
+    async def _report_event(
+        tx: Session, provider: str, status: MessageStatus, changed: Row, now: datetime
+    ) -> None:
+        """Inside the report's transaction: queue its event when the message's service has a
+        webhook (a service without one costs this one read and writes nothing)."""
+        service = await tx.one(
+            q.SERVICE_OF_VERIFICATION, verification_id=changed["verification_id"]
+        )
+        if service is None:
+            return
+        url = (service["policy"] or {}).get("webhook_url")
+        event = message_event(
+            message_id=changed["id"],
+            verification_id=changed["verification_id"],
+            service_id=service["id"],
+            account_id=changed["account_id"],
+            channel=changed["channel"],
+            status=status,
+            provider=provider,
+        )
+        if url and event is not None:
+            await tx.run(q.INSERT_EVENT, **event_values(record_of(event, url, now)))
+
+    # --- events and the audit log ------------------------------------------------------------
+
+    async def insert_event(self, record: EventRecord) -> None:
+        await self._x.run(q.INSERT_EVENT, **event_values(record))
+
+    async def claim_events(
+        self, *, now: datetime, lease_seconds: int, limit: int
+    ) -> Sequence[ClaimedEvent]:
+        rows = await self._x.all(
+            q.CLAIM_EVENTS,
+            now=now,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            limit=limit,
+        )
+        if not rows:
+            return []
+        ids = sorted({r["service_id"] for r in rows if r["service_id"]})
+        sealed = {
+            r["id"]: r["webhook_secret_sealed"]
+            for r in (
+                await self._x.all(q.webhook_secrets_of(len(ids)), **q.id_params(ids)) if ids else []
+            )
+        }
+        return [
+            ClaimedEvent(event_from_row(row), sealed.get(row["service_id"] or "")) for row in rows
+        ]
+
+    async def finish_event(
+        self, event_id: str, *, delivered: bool, error: str | None, now: datetime
+    ) -> None:
+        await self._x.run(
+            q.FINISH_EVENT,
+            id=event_id,
+            status=(DeliveryState.DELIVERED if delivered else DeliveryState.FAILED).value,
+            error=None if error is None else error[:_ERROR_LENGTH],
+            delivered_at=now if delivered else None,
+            now=now,
+        )
+
+    async def retry_event(
+        self, event_id: str, *, error: str, next_attempt_at: datetime, now: datetime
+    ) -> None:
+        await self._x.run(
+            q.RETRY_EVENT,
+            id=event_id,
+            error=error[:_ERROR_LENGTH],
+            next_attempt_at=next_attempt_at,
+            now=now,
+        )
+
+    async def list_events(
+        self,
+        account_id: str | None,
+        *,
+        service_id: str | None,
+        type: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[EventRecord]:
+        statement = q.events_page(
+            by_account=account_id is not None,
+            by_service=service_id is not None,
+            by_type=type is not None,
+            with_cursor=cursor is not None,
+        )
+        params = _cursor_params(cursor, limit)
+        for name, value in (("account_id", account_id), ("service_id", service_id), ("type", type)):
+            if value is not None:
+                params[name] = value
+        rows = await self._x.all(statement, **params)
+        return Page([event_from_row(r) for r in rows[:limit]], _next_cursor(rows, limit))
+
+    async def set_webhook_secret(
+        self, account_id: str, service_id: str, sealed: bytes, now: datetime
+    ) -> bool:
+        changed = await self._x.run(
+            q.SET_WEBHOOK_SECRET,
+            service_id=service_id,
+            account_id=account_id,
+            sealed=sealed,
+            now=now,
+        )
+        return bool(changed)
+
+    async def insert_audit(self, record: AuditRecord) -> None:
+        await self._x.run(
+            q.INSERT_AUDIT,
+            id=record.id,
+            account_id=record.account_id,
+            actor=record.actor,
+            action=record.action,
+            target=record.target,
+            before=None if record.before is None else dict(record.before),
+            after=None if record.after is None else dict(record.after),
+            created_at=record.created_at,
+        )
+
+    async def list_audit(
+        self, account_id: str | None, *, action: str | None, limit: int, cursor: str | None
+    ) -> Page[AuditRecord]:
+        statement = q.audit_page(
+            by_account=account_id is not None,
+            by_action=action is not None,
+            with_cursor=cursor is not None,
+        )
+        params = _cursor_params(cursor, limit)
+        if account_id is not None:
+            params["account_id"] = account_id
+        if action is not None:
+            params["action"] = action
+        rows = await self._x.all(statement, **params)
+        return Page([audit_from_row(r) for r in rows[:limit]], _next_cursor(rows, limit))
 
     # --- callbacks ---------------------------------------------------------------------------
 

@@ -89,6 +89,9 @@ services = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime, nullable=True),
+    #: The webhook signing secret, sealed (AES-GCM under a key outside the database, the
+    #: service id as associated data); NULL until one is issued. Never in plain text.
+    Column("webhook_secret_sealed", LargeBinary, nullable=True),
     Index("ix_services_account_created", "account_id", "created_at", "id"),
 )
 
@@ -241,4 +244,46 @@ callbacks = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_callbacks_due", "status", "next_attempt_at"),
+)
+
+#: Events owed to a service's webhook (``domain.events``), sent from this outbox like messages;
+#: the row id is the ``webhook-id`` of every attempt. ``payload`` holds ids, statuses and counts.
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("service_id", String(36), nullable=True),
+    Column("type", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("payload", JSON, nullable=False),
+    #: ``pending``, ``delivered`` or ``failed`` (given up)
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("last_error", String(500), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Index("ix_events_due", "status", "next_attempt_at"),
+    Index("ix_events_account_created", "account_id", "created_at", "id"),
+    Index("ix_events_created", "created_at", "id"),
+)
+
+#: Security-relevant actions: who (an API key id, or ``cli``), on which account, what, on
+#: which object, and its state before and after (never a secret).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255), nullable=False),
+    Column("before", JSON, nullable=True),
+    Column("after", JSON, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_audit_account_created", "account_id", "created_at", "id"),
+    Index("ix_audit_created", "created_at", "id"),
 )

@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits_text
+from otpgate.domain.events import AuditRecord, EventRecord
 from otpgate.domain.model import (
     DEFAULT_START_LIMITS,
     Account,
@@ -663,3 +664,90 @@ def render_key(k: ApiKey, secret: str | None = None) -> dict[str, Any]:
     if secret is not None:
         body["key"] = secret  # shown once, never stored
     return body
+
+
+# --- events and the audit log ------------------------------------------------------------------
+
+
+class NewServiceOut(ServiceOut):
+    webhook_secret: str | None = Field(
+        description="the webhook signing secret (whsec_…), shown in this response only; null "
+        "when the response is a replay under the same Idempotency-Key"
+    )
+
+
+class WebhookSecretOut(Out):
+    service_id: str
+    webhook_secret: str = Field(
+        description="the new signing secret (whsec_…), shown in this response only; the "
+        "previous one stops signing at once"
+    )
+
+
+class EventOut(Out):
+    id: str = Field(description="the webhook-id of every delivery attempt")
+    type: str
+    account_id: str
+    service_id: str | None
+    data: dict[str, Any] = Field(description="ids, statuses and counts; what was posted")
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class EventPage(Out):
+    data: list[EventOut]
+    next_cursor: str | None
+
+
+class AuditOut(Out):
+    id: str
+    account_id: str
+    actor: str = Field(description="the API key id that acted, or cli")
+    action: str
+    target: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    created_at: datetime
+
+
+class AuditPage(Out):
+    data: list[AuditOut]
+    next_cursor: str | None
+
+
+def without_webhook_secret(rendered: dict[str, Any]) -> dict[str, Any]:
+    """A rendered new service as it may be stored for idempotent replays."""
+    return {**rendered, "webhook_secret": None}
+
+
+def render_event(e: EventRecord) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "type": e.type,
+        "account_id": e.account_id,
+        "service_id": e.service_id,
+        "data": dict(e.data),
+        "status": e.state.value,
+        "attempts": e.attempts,
+        "last_error": e.last_error,
+        "next_attempt_at": timestamp(e.next_attempt_at),
+        "created_at": timestamp(e.created_at),
+        "delivered_at": timestamp(e.delivered_at),
+    }
+
+
+def render_audit(a: AuditRecord) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "account_id": a.account_id,
+        "actor": a.actor,
+        "action": a.action,
+        "target": a.target,
+        "before": None if a.before is None else dict(a.before),
+        "after": None if a.after is None else dict(a.after),
+        "created_at": timestamp(a.created_at),
+    }

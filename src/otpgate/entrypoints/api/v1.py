@@ -501,7 +501,7 @@ async def create_key(request: Request, principal: Caller, body: s.CreateKey) -> 
         access.require_admin(principal)
 
     async def action() -> tuple[int, Any]:
-        issued = await access.create_key(account_id, name=body.name)
+        issued = await access.create_key(account_id, name=body.name, actor=principal.key_id)
         return 201, s.render_key(issued.key, issued.secret)
 
     return await idempotent(request, principal, action, redact=s.without_secret)
@@ -539,19 +539,22 @@ async def revoke_key(request: Request, principal: Caller, key_id: s.Text) -> Res
     "/services",
     tags=["services"],
     status_code=201,
-    response_model=s.ServiceOut,
+    response_model=s.NewServiceOut,
     responses=problem_responses(*AUTHENTICATED, *READS_BODY, *IDEMPOTENT),
     openapi_extra=IDEMPOTENCY_KEY,
 )
 async def create_service(request: Request, principal: Caller, body: s.ServiceFields) -> Response:
-    """A new service; ``name`` is required, every other field has a default."""
-    catalog = container_of(request).catalog
+    """A new service; ``name`` is required, every other field has a default. The answer
+    carries the service's webhook signing secret (``webhook_secret``), in this response only
+    (``POST /v1/services/{id}/webhook-secret`` issues a new one)."""
+    container = container_of(request)
 
     async def action() -> tuple[int, Any]:
-        service = await catalog.create(principal, body.model_dump(exclude_unset=True))
-        return 201, s.render_service(service)
+        service = await container.catalog.create(principal, body.model_dump(exclude_unset=True))
+        secret = await container.webhook_secrets.issue(principal, service.id, rotated=False)
+        return 201, {**s.render_service(service), "webhook_secret": secret}
 
-    return await idempotent(request, principal, action)
+    return await idempotent(request, principal, action, redact=s.without_webhook_secret)
 
 
 @router.get(
@@ -605,3 +608,79 @@ async def delete_service(request: Request, principal: Caller, service_id: s.Text
     """Delete the service; its pending verifications are canceled with it."""
     await container_of(request).catalog.delete(principal, service_id)
     return Response(status_code=204)
+
+
+@router.post(
+    "/services/{service_id}/webhook-secret",
+    tags=["services"],
+    response_model=s.WebhookSecretOut,
+    responses=problem_responses(*AUTHENTICATED, NotFound),
+)
+async def rotate_webhook_secret(
+    request: Request, principal: Caller, service_id: s.Text
+) -> Response:
+    """Issue a new webhook signing secret for the service, shown in this response only. The
+    old one stops signing at once: deliveries from now on, retries included, use the new one."""
+    secret = await container_of(request).webhook_secrets.issue(principal, service_id)
+    return ok({"service_id": service_id, "webhook_secret": secret})
+
+
+# --- events and the audit log ------------------------------------------------------------------
+
+
+@router.get(
+    "/events",
+    tags=["events"],
+    response_model=s.EventPage,
+    responses=problem_responses(*AUTHENTICATED, Forbidden),
+)
+async def list_events(
+    request: Request,
+    principal: Caller,
+    service_id: Annotated[s.Text | None, Query(max_length=64)] = None,
+    type: Annotated[s.Text | None, Query(max_length=64, description="an event type")] = None,
+    account_id: Annotated[
+        s.Text | None, Query(max_length=64, description="admin keys only: another account's")
+    ] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Response:
+    """The events sent (or being sent) to the services' webhooks, newest first, with their
+    delivery state; an account key sees its own account's, an admin key every account's (or
+    the one ``account_id`` names). Never the signing secret."""
+    result = await container_of(request).event_log.list(
+        principal,
+        account_id=account_id,
+        service_id=service_id,
+        type=type,
+        limit=limit,
+        cursor=cursor,
+    )
+    return ok(page([s.render_event(e) for e in result.items], result.next_cursor))
+
+
+@router.get(
+    "/audit",
+    tags=["audit"],
+    response_model=s.AuditPage,
+    responses=problem_responses(*AUTHENTICATED, Forbidden),
+)
+async def list_audit(
+    request: Request,
+    principal: Caller,
+    action: Annotated[
+        s.Text | None, Query(max_length=64, description="e.g. key.created, service.updated")
+    ] = None,
+    account_id: Annotated[
+        s.Text | None, Query(max_length=64, description="admin keys only: another account's")
+    ] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Response:
+    """Security-relevant actions, newest first: who (the API key id, or ``cli``), what, on
+    which object, and the state before and after (never a secret). An account key sees its
+    own account's entries; an admin key every account's, or the one ``account_id`` names."""
+    result = await container_of(request).audit.list(
+        principal, account_id=account_id, action=action, limit=limit, cursor=cursor
+    )
+    return ok(page([s.render_audit(a) for a in result.items], result.next_cursor))
