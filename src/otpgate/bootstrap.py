@@ -32,7 +32,15 @@ from otpgate.adapters.storage.postgres import PostgresExecutor
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
-from otpgate.domain.ports import Clock, ReceiptParser, ReportSource, Sender, Storage
+from otpgate.domain.ports import (
+    Clock,
+    NoAudit,
+    NoEvents,
+    ReceiptParser,
+    ReportSource,
+    Sender,
+    Storage,
+)
 from otpgate.domain.routing import (
     CIRCUIT_GAUGE,
     CircuitBreaker,
@@ -47,6 +55,7 @@ from otpgate.services.cache import TtlCache
 from otpgate.services.callbacks import CallbackSender
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
+from otpgate.services.fraud import FraudGuard
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
 from otpgate.services.verification import LockoutPolicy, VerificationService
@@ -175,6 +184,7 @@ class Container:
     access: AccessService
     catalog: ServiceCatalog
     verifications: VerificationService
+    fraud: FraudGuard
     billing: Billing
     messaging: Messaging
     outbound: OutboundHttp
@@ -290,6 +300,14 @@ def build(
     catalog = ServiceCatalog(
         storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
     )
+    fraud = FraudGuard(
+        store=storage,
+        clock=clock,
+        metrics=metrics,
+        lists_cache=TtlCache(settings.lookup_cache_seconds),
+        events=NoEvents(),
+        audit=NoAudit(),
+    )
     verifications = VerificationService(
         storage=storage,
         catalog=catalog,
@@ -302,9 +320,15 @@ def build(
         ),
         outbox=dispatcher,
         billing=billing,
+        fraud=fraud,
     )
     messaging = Messaging(
-        messages=storage, billing=billing, clock=clock, metrics=metrics, outbox=dispatcher
+        messages=storage,
+        billing=billing,
+        clock=clock,
+        metrics=metrics,
+        outbox=dispatcher,
+        fraud=fraud,
     )
     outbound = outbound_from_settings(settings)
     callbacks = CallbackSender(store=storage, outbound=outbound, clock=clock, metrics=metrics)
@@ -316,6 +340,7 @@ def build(
         ),
         catalog=catalog,
         verifications=verifications,
+        fraud=fraud,
         billing=billing,
         messaging=messaging,
         outbound=outbound,

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from otpgate.domain.billing import BillingMode, credits_text
+from otpgate.domain.fraud import GuardLevel
 
 
 def new_id(prefix: str) -> str:
@@ -110,6 +111,10 @@ class ServicePolicy:
     allow_multipart: bool = False
     #: With several channels: the next one is used when no check arrived within this long.
     fallback_after_seconds: int | None = None
+    #: The SMS-pumping detector's sensitivity for this service's starts (``domain.fraud``).
+    fraud_guard: GuardLevel = GuardLevel.STANDARD
+    #: Send SMS codes to VoIP numbers too (S12: refused by default).
+    allow_voip: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits_text
+from otpgate.domain.fraud import GuardLevel
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -192,6 +193,15 @@ class ServiceFields(Body):
         "fails for good",
         json_schema_extra=_range(10, 3_600),
     )
+    fraud_guard: str | None = Field(
+        None,
+        description="the SMS-pumping detector's sensitivity for this service's starts; "
+        "default standard (docs/security.md)",
+        json_schema_extra=one_of(GuardLevel),
+    )
+    allow_voip: bool | None = Field(
+        None, description="send SMS codes to VoIP numbers too; default false"
+    )
 
 
 class StartVerification(Body):
@@ -339,6 +349,8 @@ class ServiceOut(Out):
     webhook_url: str | None
     allow_multipart: bool
     fallback_after_seconds: int | None
+    fraud_guard: GuardLevel
+    allow_voip: bool
     created_at: datetime
     updated_at: datetime
 
@@ -537,6 +549,8 @@ def render_service(s: Service) -> dict[str, Any]:
         "webhook_url": p.webhook_url,
         "allow_multipart": p.allow_multipart,
         "fallback_after_seconds": p.fallback_after_seconds,
+        "fraud_guard": p.fraud_guard.value,
+        "allow_voip": p.allow_voip,
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
     }
