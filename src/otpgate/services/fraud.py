@@ -246,7 +246,7 @@ class FraudGuard:
             if current:
                 return max(current, key=lambda b: b.expires_at)
             return block  # pragma: no cover - lifted within the same instant
-        self._metrics.count("prefix_blocked", level="auto")
+        self._metrics.count("block_created", kind="prefix", by="detector")
         log.warning(
             "number prefix blocked (SMS pumping suspected)",
             extra={"block_id": block.id, "prefix": prefix, "country": country},
@@ -321,7 +321,7 @@ class FraudGuard:
                 break
         else:  # pragma: no cover - three lost races in a row
             raise InvalidRequest("another block of this value is being created; try again")
-        self._metrics.count("prefix_blocked" if kind == "prefix" else "country_blocked", level="manual")
+        self._metrics.count("block_created", kind=kind, by="operator")
         log.warning(
             "destination blocked by an operator",
             extra={"block_id": block.id, "kind": kind, "value": value},
