@@ -26,14 +26,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import text
+from tests.conftest import POSTGRES_URL, Api, Database, make_settings, serving
+from tests.support import pumping
 
 from otpgate.adapters.storage import tables as t
 from otpgate.adapters.storage.engine import create_engine
 from otpgate.adapters.storage.migrate import upgrade
 from otpgate.domain.fraud import LEVELS, GuardLevel
 from otpgate.domain.phone import parse_phone
-from tests.conftest import POSTGRES_URL, Database, make_settings, serving
-from tests.support import pumping
 
 
 async def database(kind: str, tmp: Path) -> Database:
@@ -123,7 +123,7 @@ async def scenario(kind: str, delay: float, tmp: Path, *, time_screen: bool) -> 
         await drop(db)
 
 
-async def screen_cost(api: pumping.Api, db: Database, rounds: int = 2_000) -> None:
+async def screen_cost(api: Api, db: Database, rounds: int = 2_000) -> None:
     await filler(db, 20_000, api.clock.now())
     fraud = api.container.fraud
     account = api.account_id

@@ -168,9 +168,7 @@ async def test_the_deny_list_refuses_before_anything_is_stored(api: Api) -> None
     assert denied.status_code == 201, denied.text
     again = await api.http.post("/v1/deny-list", json={"country": "it"}, headers=api.auth())
     assert again.status_code == 200 and again.json()["id"] == denied.json()["id"]
-    prefix = await api.http.post(
-        "/v1/deny-list", json={"prefix": "+3461234"}, headers=api.auth()
-    )
+    prefix = await api.http.post("/v1/deny-list", json={"prefix": "+3461234"}, headers=api.auth())
     assert prefix.status_code == 201
     before = await _counts(api)
     italy = await api.start("+393123456789")
@@ -192,9 +190,7 @@ async def test_the_deny_list_refuses_before_anything_is_stored(api: Api) -> None
         "/v1/deny-list", json={"number": "+34612345678"}, headers=api.auth()
     )
     assert refused.status_code == 400 and refused.json()["param"] == "number"
-    removed = await api.http.delete(
-        f"/v1/deny-list/{denied.json()['id']}", headers=api.auth()
-    )
+    removed = await api.http.delete(f"/v1/deny-list/{denied.json()['id']}", headers=api.auth())
     assert removed.status_code == 204
     assert (await api.start("+393123456789")).status_code == 201
 

@@ -24,7 +24,10 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Sends refused by a block in force (SMS-pumping defence)",
         ("kind",),
     ),
-    "block_created": ("Blocks of a prefix or a country, by the detector or an operator", ("kind", "by")),
+    "block_created": (
+        "Blocks of a prefix or a country, by the detector or an operator",
+        ("kind", "by"),
+    ),
     "message_queued": ("Plain messages queued", ("channel",)),
     "callback": ("Calls to callers' URLs by result (delivered, retry, given_up)", ("result",)),
     "message_sent": ("Messages accepted by a provider", ("provider",)),

@@ -180,7 +180,8 @@ def automatic_duration(history: list[Block], now: datetime) -> timedelta:
     """12 h for a prefix's first block; doubled for each earlier block of it within
     :data:`REPEAT_MEMORY`; never more than :data:`LONGEST_BLOCK`."""
     repeats = sum(1 for b in history if b.created_at > now - REPEAT_MEMORY)
-    return min(FIRST_BLOCK * (2 ** min(repeats, 10)), LONGEST_BLOCK)
+    doubled: timedelta = FIRST_BLOCK * 2 ** min(repeats, 10)
+    return min(doubled, LONGEST_BLOCK)
 
 
 class ListName(enum.StrEnum):

@@ -288,8 +288,10 @@ class FraudGuard:
         duration = fields.get("duration_seconds")
         if duration is None:
             length = MANUAL_BLOCK_DEFAULT
-        elif isinstance(duration, bool) or not isinstance(duration, int) or not (
-            60 <= duration <= MANUAL_BLOCK_MAX.total_seconds()
+        elif (
+            isinstance(duration, bool)
+            or not isinstance(duration, int)
+            or not (60 <= duration <= MANUAL_BLOCK_MAX.total_seconds())
         ):
             raise InvalidRequest(
                 "duration_seconds must be an integer from 60 to 31536000 (365 days)",

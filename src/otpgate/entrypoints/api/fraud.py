@@ -131,12 +131,16 @@ async def _list(request: Request, principal: Any, name: ListName) -> Response:
     return ok({"data": [render_entry(e) for e in entries]})
 
 
-async def _add(request: Request, principal: Any, name: ListName, fields: dict[str, Any]) -> Response:
+async def _add(
+    request: Request, principal: Any, name: ListName, fields: dict[str, Any]
+) -> Response:
     entry, created = await container_of(request).fraud.add_entry(principal, name, fields)
     return ok(render_entry(entry), 201 if created else 200)
 
 
-_EXISTING = {200: {"model": ListEntryOut, "description": "the value was listed already"}}
+_EXISTING: dict[int | str, dict[str, Any]] = {
+    200: {"model": ListEntryOut, "description": "the value was listed already"}
+}
 
 
 @router.get(
