@@ -1013,19 +1013,23 @@ async def test_prefix_conversion_counts_decided_and_approved_across_accounts(
     _, service = await world(store)
     _, other = await world(store)
     # +34612345: two approved, one expired by status, one old pending (decided), one young
-    # pending (not decided); another account's start counts too.
+    # pending (not decided), one old pending whose code never went out (not decided); another
+    # account's start counts too.
     approved_1, _ = await a_pending(store, service, to="+34612345001", when=10)
     approved_2, _ = await a_pending(store, other, to="+34612345002", when=10)
-    await a_pending(store, service, to="+34612345003", when=10)
-    await a_pending(store, service, to="+34612345004", when=95)
-    old, _ = await a_pending(store, service, to="+34612345005", when=20)
+    _, old_pending = await a_pending(store, service, to="+34612345003", when=10)
+    _, young = await a_pending(store, service, to="+34612345004", when=95)
+    old, closed = await a_pending(store, service, to="+34612345005", when=20)
+    await a_pending(store, service, to="+34612345007", when=10)  # still queued
     for verification in (approved_1, approved_2):
         assert await store.approve(verification.id, at(30), clear_failures=False)
     await store.close(old.id, VerificationStatus.EXPIRED, at(40))
     # Not the prefix: a neighbour range, a longer number, and a start before the window.
-    await a_pending(store, service, to="+34612346001", when=10)
-    await a_pending(store, service, to="+346123450011", when=10)
-    await a_pending(store, service, to="+34612345006", when=-100)
+    _, neighbour = await a_pending(store, service, to="+34612346001", when=10)
+    _, longer = await a_pending(store, service, to="+346123450011", when=10)
+    _, before = await a_pending(store, service, to="+34612345006", when=-100)
+    for message in (old_pending, young, closed, neighbour, longer, before):
+        await store.mark_sent(message.id, provider="p", receipt=SendReceipt(), now=at(11))
     counts = await store.prefix_conversion("+34612345", since=at(0), matured=at(90))
     assert (counts.decided, counts.approved) == (4, 2)
     nothing = await store.prefix_conversion("+34699999", since=at(0), matured=at(90))

@@ -750,13 +750,31 @@ blocks, lists = t.fraud_blocks, t.destination_lists
 APPROVED = const(VerificationStatus.APPROVED.value)
 
 
+#: A message of the verification reached a provider: only then could its code be typed.
+_REACHED = exists().where(
+    m.c.verification_id == v.c.id,
+    m.c.status.in_(
+        [
+            const(s.value)
+            for s in (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.UNDELIVERED)
+        ]
+    ),
+)
+
+
 def _conversion(*where: ColumnElement[bool]) -> Select[Any]:
     """Decided and approved verifications among those created since ``since``: a verification
-    is decided when it is no longer pending, or was created before ``matured`` (its grace
-    period is over). Deployment-wide: every account's verifications count."""
-    decided = or_(v.c.status != PENDING, v.c.created_at <= p("matured", UTCDateTime))
+    is decided when it is approved, or when its code reached a provider and it is no longer
+    pending or was created before ``matured`` (its grace period is over). A code that never
+    went out (a provider outage) is no evidence of pumping. Deployment-wide: every account's
+    verifications count."""
+    unconverted = and_(
+        or_(v.c.status != PENDING, v.c.created_at <= p("matured", UTCDateTime)), _REACHED
+    )
+    # CASE tries its branches in order: the messages are looked at for unapproved rows only.
+    decided = case((v.c.status == APPROVED, 1), (unconverted, 1), else_=0)
     return select(
-        func.coalesce(func.sum(case((decided, 1), else_=0)), 0).label("decided"),
+        func.coalesce(func.sum(decided), 0).label("decided"),
         func.coalesce(func.sum(case((v.c.status == APPROVED, 1), else_=0)), 0).label("approved"),
     ).where(
         # A range of ``to`` (``low`` ≤ to < ``high``) walks ix_verifications_to_created.
