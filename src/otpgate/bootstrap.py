@@ -59,6 +59,7 @@ from otpgate.services.callbacks import CallbackSender
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.events import EventLog, EventSender, WebhookEvents, WebhookSecrets
+from otpgate.services.fraud import FraudGuard
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
 from otpgate.services.ratelimit import RateLimiting
@@ -204,6 +205,7 @@ class Container:
     access: AccessService
     catalog: ServiceCatalog
     verifications: VerificationService
+    fraud: FraudGuard
     billing: Billing
     messaging: Messaging
     outbound: OutboundHttp
@@ -349,6 +351,14 @@ def build(
         ),
         checks=Limit(settings.rate_limit_checks, settings.rate_limit_checks_window_seconds),
     )
+    fraud = FraudGuard(
+        store=storage,
+        clock=clock,
+        metrics=metrics,
+        lists_cache=TtlCache(settings.lookup_cache_seconds),
+        events=events,
+        audit=audit,
+    )
     verifications = VerificationService(
         storage=storage,
         catalog=catalog,
@@ -364,9 +374,15 @@ def build(
         rate_limits=rate_limits,
         events=events,
         audit=audit,
+        fraud=fraud,
     )
     messaging = Messaging(
-        messages=storage, billing=billing, clock=clock, metrics=metrics, outbox=dispatcher
+        messages=storage,
+        billing=billing,
+        clock=clock,
+        metrics=metrics,
+        outbox=dispatcher,
+        fraud=fraud,
     )
     callbacks = CallbackSender(store=storage, outbound=outbound, clock=clock, metrics=metrics)
     return Container(
@@ -380,6 +396,7 @@ def build(
         ),
         catalog=catalog,
         verifications=verifications,
+        fraud=fraud,
         billing=billing,
         messaging=messaging,
         outbound=outbound,

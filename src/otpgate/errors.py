@@ -188,14 +188,19 @@ class ChannelNotAllowed(RequestRefused):
 
 
 class DestinationBlocked(RequestRefused):
-    """**403**, with `retry_after`. The destination has had too many consecutive failed checks
-    in this service: `OTPGATE_LOCKOUT_THRESHOLD`, 100 by default, across all its verifications.
-    It is locked until `retry_after` seconds from now (`OTPGATE_LOCKOUT_SECONDS`, a day by
-    default). Raised by start and resend. Checks during the lockout answer `valid: false` rather
-    than this error.
+    """**403**. Nothing was stored or sent, for one of three reasons:
 
-    Client: do not retry before `retry_after`. An operator can lift the lock with
-    `otpgate lockouts clear --service svc_… --to +34…`.
+    - with `retry_after`: the destination has had too many consecutive failed checks in this
+      service (`OTPGATE_LOCKOUT_THRESHOLD`, 100 by default); it is locked until `retry_after`
+      seconds from now (`OTPGATE_LOCKOUT_SECONDS`, a day by default). Checks during the lockout
+      answer `valid: false` rather than this error. An operator lifts it with
+      `otpgate lockouts clear --service svc_… --to +34…`;
+    - with `retry_after`: the number's prefix or country is blocked on this server by the
+      SMS-pumping defence (`GET /v1/blocks`; an admin lifts it with `DELETE /v1/blocks/{id}`,
+      and a number on the account's safe list is never blocked);
+    - without `retry_after`: the number's prefix is on the account's deny list.
+
+    Client: do not retry before `retry_after`; without it, waiting does not help.
     """
 
     status, code, title = 403, "destination_blocked", "Destination blocked"

@@ -21,6 +21,7 @@ from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.bootstrap import build_storage
 from otpgate.domain.billing import BillingMode, LedgerKind
+from otpgate.domain.fraud import Block, BlockKind, EntryKind, ListEntry, ListName
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -1001,3 +1002,94 @@ async def test_a_report_on_a_message_with_an_ack_url_owes_a_callback(store: Stor
         "lm", DeliveryReport("ref-1", MessageStatus.DELIVERED, "DELIVRD"), at(200)
     )
     assert await store.claim_callbacks(now=at(10_000), lease_seconds=30, limit=10) == []
+
+
+# --- the SMS-pumping defence -----------------------------------------------------------------
+
+
+async def test_prefix_conversion_counts_decided_and_approved_across_accounts(
+    store: Storage,
+) -> None:
+    _, service = await world(store)
+    _, other = await world(store)
+    # +34612345: two approved, one expired by status, one old pending (decided), one young
+    # pending (not decided), one old pending whose code never went out (not decided); another
+    # account's start counts too.
+    approved_1, _ = await a_pending(store, service, to="+34612345001", when=10)
+    approved_2, _ = await a_pending(store, other, to="+34612345002", when=10)
+    _, old_pending = await a_pending(store, service, to="+34612345003", when=10)
+    _, young = await a_pending(store, service, to="+34612345004", when=95)
+    old, closed = await a_pending(store, service, to="+34612345005", when=20)
+    await a_pending(store, service, to="+34612345007", when=10)  # still queued
+    for verification in (approved_1, approved_2):
+        assert await store.approve(verification.id, at(30), clear_failures=False)
+    await store.close(old.id, VerificationStatus.EXPIRED, at(40))
+    # Not the prefix: a neighbour range, a longer number, and a start before the window.
+    _, neighbour = await a_pending(store, service, to="+34612346001", when=10)
+    _, longer = await a_pending(store, service, to="+346123450011", when=10)
+    _, before = await a_pending(store, service, to="+34612345006", when=-100)
+    for message in (old_pending, young, closed, neighbour, longer, before):
+        await store.mark_sent(message.id, provider="p", receipt=SendReceipt(), now=at(11))
+    counts = await store.prefix_conversion("+34612345", since=at(0), matured=at(90))
+    assert (counts.decided, counts.approved) == (4, 2)
+    nothing = await store.prefix_conversion("+34699999", since=at(0), matured=at(90))
+    assert (nothing.decided, nothing.approved) == (0, 0)
+    country = await store.calling_code_conversion("+34", since=at(0), matured=at(90))
+    assert (country.decided, country.approved) == (6, 2)
+
+
+async def test_blocks_are_found_by_value_lifted_once_and_unique_per_seq(store: Storage) -> None:
+    first = Block(
+        id=new_id("blk"),
+        kind=BlockKind.PREFIX,
+        value="+63917555",
+        country="PH",
+        reason="pumping",
+        created_at=at(0),
+        expires_at=at(3_600),
+        seq=1,
+        automatic=True,
+    )
+    assert await store.create_block(first)
+    assert not await store.create_block(replace(first, id=new_id("blk")))  # same (value, seq)
+    country = replace(first, id=new_id("blk"), kind=BlockKind.COUNTRY, value="PH", seq=1)
+    assert await store.create_block(country)
+    assert await store.last_block_seq("+63917555") == 1
+    assert await store.last_block_seq("+63917556") == 0
+    found = await store.blocks_of(["+6391755", "+63917555", "PH"])
+    assert {b.id for b in found} == {first.id, country.id}
+    assert await store.get_block(first.id) == first
+    assert [b.id for b in await store.blocks_in_force(at(10))] in (
+        [first.id, country.id],
+        [country.id, first.id],
+    )
+    assert await store.lift_block(first.id, at(20))
+    assert not await store.lift_block(first.id, at(21))
+    lifted = await store.get_block(first.id)
+    assert lifted is not None and lifted.lifted_at == at(20)
+    assert [b.id for b in await store.blocks_in_force(at(30))] == [country.id]
+    assert await store.blocks_in_force(at(3_600)) == []
+    assert not await store.lift_block(country.id, at(3_601))  # expired: not in force
+
+
+async def test_list_entries_are_per_account_and_unique_per_list(store: Storage) -> None:
+    account, _ = await world(store)
+    stranger = await an_account(store)
+    entry = ListEntry(
+        id=new_id("sfe"),
+        account_id=account.id,
+        list=ListName.SAFE,
+        kind=EntryKind.NUMBER,
+        value="+34600000001",
+        created_at=at(0),
+    )
+    assert await store.add_list_entry(entry) == entry
+    assert await store.add_list_entry(replace(entry, id=new_id("sfe"))) == entry
+    denied = replace(entry, id=new_id("dny"), list=ListName.DENY, kind=EntryKind.PREFIX)
+    assert await store.add_list_entry(denied) == denied  # the same value on another list
+    assert {e.id for e in await store.list_entries(account.id)} == {entry.id, denied.id}
+    assert await store.list_entries(stranger.id) == []
+    assert await store.remove_list_entry(stranger.id, ListName.SAFE, entry.id) is None
+    assert await store.remove_list_entry(account.id, ListName.DENY, entry.id) is None
+    assert await store.remove_list_entry(account.id, ListName.SAFE, entry.id) == entry
+    assert [e.id for e in await store.list_entries(account.id)] == [denied.id]

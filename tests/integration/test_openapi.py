@@ -370,6 +370,45 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
         "POST", "/v1/messages", "/v1/messages", json={"to": "+34600000009"}, headers=auth
     )  # 400
 
+    # The SMS-pumping defence: blocks (admin), the safe list and the deny list.
+    block = await call(
+        "POST", "/v1/blocks", "/v1/blocks", json={"prefix": "+3460000"}, headers=auth
+    )
+    assert block.status_code == 201
+    blocked = await call(
+        "POST",
+        "/v1/verifications",
+        "/v1/verifications",
+        json={"service_id": api.service_id, "to": "+34600000077"},
+        headers=auth,
+    )
+    assert blocked.status_code == 403 and blocked.headers["retry-after"]
+    refused = await call(
+        "POST",
+        "/v1/messages",
+        "/v1/messages",
+        json={"to": "+34600000078", "text": "hi"},
+        headers=auth,
+    )
+    assert refused.status_code == 403
+    await call("POST", "/v1/blocks", "/v1/blocks", json={"country": "Spain"}, headers=auth)
+    await call("GET", "/v1/blocks", "/v1/blocks", headers=auth)
+    lift = "/v1/blocks/{block_id}"
+    await call("DELETE", lift, f"/v1/blocks/{block.json()['id']}", headers=auth)
+    await call("DELETE", lift, f"/v1/blocks/{block.json()['id']}", headers=auth)  # 404
+    for path, body in (
+        ("/v1/safe-list", {"number": "+34600000077"}),
+        ("/v1/deny-list", {"country": "PH"}),
+    ):
+        entry = await call("POST", path, path, json=body, headers=auth)
+        assert entry.status_code == 201
+        assert (await call("POST", path, path, json=body, headers=auth)).status_code == 200
+        await call("POST", path, path, json={}, headers=auth)  # 400
+        await call("GET", path, path, headers=auth)
+        one = path + "/{entry_id}"
+        await call("DELETE", one, f"{path}/{entry.json()['id']}", headers=auth)
+        await call("DELETE", one, f"{path}/{entry.json()['id']}", headers=auth)  # 404
+
     labsmobile = {
         "Authorization": "Basic "
         + base64.b64encode(f"{api.account_id}:{api.key}".encode()).decode()

@@ -79,6 +79,17 @@ async def test_twenty_numbers_of_one_prefix_trip_the_prefix_limit(api: Api) -> N
     assert (await api.start("+34600124000")).status_code == 201
 
 
+async def test_a_safe_listed_destination_is_not_held_by_the_prefix_limit(api: Api) -> None:
+    answers = [await api.start(to) for to in PREFIX_NUMBERS[:11]]
+    assert [a.status_code for a in answers] == [201] * 10 + [429]
+    listed = await api.http.post(
+        "/v1/safe-list", json={"number": PREFIX_NUMBERS[11]}, headers=api.auth()
+    )
+    assert listed.status_code == 201, listed.text
+    assert (await api.start(PREFIX_NUMBERS[11])).status_code == 201
+    assert_rate_limited(await api.start(PREFIX_NUMBERS[12]), "per_prefix", window=600)
+
+
 async def test_per_number_limit_counts_new_verifications_and_resends(api: Api) -> None:
     to = "+34600000001"
     for _ in range(10):

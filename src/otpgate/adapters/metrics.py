@@ -20,6 +20,14 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "check": ("Code checks by result", ("result",)),
     "destination_locked": ("Destinations locked after consecutive failures (S8)", ()),
+    "destination_blocked": (
+        "Sends refused by a block in force (SMS-pumping defence)",
+        ("kind",),
+    ),
+    "block_created": (
+        "Blocks of a prefix or a country, by the detector or an operator",
+        ("kind", "by"),
+    ),
     "message_queued": ("Plain messages queued", ("channel",)),
     "callback": ("Calls to callers' URLs by result (delivered, retry, given_up)", ("result",)),
     "webhook": ("Webhook event deliveries by result (delivered, retry, given_up)", ("result",)),

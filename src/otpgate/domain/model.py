@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from otpgate.domain.billing import BillingMode, credits_text
+from otpgate.domain.fraud import GuardLevel
 
 
 def new_id(prefix: str) -> str:
@@ -157,6 +158,10 @@ class ServicePolicy:
     fallback_after_seconds: int | None = None
     #: Rate limits on starts (``RateLimits``): the defaults unless the service overrides them.
     rate_limits: RateLimits = RateLimits()
+    #: The SMS-pumping detector's sensitivity for this service's starts (``domain.fraud``).
+    fraud_guard: GuardLevel = GuardLevel.STANDARD
+    #: Send SMS codes to VoIP numbers too (S12: refused by default).
+    allow_voip: bool = False
 
 
 @dataclass(frozen=True, slots=True)

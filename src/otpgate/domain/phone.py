@@ -134,3 +134,14 @@ def mask(e164: str) -> str:
     if len(e164) < 7:
         return "***"
     return e164[:3] + "*" * (len(e164) - 6) + e164[-3:]
+
+
+def calling_code_of(destination: Destination) -> str:
+    """The number's country calling code with its ``+`` (``+63``); the whole +1 plan for
+    every NANP country.
+
+    >>> calling_code_of(parse_phone("+63 917 555 1234"))
+    '+63'
+    """
+    number = destination.number or phonenumbers.parse(destination.e164)
+    return f"+{number.country_code}"

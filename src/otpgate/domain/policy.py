@@ -16,6 +16,7 @@ from typing import Any
 
 from otpgate.domain import sms, texts
 from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
+from otpgate.domain.fraud import GuardLevel
 from otpgate.domain.model import (
     DEFAULT_START_LIMITS,
     Channel,
@@ -67,6 +68,8 @@ POLICY_FIELDS = frozenset(
         "allow_multipart",
         "fallback_after_seconds",
         "rate_limits",
+        "fraud_guard",
+        "allow_voip",
     }
 )
 
@@ -169,12 +172,19 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         return sms.validate_webotp_domain(_text(key, value))
     if key == "android_app_hash":
         return sms.validate_android_app_hash(_text(key, value))
-    if key == "allow_multipart":
+    if key in ("allow_multipart", "allow_voip"):
         if not isinstance(value, bool):
-            raise InvalidRequest("allow_multipart must be true or false", param=key)
+            raise InvalidRequest(f"{key} must be true or false", param=key)
         return value
     if key == "rate_limits":
         return rate_limits(value)
+    if key == "fraud_guard":
+        try:
+            return GuardLevel(value)
+        except ValueError:
+            raise InvalidRequest(
+                "fraud_guard must be off, basic, standard or strict", param=key
+            ) from None
     if key == "webhook_url":
         url = _text(key, value)
         if not _URL.match(url) or len(url) > 2_048:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from otpgate.domain.billing import LedgerEntry
+from otpgate.domain.fraud import Block, Conversion, ListEntry, ListName
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -532,6 +533,61 @@ class HousekeepingStore(Protocol):
         ...
 
 
+class FraudStore(Protocol):
+    """The SMS-pumping defence's counts, its deployment-wide blocks and each account's safe and
+    deny lists (``domain.fraud``)."""
+
+    async def prefix_conversion(
+        self, prefix: str, *, since: datetime, matured: datetime
+    ) -> Conversion:
+        """Of every account's verifications to numbers of ``prefix`` (the prefix and exactly
+        three more digits) created at or after ``since``: how many are decided (not pending,
+        or created at or before ``matured``) and how many approved."""
+        ...
+
+    async def calling_code_conversion(
+        self, calling_code: str, *, since: datetime, matured: datetime
+    ) -> Conversion:
+        """The same for every number that starts with ``calling_code`` (``+63``)."""
+        ...
+
+    async def blocks_of(self, values: Sequence[str]) -> Sequence[Block]:
+        """Every block, in force or not, whose value is one of ``values``."""
+        ...
+
+    async def create_block(self, block: Block) -> bool:
+        """Store a block; False when one with the same value and ``seq`` exists already."""
+        ...
+
+    async def last_block_seq(self, value: str) -> int:
+        """The highest ``seq`` of ``value``'s blocks; 0 when it never had one."""
+        ...
+
+    async def get_block(self, block_id: str) -> Block | None: ...
+
+    async def blocks_in_force(self, now: datetime) -> Sequence[Block]:
+        """Blocks neither lifted nor expired, newest first."""
+        ...
+
+    async def lift_block(self, block_id: str, now: datetime) -> bool:
+        """End a block now; False when it is not in force (unknown, lifted or expired)."""
+        ...
+
+    async def list_entries(self, account_id: str) -> Sequence[ListEntry]:
+        """The account's safe and deny list entries, oldest first."""
+        ...
+
+    async def add_list_entry(self, entry: ListEntry) -> ListEntry:
+        """Store the entry; when its list already holds the value, the entry already there."""
+        ...
+
+    async def remove_list_entry(
+        self, account_id: str, name: ListName, entry_id: str
+    ) -> ListEntry | None:
+        """Delete an entry of the account's list; None when there is no such entry."""
+        ...
+
+
 class VerificationStorage(VerificationStore, LockoutStore, Protocol):
     """What the verification use cases need."""
 
@@ -655,6 +711,7 @@ class Storage(
     MessageStore,
     IdempotencyStore,
     HousekeepingStore,
+    FraudStore,
     Protocol,
 ):
     """Everything otpgate keeps, as the one object bootstrap builds. Services never take this

@@ -26,6 +26,7 @@ from otpgate.domain.ports import (
 )
 from otpgate.errors import InvalidRequest, NotFound
 from otpgate.services.billing import Billing
+from otpgate.services.fraud import FraudGuard
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,14 @@ class Messaging:
         clock: Clock,
         metrics: Metrics,
         outbox: Outbox,
+        fraud: FraudGuard | None = None,
     ) -> None:
         self._messages = messages
         self._billing = billing
         self._clock = clock
         self._metrics = metrics
         self._outbox = outbox
+        self._fraud = fraud
 
     def now(self) -> datetime:
         """The time sends are measured against (a ``scheduled_at`` not after it is due)."""
@@ -112,6 +115,16 @@ class Messaging:
         for raw in request.to:
             destination = parse_phone(raw, request.country)
             require_sms_capable(destination)
+            if self._fraud is not None:
+                # The account's deny list and the deployment's blocks (unless safe-listed);
+                # the detector judges verifications only: a plain SMS has nothing to convert.
+                await self._fraud.refuse_denied(principal.account.id, destination)
+                await self._fraud.screen(
+                    account_id=principal.account.id,
+                    service_id=None,
+                    destination=destination,
+                    level=None,
+                )
             destinations.append(destination)
         # 3. The price of each message (a prepaid account cannot send where none applies).
         now = self._clock.now()

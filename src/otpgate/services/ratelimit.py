@@ -82,9 +82,11 @@ class RateLimiting:
         to: str,
         country: str | None,
         client_ip: str | None = None,
+        safe: bool = False,
     ) -> list[RateCounter]:
         """The counters one send of a code to ``to`` (E.164, or an e-mail address) uses,
-        the most specific first (a refusal names the first without room)."""
+        the most specific first (a refusal names the first without room). A ``safe``
+        destination (on its account's safe list) is not counted by prefix."""
         limits = service.policy.rate_limits
 
         def counter(name: str, key: str, limit: Limit | None = None) -> RateCounter:
@@ -93,7 +95,7 @@ class RateLimiting:
 
         scope = service.id
         counters = [counter("per_number", f"{scope}/number/{to}")]
-        if to.startswith("+"):
+        if to.startswith("+") and not safe:
             counters.append(counter("per_prefix", f"{scope}/prefix/{number_prefix(to)}"))
         if country is not None:
             counters.append(counter("per_country", f"{scope}/country/{country}"))
@@ -110,10 +112,14 @@ class RateLimiting:
         to: str,
         country: str | None,
         client_ip: str | None = None,
+        safe: bool = False,
     ) -> None:
         """Count one send of a code, or refuse it: ``RateLimited`` when a limit has no room,
-        ``Unavailable`` when the store cannot answer and the service does not fail open."""
-        counters = self.send_counters(service, to=to, country=country, client_ip=client_ip)
+        ``Unavailable`` when the store cannot answer and the service does not fail open.
+        ``safe``: the destination is safe-listed, so no prefix limit applies."""
+        counters = self.send_counters(
+            service, to=to, country=country, client_ip=client_ip, safe=safe
+        )
         try:
             refusal = await self._limiter.acquire(counters)
         except Unavailable:

@@ -41,6 +41,7 @@ from otpgate.domain.model import (
     new_id,
 )
 from otpgate.domain.phone import (
+    Destination,
     country_of,
     mask,
     parse_phone,
@@ -75,6 +76,7 @@ from otpgate.errors import (
 )
 from otpgate.services.billing import Billing
 from otpgate.services.catalog import ServiceCatalog
+from otpgate.services.fraud import FraudGuard
 from otpgate.services.ratelimit import RateLimiting
 
 log = logging.getLogger(__name__)
@@ -137,10 +139,12 @@ class VerificationService:
         rate_limits: RateLimiting | None = None,
         events: EventSink | None = None,
         audit: AuditTrail | None = None,
+        fraud: FraudGuard | None = None,
     ) -> None:
         """``billing`` prices each message; without it messages carry no price. Without
         ``rate_limits`` nothing is rate-limited (bootstrap always gives one). ``events`` hears
-        of approvals and failures (for the service's webhook); ``audit`` of lockouts."""
+        of approvals and failures (for the service's webhook); ``audit`` of lockouts. ``fraud``
+        is the SMS-pumping defence (deny list, blocks, detector); without it, none applies."""
         self._storage = storage
         self._catalog = catalog
         self._vault = vault
@@ -153,6 +157,7 @@ class VerificationService:
         self._rate_limits = rate_limits
         self._events: EventSink = events or NoEvents()
         self._audit: AuditTrail = audit or NoAudit()
+        self._fraud = fraud
 
     # --- start and resend --------------------------------------------------------------------
 
@@ -169,15 +174,18 @@ class VerificationService:
         # 1. Destination: an e-mail address, or a valid, assigned number of a type that
         #    receives the channel, in an allowed country.
         country: str | None = None
+        destination: Destination | None = None
         if channel is Channel.EMAIL:
             to = rules.validate_email(request.to, param="to")
         else:
             destination = parse_phone(request.to, request.country)
             if channel is Channel.SMS:
-                require_sms_capable(destination)
+                require_sms_capable(destination, allow_voip=policy.allow_voip)
             else:
                 require_voice_capable(destination)
             require_allowed_country(destination, policy.allowed_countries)
+            if self._fraud is not None:  # geo: the account's deny list
+                await self._fraud.refuse_denied(principal.account.id, destination)
             to, country = destination.e164, destination.country
         fallback_email = (
             rules.validate_email(request.email, param="email")
@@ -204,6 +212,8 @@ class VerificationService:
                 request.custom_code, length=code_length, code_type=policy.code_type
             )
         )
+        # Blocks (unless safe-listed) and the SMS-pumping detector.
+        await self._screen(principal, service, destination)
         now = self._clock.now()
         pending, lockout = await self._storage.pending_for_destination(service.id, to, now)
         # 3. Lockout after too many consecutive failures (S8): neither a resend nor a new
@@ -295,6 +305,8 @@ class VerificationService:
                 param="id",
             )
         self._refuse_if_locked(await self._storage.lockout(service.id, verification.to))
+        if "@" not in verification.to:  # blocks apply to every send to a number
+            await self._screen(principal, service, parse_phone(verification.to))
         return await self._resend(principal.account, service, verification, chosen)
 
     async def resend_to_destination(
@@ -311,6 +323,7 @@ class VerificationService:
         if pending is None:
             raise NotFound("no pending verification for this destination in this service")
         self._refuse_if_locked(lockout)
+        await self._screen(principal, service, destination)
         channel = self._channel(service, pending.channel.value)
         return await self._resend(principal.account, service, pending, channel)
 
@@ -384,7 +397,11 @@ class VerificationService:
         self, service: Service, to: str, country: str | None, client_ip: str | None
     ) -> None:
         if self._rate_limits is not None:
-            await self._rate_limits.send(service, to=to, country=country, client_ip=client_ip)
+            # A safe-listed destination bypasses the prefix limit, as it bypasses the blocks.
+            safe = self._fraud is not None and await self._fraud.is_safe(service.account_id, to)
+            await self._rate_limits.send(
+                service, to=to, country=country, client_ip=client_ip, safe=safe
+            )
 
     async def _resend(
         self,
@@ -825,6 +842,19 @@ class VerificationService:
                 f"no {channel.value} provider is configured on this server", param="channel"
             )
         return channel
+
+    async def _screen(
+        self, principal: Principal, service: Service, destination: Destination | None
+    ) -> None:
+        """The blocks step (``services.fraud``): nothing for an e-mail address."""
+        if self._fraud is None or destination is None:
+            return
+        await self._fraud.screen(
+            account_id=principal.account.id,
+            service_id=service.id,
+            destination=destination,
+            level=service.policy.fraud_guard,
+        )
 
     def _refuse_if_locked(self, lockout: Lockout) -> None:
         now = self._clock.now()

@@ -848,3 +848,88 @@ ABANDON_IDEMPOTENCY_KEY = delete(idempotency).where(_idempotency_key())
 FORGET_IDEMPOTENCY_KEYS = delete(idempotency).where(
     idempotency.c.created_at <= p("before", UTCDateTime)
 )
+
+
+# --- the SMS-pumping defence -----------------------------------------------------------------
+
+blocks, lists = t.fraud_blocks, t.destination_lists
+APPROVED = const(VerificationStatus.APPROVED.value)
+
+
+#: A message of the verification reached a provider: only then could its code be typed.
+_REACHED = exists().where(
+    m.c.verification_id == v.c.id,
+    m.c.status.in_(
+        [
+            const(s.value)
+            for s in (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.UNDELIVERED)
+        ]
+    ),
+)
+
+
+def _conversion(*where: ColumnElement[bool]) -> Select[Any]:
+    """Decided and approved verifications among those created since ``since``: a verification
+    is decided when it is approved, or when its code reached a provider and it is no longer
+    pending or was created before ``matured`` (its grace period is over). A code that never
+    went out (a provider outage) is no evidence of pumping. Deployment-wide: every account's
+    verifications count."""
+    unconverted = and_(
+        or_(v.c.status != PENDING, v.c.created_at <= p("matured", UTCDateTime)), _REACHED
+    )
+    # CASE tries its branches in order: the messages are looked at for unapproved rows only.
+    decided = case((v.c.status == APPROVED, 1), (unconverted, 1), else_=0)
+    return select(
+        func.coalesce(func.sum(decided), 0).label("decided"),
+        func.coalesce(func.sum(case((v.c.status == APPROVED, 1), else_=0)), 0).label("approved"),
+    ).where(
+        # A range of ``to`` (``low`` ≤ to < ``high``) walks ix_verifications_to_created.
+        v.c.to >= p("low"),
+        v.c.to < p("high"),
+        v.c.created_at >= p("since", UTCDateTime),
+        *where,
+    )
+
+
+#: A prefix's numbers: the range, and exactly as long as the prefix and three digits.
+PREFIX_CONVERSION = _conversion(func.length(v.c.to) == p("length", Integer))
+#: A calling code's numbers (a country, or the shared +1 and +7 plans).
+COUNTRY_CONVERSION = _conversion()
+
+
+@functools.cache
+def blocks_for(count: int) -> Select[Any]:
+    """Every block (in force or not) of ``count`` values: a number's prefixes of each length
+    and its country (parameters from :func:`id_params`)."""
+    return select(blocks).where(blocks.c.value.in_(_ids(count)))
+
+
+INSERT_BLOCK = insert(blocks)
+BLOCK = select(blocks).where(blocks.c.id == p("id"))
+BLOCKS_IN_FORCE = (
+    select(blocks)
+    .where(blocks.c.lifted_at.is_(None), blocks.c.expires_at > now())
+    .order_by(blocks.c.created_at.desc(), blocks.c.id)
+)
+LIFT_BLOCK = (
+    update(blocks)
+    .where(blocks.c.id == p("id"), blocks.c.lifted_at.is_(None), blocks.c.expires_at > now())
+    .values(lifted_at=now())
+    .returning(blocks.c.id)
+)
+LAST_SEQ = select(func.coalesce(func.max(blocks.c.seq), 0).label("seq")).where(
+    blocks.c.value == p("value")
+)
+
+INSERT_LIST_ENTRY = insert(lists)
+LIST_ENTRIES = (
+    select(lists)
+    .where(lists.c.account_id == p("account_id"))
+    .order_by(lists.c.created_at, lists.c.id)
+)
+LIST_ENTRY = select(lists).where(
+    lists.c.account_id == p("account_id"), lists.c.list == p("list"), lists.c.id == p("id")
+)
+DELETE_LIST_ENTRY = delete(lists).where(
+    lists.c.account_id == p("account_id"), lists.c.list == p("list"), lists.c.id == p("id")
+)

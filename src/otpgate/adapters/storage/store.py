@@ -24,6 +24,15 @@ from otpgate.domain.events import (
     message_event,
     record_of,
 )
+from otpgate.domain.fraud import (
+    Block,
+    BlockKind,
+    Conversion,
+    EntryKind,
+    GuardLevel,
+    ListEntry,
+    ListName,
+)
 from otpgate.domain.model import (
     Account,
     ApiKey,
@@ -92,6 +101,8 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "fallback_after_seconds": policy.fallback_after_seconds,
         # Only what the service set: the defaults stay the release's own.
         "rate_limits": rate_limits_to_json(policy.rate_limits),
+        "fraud_guard": policy.fraud_guard.value,
+        "allow_voip": policy.allow_voip,
     }
 
 
@@ -141,7 +152,42 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         fallback_after_seconds=data.get("fallback_after_seconds"),
         # absent from services stored before rate limits existed: the defaults
         rate_limits=rate_limits_from_json(data.get("rate_limits")),
+        # absent from services stored before they existed: the defaults
+        fraud_guard=GuardLevel(data.get("fraud_guard", GuardLevel.STANDARD.value)),
+        allow_voip=bool(data.get("allow_voip", False)),
     )
+
+
+def block_from_row(row: Row) -> Block:
+    return Block(
+        id=row["id"],
+        kind=BlockKind(row["kind"]),
+        value=row["value"],
+        country=row["country"],
+        reason=row["reason"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        seq=int(row["seq"]),
+        automatic=bool(row["automatic"]),
+        lifted_at=row["lifted_at"],
+    )
+
+
+def list_entry_from_row(row: Row) -> ListEntry:
+    return ListEntry(
+        id=row["id"],
+        account_id=row["account_id"],
+        list=ListName(row["list"]),
+        kind=EntryKind(row["kind"]),
+        value=row["value"],
+        created_at=row["created_at"],
+    )
+
+
+def _conversion(row: Row | None) -> Conversion:
+    if row is None:
+        return Conversion(0, 0)
+    return Conversion(decided=int(row["decided"] or 0), approved=int(row["approved"] or 0))
 
 
 def account_from_row(row: Row) -> Account:
@@ -1334,3 +1380,101 @@ class SqlStore:
 
     async def abandon(self, account_id: str, key: str) -> None:
         await self._x.run(q.ABANDON_IDEMPOTENCY_KEY, account_id=account_id, key=key)
+
+    # --- the SMS-pumping defence -------------------------------------------------------------
+
+    async def prefix_conversion(
+        self, prefix: str, *, since: datetime, matured: datetime
+    ) -> Conversion:
+        row = await self._x.one(
+            q.PREFIX_CONVERSION,
+            low=prefix,
+            high=prefix + ":",  # ":" sorts right after "9"
+            length=len(prefix) + 3,
+            since=since,
+            matured=matured,
+        )
+        return _conversion(row)
+
+    async def calling_code_conversion(
+        self, calling_code: str, *, since: datetime, matured: datetime
+    ) -> Conversion:
+        row = await self._x.one(
+            q.COUNTRY_CONVERSION,
+            low=calling_code,
+            high=calling_code + ":",
+            since=since,
+            matured=matured,
+        )
+        return _conversion(row)
+
+    async def blocks_of(self, values: Sequence[str]) -> Sequence[Block]:
+        if not values:
+            return []
+        rows = await self._x.all(q.blocks_for(len(values)), **q.id_params(list(values)))
+        return [block_from_row(row) for row in rows]
+
+    async def create_block(self, block: Block) -> bool:
+        try:
+            await self._x.run(
+                q.INSERT_BLOCK,
+                id=block.id,
+                kind=block.kind.value,
+                value=block.value,
+                country=block.country,
+                reason=block.reason,
+                seq=block.seq,
+                automatic=block.automatic,
+                created_at=block.created_at,
+                expires_at=block.expires_at,
+                lifted_at=block.lifted_at,
+            )
+        except Conflict:
+            return False
+        return True
+
+    async def last_block_seq(self, value: str) -> int:
+        row = await self._x.one(q.LAST_SEQ, value=value)
+        return 0 if row is None else int(row["seq"] or 0)
+
+    async def get_block(self, block_id: str) -> Block | None:
+        row = await self._x.one(q.BLOCK, id=block_id)
+        return None if row is None else block_from_row(row)
+
+    async def blocks_in_force(self, now: datetime) -> Sequence[Block]:
+        return [block_from_row(row) for row in await self._x.all(q.BLOCKS_IN_FORCE, now=now)]
+
+    async def lift_block(self, block_id: str, now: datetime) -> bool:
+        return await self._x.one(q.LIFT_BLOCK, id=block_id, now=now) is not None
+
+    async def list_entries(self, account_id: str) -> Sequence[ListEntry]:
+        rows = await self._x.all(q.LIST_ENTRIES, account_id=account_id)
+        return [list_entry_from_row(row) for row in rows]
+
+    async def add_list_entry(self, entry: ListEntry) -> ListEntry:
+        try:
+            await self._x.run(
+                q.INSERT_LIST_ENTRY,
+                id=entry.id,
+                account_id=entry.account_id,
+                list=entry.list.value,
+                kind=entry.kind.value,
+                value=entry.value,
+                created_at=entry.created_at,
+            )
+        except Conflict:
+            for existing in await self.list_entries(entry.account_id):
+                if existing.list is entry.list and existing.value == entry.value:
+                    return existing
+            raise  # removed between the insert and the read: let the caller see the conflict
+        return entry
+
+    async def remove_list_entry(
+        self, account_id: str, name: ListName, entry_id: str
+    ) -> ListEntry | None:
+        async with self._x.transaction() as tx:
+            row = await tx.one(q.LIST_ENTRY, account_id=account_id, list=name.value, id=entry_id)
+            if row is None:
+                return None
+            await tx.run(q.DELETE_LIST_ENTRY, account_id=account_id, list=name.value, id=entry_id)
+        return list_entry_from_row(row)

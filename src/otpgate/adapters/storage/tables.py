@@ -128,6 +128,9 @@ verifications = Table(
     Index("ix_verifications_account_created", "account_id", "created_at", "id"),
     Index("ix_verifications_fallback", "fallback_at"),
     Index("ix_verifications_service_to_created", "service_id", "to", "created_at"),
+    # The SMS-pumping detector counts a number prefix's verifications deployment-wide: a range
+    # of ``to`` (all numbers of the prefix), then the recent ones.
+    Index("ix_verifications_to_created", "to", "created_at"),
     # At most one pending verification per (service, destination): concurrent starts cannot
     # create two live codes for one number.
     Index(
@@ -286,4 +289,41 @@ audit_log = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_audit_account_created", "account_id", "created_at", "id"),
     Index("ix_audit_created", "created_at", "id"),
+)
+
+#: Deployment-wide refusals of a number prefix or a whole country (the SMS-pumping defence):
+#: made by the detector or an operator, lifted by an operator or by time. Rows are kept after
+#: they end: a prefix's history makes each repeat block last twice as long.
+fraud_blocks = Table(
+    "fraud_blocks",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    #: ``+63917555`` (a prefix) or ``PH`` (a country).
+    Column("value", String(16), nullable=False),
+    Column("country", String(2), nullable=True),
+    Column("reason", String(300), nullable=False),
+    #: The block's number among those of its value: two processes that detect the same prefix
+    #: at once both try the same (value, seq), and one insert wins.
+    Column("seq", Integer, nullable=False),
+    Column("automatic", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("lifted_at", UTCDateTime, nullable=True),
+    Index("uq_fraud_blocks_value_seq", "value", "seq", unique=True),
+    Index("ix_fraud_blocks_expires", "expires_at"),
+)
+
+#: Each account's safe list (numbers and prefixes that bypass the detector and the blocks) and
+#: deny list (countries and prefixes it never sends to).
+destination_lists = Table(
+    "destination_lists",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("list", String(8), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("value", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("uq_destination_lists_entry", "account_id", "list", "value", unique=True),
 )

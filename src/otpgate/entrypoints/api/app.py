@@ -24,6 +24,7 @@ from otpgate.entrypoints import logs
 from otpgate.entrypoints.api import (
     docs_ui,
     error_pages,
+    fraud,
     labsmobile_json,
     labsmobile_otp,
     receipts,
@@ -147,6 +148,7 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
         # LabsMobile's OTP (/otp) and SMS JSON (/json) APIs come after the busier /v1 routes.
         routes=[
             *v1.router.routes,
+            *fraud.router.routes,
             *receipts.router.routes,
             *labsmobile_otp.router.routes,
             *labsmobile_json.router.routes,

@@ -44,6 +44,7 @@ from otpgate.entrypoints.api.problems import problem, problem_responses
 from otpgate.entrypoints.api.v1 import container_of
 from otpgate.errors import (
     CountryNotAllowed,
+    DestinationBlocked,
     InsufficientCredit,
     InvalidPhoneNumber,
     InvalidRequest,
@@ -189,8 +190,11 @@ def _refusal(exc: OtpgateError) -> Refusal:
         return exc
     if isinstance(exc, InsufficientCredit):
         return Refusal(ResultCode.NO_CREDIT, f"not enough credit for this sending: {exc.detail}")
-    if isinstance(exc, InvalidPhoneNumber | UnsupportedNumberType | CountryNotAllowed):
-        # LabsMobile drops the recipients it cannot send to; left with none, it answers 23.
+    if isinstance(
+        exc, InvalidPhoneNumber | UnsupportedNumberType | CountryNotAllowed | DestinationBlocked
+    ):
+        # LabsMobile drops the recipients it cannot send to; left with none, it answers 23
+        # (a number under an SMS-pumping block, or on the account's deny list, included).
         return Refusal(ResultCode.NO_RECIPIENTS, exc.detail)
     if isinstance(exc, InvalidRequest):
         return Refusal(ResultCode.MALFORMED_JSON, exc.detail)

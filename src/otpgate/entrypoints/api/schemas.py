@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits_text
 from otpgate.domain.events import AuditRecord, EventRecord
+from otpgate.domain.fraud import GuardLevel
 from otpgate.domain.model import (
     DEFAULT_START_LIMITS,
     Account,
@@ -229,6 +230,15 @@ class ServiceFields(Body):
         "null: every default",
         json_schema_extra=_rate_limits_schema(),
     )
+    fraud_guard: str | None = Field(
+        None,
+        description="the SMS-pumping detector's sensitivity for this service's starts; "
+        "default standard (docs/security.md)",
+        json_schema_extra=one_of(GuardLevel),
+    )
+    allow_voip: bool | None = Field(
+        None, description="send SMS codes to VoIP numbers too; default false"
+    )
 
 
 class StartVerification(Body):
@@ -398,6 +408,8 @@ class ServiceOut(Out):
     allow_multipart: bool
     fallback_after_seconds: int | None
     rate_limits: RateLimitsOut
+    fraud_guard: GuardLevel
+    allow_voip: bool
     created_at: datetime
     updated_at: datetime
 
@@ -597,6 +609,8 @@ def render_service(s: Service) -> dict[str, Any]:
         "allow_multipart": p.allow_multipart,
         "fallback_after_seconds": p.fallback_after_seconds,
         "rate_limits": render_rate_limits(p.rate_limits),
+        "fraud_guard": p.fraud_guard.value,
+        "allow_voip": p.allow_voip,
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
     }

@@ -417,6 +417,7 @@ async def list_prices(
         UnsupportedNumberType,
         InsufficientCredit,
         CountryNotAllowed,
+        DestinationBlocked,
     ),
     openapi_extra=IDEMPOTENCY_KEY,
 )
