@@ -32,7 +32,15 @@ from otpgate.adapters.storage.postgres import PostgresExecutor
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
-from otpgate.domain.ports import Clock, ReceiptParser, ReportSource, Sender, Storage
+from otpgate.domain.ports import (
+    Clock,
+    EventSink,
+    NoEvents,
+    ReceiptParser,
+    ReportSource,
+    Sender,
+    Storage,
+)
 from otpgate.domain.routing import (
     CIRCUIT_GAUGE,
     CircuitBreaker,
@@ -49,6 +57,7 @@ from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
+from otpgate.services.spend import SpendCaps
 from otpgate.services.verification import LockoutPolicy, VerificationService
 from otpgate.settings import Environment, Settings
 
@@ -208,10 +217,12 @@ def build(
     sender: Sender | None = None,
     route: Sequence[Sender] | None = None,
     clock: Clock | None = None,
+    events: EventSink | None = None,
 ) -> Container:
     """Wire a container. Delivery is what the settings configure (``build_delivery``);
     ``sender`` replaces it with one provider (tests pass a recording one), and ``route`` with
-    several on one default route, tried in that order (their names must differ)."""
+    several on one default route, tried in that order (their names must differ). ``events``
+    receives the events otpgate raises (default: dropped)."""
     clock = clock or SystemClock()
     keys = derive_keys(load_master_secret(settings))
     vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
@@ -265,6 +276,13 @@ def build(
         clock=clock,
         cache=TtlCache(settings.lookup_cache_seconds),
     )
+    spend = SpendCaps(
+        store=storage,
+        events=events or NoEvents(),
+        clock=clock,
+        metrics=metrics,
+        default_units=settings.default_message_units,
+    )
     dispatcher = Dispatcher(
         storage=storage,
         senders=senders,
@@ -282,6 +300,7 @@ def build(
             send_timeout_seconds=settings.provider_timeout_seconds,
         ),
         receipt_urls=receipt_urls,
+        spend=spend,
     )
     receipts = ReceiptService(storage=storage, clock=clock, metrics=metrics)
     for name, source in senders.items():
@@ -302,9 +321,15 @@ def build(
         ),
         outbox=dispatcher,
         billing=billing,
+        spend=spend,
     )
     messaging = Messaging(
-        messages=storage, billing=billing, clock=clock, metrics=metrics, outbox=dispatcher
+        messages=storage,
+        billing=billing,
+        clock=clock,
+        metrics=metrics,
+        outbox=dispatcher,
+        spend=spend,
     )
     outbound = outbound_from_settings(settings)
     callbacks = CallbackSender(store=storage, outbound=outbound, clock=clock, metrics=metrics)
