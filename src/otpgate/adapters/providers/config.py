@@ -46,8 +46,8 @@ import pycountry
 from otpgate.adapters.providers.registry import (
     PROVIDER_NAME,
     ProviderOptions,
+    create_env_provider,
     create_provider,
-    env_options,
     option_names,
     provider_type,
 )
@@ -96,16 +96,7 @@ def _from_environment(settings: Settings) -> Delivery:
 
 
 def _env_provider(type_: str, settings: Settings) -> Provider:
-    registered = provider_type(type_, setting="OTPGATE_SMS_PROVIDER")
-    names = {option: registered.env_setting(option) for option in option_names(registered.options)}
-    sender, options = create_provider(
-        type_,
-        type_,
-        env_options(registered, settings),
-        settings,
-        setting_names=names,
-        type_setting="OTPGATE_SMS_PROVIDER",
-    )
+    sender, options = create_env_provider(type_, settings)
     return Provider(type_, type_, options, sender)
 
 

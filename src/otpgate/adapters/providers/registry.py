@@ -34,6 +34,7 @@ __all__ = [
     "ProviderContext",
     "ProviderOptions",
     "ProviderType",
+    "create_env_provider",
     "create_provider",
     "create_sender",
     "env_options",
@@ -190,12 +191,12 @@ def create_provider(
     return sender, options
 
 
-def create_sender(type_: str, settings: Settings) -> Sender:
-    """The one provider of the environment form: ``OTPGATE_SMS_PROVIDER=type_`` with its options
-    from ``OTPGATE_<TYPE>_<OPTION>``; the provider is named after its type."""
+def create_env_provider(type_: str, settings: Settings) -> tuple[Sender, ProviderOptions]:
+    """A provider of the environment form: type ``type_`` with its options from
+    ``OTPGATE_<TYPE>_<OPTION>``, named after its type."""
     registered = provider_type(type_, setting="OTPGATE_SMS_PROVIDER")
     names = {option: registered.env_setting(option) for option in option_names(registered.options)}
-    sender, _ = create_provider(
+    return create_provider(
         type_,
         type_,
         env_options(registered, settings),
@@ -203,7 +204,11 @@ def create_sender(type_: str, settings: Settings) -> Sender:
         setting_names=names,
         type_setting="OTPGATE_SMS_PROVIDER",
     )
-    return sender
+
+
+def create_sender(type_: str, settings: Settings) -> Sender:
+    """The sender of :func:`create_env_provider` (``OTPGATE_SMS_PROVIDER=type_``)."""
+    return create_env_provider(type_, settings)[0]
 
 
 def _describe(exc: ValidationError, setting_names: Mapping[str, str], name: str) -> str:
