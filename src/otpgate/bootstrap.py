@@ -25,6 +25,7 @@ from otpgate.adapters.metrics import PrometheusMetrics
 from otpgate.adapters.outbound import OutboundHttp
 from otpgate.adapters.outbound import from_settings as outbound_from_settings
 from otpgate.adapters.providers.config import Delivery, load_delivery
+from otpgate.adapters.ratelimit import LimitsRateLimiter
 from otpgate.adapters.storage.engine import is_sqlite, sqlite_file
 from otpgate.adapters.storage.executor import Executor
 from otpgate.adapters.storage.migrate import upgrade
@@ -32,10 +33,12 @@ from otpgate.adapters.storage.postgres import PostgresExecutor
 from otpgate.adapters.storage.sqlite import SqliteExecutor
 from otpgate.adapters.storage.store import SqlStore
 from otpgate.domain.codes import CodeVault
+from otpgate.domain.model import Limit
 from otpgate.domain.ports import (
     Clock,
     EventSink,
     NoEvents,
+    RateLimiter,
     ReceiptParser,
     ReportSource,
     Sender,
@@ -57,6 +60,7 @@ from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.delivery import Dispatcher, ReceiptService, RetryPolicy
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
+from otpgate.services.ratelimit import RateLimiting
 from otpgate.services.spend import SpendCaps
 from otpgate.services.verification import LockoutPolicy, VerificationService
 from otpgate.settings import Environment, Settings
@@ -175,6 +179,19 @@ def build_storage(settings: Settings) -> Storage:
     return SqlStore(build_executor(settings))
 
 
+def build_rate_limiter(settings: Settings) -> RateLimiter:
+    """Rate-limit counters in Redis when ``OTPGATE_REDIS_URL`` is set (shared by every
+    process that uses it), in this process otherwise."""
+    url = settings.redis_url.get_secret_value()
+    if not url:
+        return LimitsRateLimiter.in_process()
+    return LimitsRateLimiter.redis(
+        url,
+        key_prefix=settings.redis_key_prefix,
+        timeout_seconds=settings.redis_timeout_seconds,
+    )
+
+
 @dataclass
 class Container:
     """Everything a running otpgate needs, built once."""
@@ -194,6 +211,7 @@ class Container:
     metrics: PrometheusMetrics
     keys: Keys
     senders: dict[str, Sender]
+    rate_limiter: RateLimiter
     receipt_parsers: dict[str, ReceiptParser] = field(default_factory=dict)
 
     def start_workers(self) -> None:
@@ -208,6 +226,7 @@ class Container:
         for sender in self.senders.values():
             await sender.aclose()
         await self.outbound.aclose()
+        await self.rate_limiter.aclose()
         await self.storage.aclose()
 
 
@@ -309,6 +328,15 @@ def build(
     catalog = ServiceCatalog(
         storage=storage, clock=clock, cache=TtlCache(settings.lookup_cache_seconds)
     )
+    rate_limiter = build_rate_limiter(settings)
+    rate_limits = RateLimiting(
+        limiter=rate_limiter,
+        metrics=metrics,
+        per_account=Limit(
+            settings.rate_limit_per_account, settings.rate_limit_per_account_window_seconds
+        ),
+        checks=Limit(settings.rate_limit_checks, settings.rate_limit_checks_window_seconds),
+    )
     verifications = VerificationService(
         storage=storage,
         catalog=catalog,
@@ -322,6 +350,7 @@ def build(
         outbox=dispatcher,
         billing=billing,
         spend=spend,
+        rate_limits=rate_limits,
     )
     messaging = Messaging(
         messages=storage,
@@ -351,6 +380,7 @@ def build(
         metrics=metrics,
         keys=keys,
         senders=senders,
+        rate_limiter=rate_limiter,
         receipt_parsers=parsers,
     )
 

@@ -323,9 +323,16 @@ class IdempotencyKeyMismatch(RequestRefused):
 
 
 class RateLimited(RequestRefused):
-    """**429**. Reserved for rate limits. No code path raises it yet.
+    """**429**, with `retry_after`. A rate limit has no room: a send of a code (a start, a start
+    that sends a pending verification's code again, a resend, LabsMobile's `sendCode` or
+    `resendCode`) past one of the service's `rate_limits` (`per_number`, `per_prefix`,
+    `per_country`, `per_ip`, `per_service`) or the account's (`per_account`), or a check of a code
+    past `per_destination_checks`. `detail` names the limit. `retry_after` is the time until the
+    oldest event in that limit's window leaves it. Nothing was stored or sent, no limit was
+    consumed, and a refused check counts no attempt.
 
-    Client: wait `retry_after` seconds.
+    Client: wait `retry_after` seconds before trying again; tell the user to wait. Do not retry in
+    a loop: every refusal is logged.
     """
 
     status, code, title = 429, "rate_limited", "Too many requests"
@@ -377,7 +384,10 @@ class Unavailable(OtpgateError):
     SQLite write lock held by another process), or cannot write (a full disk, an I/O error).
     `GET /readyz` answers this too while it lasts. The request fails fast instead of hanging, and
     the server serves other requests meanwhile. A verification and its outbox row are written
-    together, so a start either happened completely or not at all.
+    together, so a start either happened completely or not at all. Also answered when the
+    rate-limit store (`OTPGATE_REDIS_URL`) cannot answer within
+    `OTPGATE_REDIS_TIMEOUT_SECONDS`: always for a check, and for a start or resend unless the
+    service sets `rate_limits.fail_open`.
 
     Client: retry with backoff, with the same `Idempotency-Key` if you sent one. A start may
     have committed before the failure. If so, the retry finds the pending verification and

@@ -102,6 +102,23 @@ class Settings(BaseSettings):
     lockout_threshold: int = Field(default=100, ge=1, le=10_000)
     lockout_seconds: int = Field(default=86_400, ge=60)
 
+    #: Rate limits (docs/security.md, "Rate limits"). ``redis://[:PASSWORD@]HOST:PORT/DB`` or
+    #: ``rediss://…`` (holds the password): counters shared by every process and node that
+    #: uses it. Empty: counters in this process only.
+    redis_url: SecretStr = SecretStr("")
+    #: Every Redis key otpgate writes starts with this (several deployments, or test runs,
+    #: can share one Redis).
+    redis_key_prefix: str = Field(default="otpgate", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    #: The longest a request waits for Redis (connection or answer); past it, 503.
+    redis_timeout_seconds: float = Field(default=0.5, gt=0, le=10)
+    #: Sends of codes per account (every service of it) per window.
+    rate_limit_per_account: int = Field(default=60_000, ge=1, le=100_000)
+    rate_limit_per_account_window_seconds: int = Field(default=600, ge=1, le=86_400)
+    #: Checks of a code per destination per service per window (guessing across a
+    #: destination's verifications).
+    rate_limit_checks: int = Field(default=60, ge=1, le=100_000)
+    rate_limit_checks_window_seconds: int = Field(default=3_600, ge=1, le=86_400)
+
     #: API keys and services read on every request are cached this long per process; a change
     #: made through another process (or node) takes effect within it. 0 turns caching off.
     lookup_cache_seconds: float = Field(default=2.0, ge=0, le=60)

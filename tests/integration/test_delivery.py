@@ -126,7 +126,7 @@ async def test_a_60_second_outage_inside_the_validity_loses_no_code(
     started: dict[str, str] = {}  # destination -> verification id
     for second in range(150):  # the outage, then more than one capped backoff (37.5 s at most)
         if second % 3 == 0 and len(started) < 20:  # one start every 3 s, all inside the outage
-            to = f"+3460000{len(started):04d}"
+            to = f"+34600{len(started):03d}000"  # one per prefix: under the per_prefix limit
             response = await lm_api.start(to)
             assert response.status_code == 201, response.text
             started[to] = response.json()["id"]

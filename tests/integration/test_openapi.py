@@ -122,6 +122,8 @@ async def test_statuses_are_declared_where_they_occur(http: httpx.AsyncClient) -
         if (method, path) not in idempotent:
             assert "422" not in declared[(method, path)], (method, path)
     assert {"200", "201", "403", "429"} <= declared[("POST", "/v1/verifications")]
+    for path in ("/v1/verifications/{verification_id}/check", "/v1/verifications/check"):
+        assert "429" in declared[("POST", path)]  # rate_limited
     assert declared[("GET", "/healthz")] == {"200"}
 
 
@@ -290,6 +292,24 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
         json={"allowed_countries": ["es"], "sender_id": "SHOP", "templates": {"es": "{code}"}},
         headers=auth,
     )
+    one_per_prefix = {"per_prefix": {"limit": 1, "window_seconds": 60}}
+    limited = await call(
+        "PATCH",
+        "/v1/services/{service_id}",
+        f"/v1/services/{sid}",
+        json={"rate_limits": one_per_prefix},
+        headers=auth,
+    )
+    assert limited.json()["rate_limits"]["per_prefix"] == one_per_prefix["per_prefix"]
+    for to in ("+34600000005", "+34600000006"):
+        answer = await call(
+            "POST",
+            "/v1/verifications",
+            "/v1/verifications",
+            json={"service_id": sid, "to": to, "client_ip": "2001:db8::7"},
+            headers=auth,
+        )
+    assert answer.status_code == 429 and answer.json()["code"] == "rate_limited"
     await call("DELETE", "/v1/services/{service_id}", f"/v1/services/{sid}", headers=auth)
 
     await call("GET", "/v1/account", "/v1/account", headers=auth)

@@ -224,3 +224,21 @@ async def test_labsmobile_send_code_to_a_test_number_inherits(api: Api) -> None:
         await otp("validateCode", env="Acme", phone_number=TEST_NUMBER[1:], code=FIXED)
     ).text == "1"
     assert (await otp("checkCode", env="Acme", phone_number=TEST_NUMBER[1:])).text == "1"
+
+
+async def test_a_test_number_uses_no_rate_limit(api: Api) -> None:
+    """With one start per number allowed, a test number still starts again and again (and a
+    real number is refused its second start)."""
+    await with_test_number(api, rate_limits={"per_number": {"limit": 1, "window_seconds": 3600}})
+    for _ in range(3):
+        started = await api.start(TEST_NUMBER)
+        assert started.status_code == 201, started.text
+        cancel = f"/v1/verifications/{started.json()['id']}/cancel"
+        assert (await api.http.post(cancel, headers=api.auth())).status_code == 200
+    assert (await api.start(OTHER)).status_code == 201
+    await api.http.post(
+        f"/v1/verifications/{(await api.start(OTHER)).json().get('id', 'x')}/cancel",
+        headers=api.auth(),
+    )
+    refused = await api.start(OTHER, custom_code="123456")
+    assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")

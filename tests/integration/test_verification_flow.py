@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from otpgate.adapters.storage import tables as t
-from tests.conftest import Api, code_in
+from tests.conftest import Api, Database, code_in, make_settings, serving
 
 
 async def started(api: Api, to: str = "+34600000001", **fields: Any) -> tuple[str, str]:
@@ -334,7 +336,17 @@ async def test_forged_cursors_are_refused_not_500(api: Api, fields: object) -> N
         assert bad.json()["param"] == "cursor"
 
 
-async def test_hundred_consecutive_failures_lock_the_destination(api: Api) -> None:
+@pytest.fixture
+async def unthrottled_checks(database: Database, tmp_path: Path) -> AsyncIterator[Api]:
+    """The app with the per-destination check rate limit (60 an hour by default) out of the
+    way, so a test can reach the 100-failure lockout within the frozen clock's hour."""
+    settings = make_settings(database, tmp_path, rate_limit_checks=1_000)
+    async with serving(settings, database) as running:
+        yield running
+
+
+async def test_hundred_consecutive_failures_lock_the_destination(unthrottled_checks: Api) -> None:
+    api = unthrottled_checks
     service = await api.new_service(max_check_attempts=20, resend_interval_seconds=0)
     to = "+34600000031"
     for _ in range(5):

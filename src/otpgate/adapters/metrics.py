@@ -35,6 +35,16 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("kind",),
     ),
     "spend_cap_refusal": ("Sends refused by a daily spend cap", ("cap",)),
+    "rate_limited": ("Sends and checks refused by a rate limit, by limit", ("limit",)),
+    "rate_limit_unavailable": (
+        "Sends and checks refused because the rate-limit store could not answer",
+        ("kind",),
+    ),
+    "rate_limit_fail_open": (
+        "Sends let through unlimited while the rate-limit store could not answer "
+        "(services with fail_open)",
+        (),
+    ),
 }
 
 

@@ -91,6 +91,51 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class Limit:
+    """At most ``limit`` events in any ``window_seconds`` (a moving window)."""
+
+    limit: int
+    window_seconds: int
+
+
+#: The start limits a service has unless it says otherwise (docs/security.md, "Rate limits",
+#: says why each figure). Keys are per service: a destination's starts in one service.
+DEFAULT_START_LIMITS: dict[str, Limit] = {
+    # One person asks for a code a few times at most; ten in an hour is flooding a phone.
+    "per_number": Limit(10, 3_600),
+    # 1,000 consecutive numbers (the number without its last 3 digits): a pumped range.
+    "per_prefix": Limit(10, 600),
+    # 3,000 in 10 minutes is 5 a second, sustained, into one country.
+    "per_country": Limit(3_000, 600),
+    # One end user's address (as the integrator passes it); carrier-grade NAT shares one
+    # address among many users, hence far more than per number.
+    "per_ip": Limit(100, 3_600),
+    # 30,000 in 10 minutes is 50 a second, sustained, for the whole service.
+    "per_service": Limit(30_000, 600),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """A service's start limits: its own where it set them (``overrides``), the defaults
+    (:data:`DEFAULT_START_LIMITS`) otherwise. ``fail_open``: starts go on, unlimited, while
+    the shared limit store (Redis) cannot answer; code checks never do."""
+
+    overrides: tuple[tuple[str, Limit], ...] = ()
+    fail_open: bool = False
+
+    def limit(self, name: str) -> Limit:
+        for key, value in self.overrides:
+            if key == name:
+                return value
+        return DEFAULT_START_LIMITS[name]
+
+    def effective(self) -> dict[str, Limit]:
+        """Every start limit in force, by name, in the order of the defaults."""
+        return {name: self.limit(name) for name in DEFAULT_START_LIMITS}
+
+
+@dataclass(frozen=True, slots=True)
 class ServicePolicy:
     """The settings of a service (API.md §3), validated by ``domain.policy.validate_policy``."""
 
@@ -119,6 +164,8 @@ class ServicePolicy:
     #: The most this service's messages may count against spend caps in one UTC day, in units
     #: (``domain.spend``); None: no cap.
     daily_spend_cap: int | None = None
+    #: Rate limits on starts (``RateLimits``): the defaults unless the service overrides them.
+    rate_limits: RateLimits = RateLimits()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ Every refusal is an ``otpgate.errors`` exception carrying its reason and, where 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -17,11 +18,14 @@ from otpgate.domain import sms, texts
 from otpgate.domain.billing import parse_credits
 from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH, validate_custom_code
 from otpgate.domain.model import (
+    DEFAULT_START_LIMITS,
     Channel,
     CodeType,
     EmailContent,
+    Limit,
     Message,
     MessageStatus,
+    RateLimits,
     ServicePolicy,
     Verification,
 )
@@ -68,6 +72,7 @@ POLICY_FIELDS = frozenset(
         "fallback_after_seconds",
         "test_numbers",
         "daily_spend_cap",
+        "rate_limits",
     }
 )
 
@@ -185,6 +190,8 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
                 param=key,
             )
         return parse_credits(value, param=key)
+    if key == "rate_limits":
+        return rate_limits(value)
     if key == "webhook_url":
         url = _text(key, value)
         if not _URL.match(url) or len(url) > 2_048:
@@ -242,6 +249,52 @@ def _check_test_codes(policy: ServicePolicy) -> ServicePolicy:
             ) from None
         fixed_codes[number] = fixed
     return replace(policy, test_numbers=fixed_codes) if policy.test_numbers else policy
+
+
+#: The range of a rate limit's ``limit`` and ``window_seconds`` (a moving window keeps one
+#: timestamp per event, so ``limit`` bounds the memory of each counter).
+LIMIT_RANGE = (1, 100_000)
+WINDOW_RANGE = (1, 86_400)
+
+
+def rate_limits(value: Any) -> RateLimits:
+    """A service's ``rate_limits`` object: any of ``per_number``, ``per_prefix``,
+    ``per_country``, ``per_ip`` and ``per_service``, each ``{"limit", "window_seconds"}``,
+    and ``fail_open`` (a boolean); what it leaves out keeps its default. ``InvalidRequest``
+    naming ``rate_limits`` for any other shape."""
+    names = ", ".join(DEFAULT_START_LIMITS)
+    if not isinstance(value, dict):
+        raise InvalidRequest("rate_limits must be an object or null", param="rate_limits")
+    overrides: list[tuple[str, Limit]] = []
+    fail_open = False
+    for name, entry in value.items():
+        if name == "fail_open":
+            if not isinstance(entry, bool):
+                raise InvalidRequest(
+                    "rate_limits.fail_open must be true or false", param="rate_limits"
+                )
+            fail_open = entry
+            continue
+        if name not in DEFAULT_START_LIMITS:
+            raise InvalidRequest(
+                f"rate_limits takes {names} and fail_open; {name!r} is not one",
+                param="rate_limits",
+            )
+        if not isinstance(entry, dict) or set(entry) != {"limit", "window_seconds"}:
+            raise InvalidRequest(
+                f"rate_limits.{name} must be an object of limit and window_seconds",
+                param="rate_limits",
+            )
+        for member, (low, high) in (("limit", LIMIT_RANGE), ("window_seconds", WINDOW_RANGE)):
+            number = entry[member]
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise InvalidRequest(
+                    f"rate_limits.{name}.{member} must be an integer from {low} to {high}",
+                    param="rate_limits",
+                )
+        overrides.append((name, Limit(entry["limit"], entry["window_seconds"])))
+    overrides.sort(key=lambda pair: pair[0])
+    return RateLimits(overrides=tuple(overrides), fail_open=fail_open)
 
 
 def checked_code_length(value: Any, *, param: str) -> int:
@@ -319,6 +372,22 @@ def refuse_resend(verification: Verification, *, interval_seconds: int, now: dat
             "wait before sending the code again",
             retry_after=(ready_at - now).total_seconds(),
         )
+
+
+def validate_client_ip(value: Any) -> str | None:
+    """The end user's IP address (``client_ip``), IPv4 or IPv6, in its canonical form; None
+    when not given. ``InvalidRequest`` naming ``client_ip`` otherwise."""
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidRequest(
+            "client_ip must be an IPv4 or IPv6 address such as 203.0.113.7 or 2001:db8::1",
+            param="client_ip",
+        ) from None
 
 
 def validate_context(context: Any) -> dict[str, str] | None:

@@ -682,6 +682,45 @@ class NoAudit:
         return None
 
 
+# --------------------------------------------------------------------------------------------
+# Rate limits
+
+
+@dataclass(frozen=True, slots=True)
+class RateCounter:
+    """One rate limit applied to one request: at most ``limit`` events per moving window of
+    ``window_seconds`` under ``key``. ``name`` (``per_number``…) is what a refusal names;
+    ``key`` identifies the counter (its scope and value) and is never shown to a caller."""
+
+    name: str
+    key: str
+    limit: int
+    window_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateRefusal:
+    """The counter without room, and the seconds until it has room for one more event."""
+
+    counter: RateCounter
+    retry_after: float
+
+
+class RateLimiter(Protocol):
+    """Counters shared by every process that uses the same store (in-process, or Redis)."""
+
+    async def acquire(self, counters: Sequence[RateCounter]) -> RateRefusal | None:
+        """Count one event on every counter and return None when each has room; when one has
+        none, return it (the first, in order) and count nothing on any. Two concurrent calls
+        may both see room in a counter with one left: the counting itself is atomic per
+        counter, so the loser is refused then, and what it counted on the counters before
+        stays counted. Raises ``Unavailable`` when the store cannot answer, with a text that
+        names neither its address nor its password."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class Metrics(Protocol):
     """Counts events for monitoring. Labels are low-cardinality words, never codes or numbers."""
 

@@ -65,6 +65,7 @@ from otpgate.errors import (
 )
 from otpgate.services.billing import Billing
 from otpgate.services.catalog import ServiceCatalog
+from otpgate.services.ratelimit import RateLimiting
 from otpgate.services.spend import SpendCaps
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class StartRequest:
     replace_pending: bool = False
     #: Where the code goes if the service falls back to e-mail.
     email: str | None = None
+    #: The end user's IP address, as the integrator's backend saw it (the per_ip limit).
+    client_ip: str | None = None
 
 
 def destination_key(to: str, country: str | None = None) -> str:
@@ -122,9 +125,11 @@ class VerificationService:
         lockout: LockoutPolicy,
         outbox: Outbox,
         billing: Billing | None = None,
+        rate_limits: RateLimiting | None = None,
         spend: SpendCaps | None = None,
     ) -> None:
-        """``billing`` prices each message; without it messages carry no price. ``spend``
+        """``billing`` prices each message; without it messages carry no price. Without
+        ``rate_limits`` nothing is rate-limited (bootstrap always gives one). ``spend``
         applies the daily spend caps; without it none applies."""
         self._storage = storage
         self._catalog = catalog
@@ -135,6 +140,7 @@ class VerificationService:
         self._lockout = lockout
         self._outbox = outbox
         self._billing = billing
+        self._rate_limits = rate_limits
         self._spend = spend
 
     # --- start and resend --------------------------------------------------------------------
@@ -174,6 +180,7 @@ class VerificationService:
         )
         # 2. Request fields, validated before any write.
         locale = rules.validate_locale(request.locale) or policy.default_locale
+        client_ip = rules.validate_client_ip(request.client_ip)
         context = rules.validate_context(request.context)
         if context and channel is not Channel.SMS:
             raise InvalidRequest(
@@ -201,7 +208,10 @@ class VerificationService:
         resend = custom_code is None and pending is not None and pending.context == context
         if pending is not None and resend and not request.replace_pending:
             if self._code_of(pending) is not None:
-                return await self._resend(principal.account, service, pending, channel), False
+                resent = await self._resend(
+                    principal.account, service, pending, channel, client_ip=client_ip
+                )
+                return resent, False
             # Its code was sealed under another master key (a rotation): it can never be sent
             # again, so it fails and a new verification takes its place.
             await self._storage.close(pending.id, VerificationStatus.FAILED, now)
@@ -213,6 +223,10 @@ class VerificationService:
             # custom code is no way around them (S9).
             rules.refuse_resend(pending, interval_seconds=policy.resend_interval_seconds, now=now)
             sends_so_far = pending.send_attempts
+        # 5. Rate limits (services/ratelimit.py): this send of a code is counted, or refused
+        #    with nothing stored or sent. A test number uses none.
+        if fixed_code is None:
+            await self._limit_send(service, to, country, client_ip)
         verification, message, body_masked = self._new(
             service,
             principal,
@@ -233,11 +247,11 @@ class VerificationService:
             message = testing.as_test_message(message)
             verification = replace(verification, test=True)
         else:
-            # 5. The price, when a price table applies: a prepaid account cannot send where
+            # 6. Spend caps: what the message counts against the account's and the service's
+            #    daily caps, counted (or refused) in the same transaction as the insert.
+            # 7. The price, when a price table applies: a prepaid account cannot send where
             #    there is none, and the debit happens in the same transaction as the insert.
             message = await self._priced(principal.account, message, country)
-            # Spend caps: what the message counts against the account's and the service's
-            # daily caps, counted (or refused) in the same transaction as the insert.
             message, caps = self._capped(principal.account, service, message)
         verification = replace(
             verification,
@@ -265,7 +279,8 @@ class VerificationService:
                 raise ResendTooSoon(
                     "another start for this destination is in progress", retry_after=1
                 )
-            return await self._resend(principal.account, service, pending, channel), False
+            resent = await self._resend(principal.account, service, pending, channel, counted=True)
+            return resent, False
         self._hand_over(message, verification, service, lease_until)
         if verification.test:
             self._metrics.count("test_verification", kind="start")
@@ -392,9 +407,24 @@ class VerificationService:
         except ValueError:
             return None
 
+    async def _limit_send(
+        self, service: Service, to: str, country: str | None, client_ip: str | None
+    ) -> None:
+        if self._rate_limits is not None:
+            await self._rate_limits.send(service, to=to, country=country, client_ip=client_ip)
+
     async def _resend(
-        self, account: Account, service: Service, verification: Verification, channel: Channel
+        self,
+        account: Account,
+        service: Service,
+        verification: Verification,
+        channel: Channel,
+        *,
+        client_ip: str | None = None,
+        counted: bool = False,
     ) -> Verification:
+        """Send the pending code again. ``counted``: this send already went through the rate
+        limits (a start that lost the race to create and became a resend)."""
         now = self._clock.now()
         rules.refuse_resend(
             verification, interval_seconds=service.policy.resend_interval_seconds, now=now
@@ -407,6 +437,10 @@ class VerificationService:
                 "start a new verification",
                 param="id",
             )
+        if not counted and not verification.test:
+            # Rate limits (services/ratelimit.py): a resend sends a code, so it counts as one
+            # (a test verification's sends go nowhere and count nothing).
+            await self._limit_send(service, verification.to, country_of(verification.to), client_ip)
         message, body_masked = self._message(
             rules.effective_policy(
                 service.policy, template=verification.template, sender_id=verification.sender_id
@@ -602,6 +636,10 @@ class VerificationService:
         if lockout.in_force(now):
             self._metrics.count("check", result="locked")
             return self._result(verification, status, valid=False)
+        # 2b. Rate limit on checks per destination (services/ratelimit.py): bounds guessing
+        #     across the destination's verifications; refuses (503) when it cannot count.
+        if self._rate_limits is not None:
+            await self._rate_limits.check(service_id=verification.service_id, to=verification.to)
         # 3. Constant-time comparison of keyed digests; the context is part of the digest,
         #    so a code shown for another amount or payee does not match (S5).
         # Upper-casing is harmless for numeric codes, so no service lookup is needed here.

@@ -24,8 +24,10 @@ from otpgate.domain.model import (
     AttemptOutcome,
     Channel,
     CodeType,
+    Limit,
     Message,
     MessageStatus,
+    RateLimits,
     SendReceipt,
     Service,
     ServicePolicy,
@@ -84,7 +86,32 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "fallback_after_seconds": policy.fallback_after_seconds,
         "test_numbers": dict(policy.test_numbers),
         "daily_spend_cap": policy.daily_spend_cap,
+        # Only what the service set: the defaults stay the release's own.
+        "rate_limits": rate_limits_to_json(policy.rate_limits),
     }
+
+
+def rate_limits_to_json(limits: RateLimits) -> dict[str, Any]:
+    stored: dict[str, Any] = {
+        name: {"limit": limit.limit, "window_seconds": limit.window_seconds}
+        for name, limit in limits.overrides
+    }
+    if limits.fail_open:
+        stored["fail_open"] = True
+    return stored
+
+
+def rate_limits_from_json(data: Mapping[str, Any] | None) -> RateLimits:
+    if not data:
+        return RateLimits()
+    return RateLimits(
+        overrides=tuple(
+            (name, Limit(entry["limit"], entry["window_seconds"]))
+            for name, entry in sorted(data.items())
+            if name != "fail_open"
+        ),
+        fail_open=bool(data.get("fail_open", False)),
+    )
 
 
 def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
@@ -110,6 +137,8 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         fallback_after_seconds=data.get("fallback_after_seconds"),
         test_numbers=dict(data.get("test_numbers") or {}),
         daily_spend_cap=data.get("daily_spend_cap"),
+        # absent from services stored before rate limits existed: the defaults
+        rate_limits=rate_limits_from_json(data.get("rate_limits")),
     )
 
 

@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits_text
 from otpgate.domain.model import (
+    DEFAULT_START_LIMITS,
     Account,
     ApiKey,
     AttemptOutcome,
@@ -34,10 +35,12 @@ from otpgate.domain.model import (
     CodeType,
     Message,
     MessageStatus,
+    RateLimits,
     Service,
     Verification,
     VerificationStatus,
 )
+from otpgate.domain.policy import LIMIT_RANGE, WINDOW_RANGE
 from otpgate.domain.routing import ProviderHealth
 from otpgate.errors import InvalidRequest
 from otpgate.services.billing import CountryPrice
@@ -140,6 +143,29 @@ class Body(BaseModel):
         return data
 
 
+def _rate_limits_schema() -> dict[str, Any]:
+    """The shape of a service's ``rate_limits`` (the domain checks it and words refusals)."""
+    low, high = LIMIT_RANGE
+    shortest, longest = WINDOW_RANGE
+    limit = {
+        "type": "object",
+        "properties": {
+            "limit": {"type": "integer", "minimum": low, "maximum": high},
+            "window_seconds": {"type": "integer", "minimum": shortest, "maximum": longest},
+        },
+        "required": ["limit", "window_seconds"],
+        "additionalProperties": False,
+    }
+    members: dict[str, Any] = {name: limit for name in DEFAULT_START_LIMITS}
+    members["fail_open"] = {"type": "boolean"}
+    return {
+        "anyOf": [
+            {"type": "object", "properties": members, "additionalProperties": False},
+            {"type": "null"},
+        ]
+    }
+
+
 class ServiceFields(Body):
     name: str | None = Field(
         None,
@@ -205,6 +231,16 @@ class ServiceFields(Body):
         "insufficient_credit. null: no cap",
         json_schema_extra={"pattern": r"^[0-9]{1,10}(\.[0-9]{1,4})?$"},
     )
+    rate_limits: dict[str, Any] | None = Field(
+        None,
+        description="limits on starts (and resends): any of per_number (default 10 per "
+        "3600 s), per_prefix (10 per 600 s), per_country (3000 per 600 s), per_ip (100 per "
+        "3600 s) and per_service (30000 per 600 s), each {limit, window_seconds}; and "
+        "fail_open (default false: starts answer 503 while the shared limit store is down). "
+        "What is left out keeps its default; the object replaces the previous one whole; "
+        "null: every default",
+        json_schema_extra=_rate_limits_schema(),
+    )
 
 
 class StartVerification(Body):
@@ -230,6 +266,11 @@ class StartVerification(Body):
         None,
         description="an e-mail address for the email channel when the service falls back to "
         "it (with channel email, `to` is the address)",
+    )
+    client_ip: str | None = Field(
+        None,
+        description="the end user's IPv4 or IPv6 address, as your backend saw it: counted "
+        "against the service's per_ip rate limit (IPv6 by its /64)",
     )
 
 
@@ -346,6 +387,22 @@ class CheckResultOut(Out):
     remaining_attempts: int
 
 
+class LimitOut(Out):
+    limit: int
+    window_seconds: int
+
+
+class RateLimitsOut(Out):
+    """The start limits in force: the service's own where it set them, else the defaults."""
+
+    per_number: LimitOut
+    per_prefix: LimitOut
+    per_country: LimitOut
+    per_ip: LimitOut
+    per_service: LimitOut
+    fail_open: bool
+
+
 class ServiceOut(Out):
     id: str
     name: str
@@ -367,6 +424,7 @@ class ServiceOut(Out):
     fallback_after_seconds: int | None
     test_numbers: dict[str, str]
     daily_spend_cap: str | None = Field(description="credits per UTC day; null: no cap")
+    rate_limits: RateLimitsOut
     created_at: datetime
     updated_at: datetime
 
@@ -570,9 +628,19 @@ def render_service(s: Service) -> dict[str, Any]:
         "fallback_after_seconds": p.fallback_after_seconds,
         "test_numbers": dict(p.test_numbers),
         "daily_spend_cap": _cap(p.daily_spend_cap),
+        "rate_limits": render_rate_limits(p.rate_limits),
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
     }
+
+
+def render_rate_limits(limits: RateLimits) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
+        name: {"limit": limit.limit, "window_seconds": limit.window_seconds}
+        for name, limit in limits.effective().items()
+    }
+    rendered["fail_open"] = limits.fail_open
+    return rendered
 
 
 def render_account(a: Account) -> dict[str, Any]:

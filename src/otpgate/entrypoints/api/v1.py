@@ -34,6 +34,7 @@ from otpgate.errors import (
     NotFound,
     OtpgateError,
     PayloadTooLarge,
+    RateLimited,
     ResendTooSoon,
     Unauthorized,
     Unavailable,
@@ -155,6 +156,7 @@ def page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]
             ChannelNotAllowed,
             DestinationBlocked,
             NotFound,
+            RateLimited,
             ResendTooSoon,
             MaxSendAttemptsReached,
             InsufficientCredit,
@@ -181,6 +183,7 @@ async def start_verification(
                 metadata=body.metadata,
                 country=body.country,
                 email=body.email,
+                client_ip=body.client_ip,
             ),
         )
         return (201 if created else 200), s.render_verification(verification, verifications.now())
@@ -192,7 +195,7 @@ async def start_verification(
     "/verifications/{verification_id}/check",
     tags=["verifications"],
     response_model=s.CheckResultOut,
-    responses=problem_responses(*AUTHENTICATED, *READS_BODY, NotFound),
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, NotFound, RateLimited),
 )
 async def check_verification(
     request: Request, principal: Caller, verification_id: s.Text, body: s.CheckCode
@@ -249,7 +252,9 @@ async def list_verifications(
     "/verifications/check",
     tags=["verifications"],
     response_model=s.CheckResultOut,
-    responses=problem_responses(*AUTHENTICATED, *READS_BODY, InvalidPhoneNumber, NotFound),
+    responses=problem_responses(
+        *AUTHENTICATED, *READS_BODY, InvalidPhoneNumber, NotFound, RateLimited
+    ),
 )
 async def check_by_destination(
     request: Request, principal: Caller, body: s.CheckByDestination
@@ -292,6 +297,7 @@ async def get_verification(
         NotFound,
         ChannelNotAllowed,
         DestinationBlocked,
+        RateLimited,
         ResendTooSoon,
         MaxSendAttemptsReached,
         InsufficientCredit,
