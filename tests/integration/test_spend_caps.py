@@ -199,6 +199,13 @@ async def test_concurrent_sends_against_a_cap_accept_exactly_what_fits(
 ) -> None:
     api, events = capped
     await service_cap(api, "10")
+    # twenty numbers of one prefix: lift the prefix rate limit so that only the cap refuses
+    lifted = await api.http.patch(
+        f"/v1/services/{api.service_id}",
+        json={"rate_limits": {"per_prefix": {"limit": 100, "window_seconds": 600}}},
+        headers=api.auth(),
+    )
+    assert lifted.status_code == 200
     answers = await asyncio.gather(*(api.start(to) for to in MOBILES[:20]))
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [201] * 10 + [402] * 10
