@@ -37,6 +37,7 @@ from otpgate.domain.events import SecretBox
 from otpgate.domain.model import Limit
 from otpgate.domain.ports import (
     Clock,
+    EventSink,
     RateLimiter,
     ReceiptParser,
     ReportSource,
@@ -63,6 +64,7 @@ from otpgate.services.fraud import FraudGuard
 from otpgate.services.idempotency import Idempotency
 from otpgate.services.messaging import Messaging
 from otpgate.services.ratelimit import RateLimiting
+from otpgate.services.spend import SpendCaps
 from otpgate.services.verification import LockoutPolicy, VerificationService
 from otpgate.settings import Environment, Settings
 
@@ -249,11 +251,15 @@ def build(
     sender: Sender | None = None,
     route: Sequence[Sender] | None = None,
     clock: Clock | None = None,
+    events: EventSink | None = None,
 ) -> Container:
     """Wire a container. Delivery is what the settings configure (``build_delivery``);
     ``sender`` replaces it with one provider (tests pass a recording one), and ``route`` with
-    several on one default route, tried in that order (their names must differ)."""
+    several on one default route, tried in that order (their names must differ). ``events``
+    receives the events otpgate raises instead of the webhook outbox (tests pass a recording
+    sink)."""
     clock = clock or SystemClock()
+    given_events = events
     keys = derive_keys(load_master_secret(settings))
     vault = CodeVault(digest_key=keys.digest, sealing_key=keys.sealing)
     if sender is not None and route is not None:
@@ -304,7 +310,10 @@ def build(
         cache=TtlCache(settings.lookup_cache_seconds),
         audit=audit,
     )
-    events = WebhookEvents(store=storage, catalog=catalog, clock=clock, wake=event_sender.wake)
+    webhook_events = WebhookEvents(
+        store=storage, catalog=catalog, clock=clock, wake=event_sender.wake
+    )
+    events = given_events or webhook_events
     metrics.watch_circuits(lambda: [(name, CIRCUIT_GAUGE[h.state]) for name, h in health.items()])
     parsers: dict[str, ReceiptParser] = {
         name: s for name, s in senders.items() if isinstance(s, ReceiptParser)
@@ -318,6 +327,13 @@ def build(
         credit=storage,
         clock=clock,
         cache=TtlCache(settings.lookup_cache_seconds),
+    )
+    spend = SpendCaps(
+        store=storage,
+        events=events,
+        clock=clock,
+        metrics=metrics,
+        default_units=settings.default_message_units,
     )
     dispatcher = Dispatcher(
         storage=storage,
@@ -337,6 +353,7 @@ def build(
         ),
         receipt_urls=receipt_urls,
         events=events,
+        spend=spend,
     )
     receipts = ReceiptService(storage=storage, clock=clock, metrics=metrics)
     for name, source in senders.items():
@@ -371,6 +388,7 @@ def build(
         ),
         outbox=dispatcher,
         billing=billing,
+        spend=spend,
         rate_limits=rate_limits,
         events=events,
         audit=audit,
@@ -383,6 +401,7 @@ def build(
         metrics=metrics,
         outbox=dispatcher,
         fraud=fraud,
+        spend=spend,
     )
     callbacks = CallbackSender(store=storage, outbound=outbound, clock=clock, metrics=metrics)
     return Container(
@@ -408,7 +427,7 @@ def build(
         keys=keys,
         senders=senders,
         rate_limiter=rate_limiter,
-        events=events,
+        events=webhook_events,
         event_sender=event_sender,
         event_log=EventLog(store=storage),
         webhook_secrets=WebhookSecrets(store=storage, box=box, clock=clock, audit=audit),

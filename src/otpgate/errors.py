@@ -13,6 +13,7 @@ using the ``status``, ``code`` and ``title`` each class carries.
     │   ├── UnsupportedNumberType       400 unsupported_number_type
     │   ├── Unauthorized                401 unauthorized
     │   ├── InsufficientCredit          402 insufficient_credit
+│   │   └── SpendCapReached         402 insufficient_credit: a daily spend cap
     │   ├── CountryNotAllowed           403 country_not_allowed
     │   ├── ChannelNotAllowed           403 channel_not_allowed
     │   ├── DestinationBlocked          403 destination_blocked (retry_after when temporary)
@@ -154,14 +155,44 @@ class Unauthorized(RequestRefused):
 
 class InsufficientCredit(RequestRefused):
     """**402**. The account is prepaid and its balance does not cover the message's price
-    (its SMS parts times the destination country's price; for a batch, the sum of every message).
-    Nothing is stored, sent or debited: a batch is refused whole. `GET /v1/account` shows the
-    balance and `GET /v1/prices` the prices.
+    (its SMS parts times the destination country's price; for a batch, the sum of every message),
+    or the send would take the account's or the service's daily spend cap past its limit (the
+    detail names the cap, its limit and what was spent today, UTC). Nothing is stored, sent or
+    debited: a batch is refused whole. `GET /v1/account` shows the balance and
+    `GET /v1/prices` the prices.
 
-    Client: treat it as "top up the account" (`otpgate credit add`), not as a retryable error.
+    Client: treat it as "top up the account" (`otpgate credit add`), not as a retryable error;
+    a spend cap allows sends again on the next UTC day, or when an operator raises it.
     """
 
     status, code, title = 402, "insufficient_credit", "Insufficient credit"
+
+
+class SpendCapReached(InsufficientCredit):
+    """An ``insufficient_credit`` refusal by a daily spend cap: which cap (``scope``
+    ``account`` or ``service``, and its owner's id), its limit and what the day (UTC) had
+    spent, in credit units."""
+
+    def __init__(self, *, scope: str, owner_id: str, limit: int, spent: int, day: str) -> None:
+        self.scope, self.owner_id, self.limit, self.spent, self.day = (
+            scope,
+            owner_id,
+            limit,
+            spent,
+            day,
+        )
+        super().__init__(
+            f"the {scope}'s daily spend cap of {_credits(limit)} credits is reached: "
+            f"{_credits(spent)} spent on {day} (UTC); sends resume the next UTC day or when "
+            "the cap is raised"
+        )
+
+
+def _credits(units: int) -> str:
+    """Units as decimal credits (``domain.billing.credits_text``, which errors cannot import)."""
+    whole, fraction = divmod(units, 10_000)
+    digits = f"{fraction:04d}".rstrip("0")
+    return f"{whole}.{digits}" if digits else str(whole)
 
 
 class CountryNotAllowed(RequestRefused):

@@ -14,6 +14,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from otpgate.domain.billing import parse_credits
+from otpgate.errors import InvalidRequest
+
 
 class Environment(enum.StrEnum):
     DEVELOPMENT = "development"
@@ -128,6 +131,10 @@ class Settings(BaseSettings):
     #: default is 10,000). That route's body limit grows with it, so a full batch fits.
     json_send_max_recipients: int = Field(default=10_000, ge=1, le=100_000)
 
+    #: What a message without a price (no price table loaded, or a call) counts against the
+    #: daily spend caps, in credits per SMS part (a call counts one part; an e-mail nothing).
+    default_message_credits: str = "1"
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -135,6 +142,20 @@ class Settings(BaseSettings):
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("default_message_credits")
+    @classmethod
+    def _credits(cls, value: str) -> str:
+        try:
+            parse_credits(value, param="OTPGATE_DEFAULT_MESSAGE_CREDITS")
+        except InvalidRequest as exc:
+            raise ValueError(exc.detail) from None
+        return value.strip()
+
+    @property
+    def default_message_units(self) -> int:
+        """``default_message_credits`` in credit units (validated when the settings were read)."""
+        return parse_credits(self.default_message_credits, param="default_message_credits")
 
     @field_validator("outbound_allow")
     @classmethod

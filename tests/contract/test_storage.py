@@ -38,11 +38,13 @@ from otpgate.domain.model import (
     new_id,
 )
 from otpgate.domain.ports import NO_LOCKOUT, DeliveryReport, Lockout, PlainMessage, Storage
+from otpgate.domain.spend import SpendCap, spend_day
 from otpgate.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
     InsufficientCredit,
     InvalidRequest,
+    SpendCapReached,
 )
 from tests.conftest import Database, empty_database, make_settings
 
@@ -1093,3 +1095,71 @@ async def test_list_entries_are_per_account_and_unique_per_list(store: Storage) 
     assert await store.remove_list_entry(account.id, ListName.DENY, entry.id) is None
     assert await store.remove_list_entry(account.id, ListName.SAFE, entry.id) == entry
     assert [e.id for e in await store.list_entries(account.id)] == [denied.id]
+
+
+# --- test numbers and daily spend caps -------------------------------------------------------
+
+
+async def test_test_verifications_and_messages_round_trip_and_are_never_claimed(
+    store: Storage,
+) -> None:
+    account, service = await world(store)
+    verification, message = a_verification(service)
+    verification = replace(verification, test=True)
+    message = replace(message, status=MessageStatus.SENT, provider="test", test=True)
+    assert await store.create_verification(verification, message, body_masked="x")
+    got = await store.get_verification(account.id, verification.id)
+    assert got is not None and got.test and got.messages[0].test
+    assert await store.claim_due(now=at(1), lease_seconds=30, limit=10) == []
+
+
+async def test_spend_caps_count_atomically_refuse_past_the_limit_and_give_refunds_back(
+    store: Storage,
+) -> None:
+    account, service = await world(store)
+    cap = SpendCap("service", service.id, 20_000)
+    day = spend_day(at(0))
+
+    async def start(to: str) -> Message:
+        verification, message = a_verification(service, to=to)
+        message = replace(message, spend_units=10_000)
+        assert await store.create_verification(verification, message, body_masked="x", caps=[cap])
+        return message
+
+    first = await start("+34600000001")
+    await start("+34600000002")
+    assert await store.spent(cap.key, day) == 20_000
+    verification, message = a_verification(service, to="+34600000003")
+    with pytest.raises(SpendCapReached) as refused:
+        await store.create_verification(
+            verification, replace(message, spend_units=10_000), body_masked="x", caps=[cap]
+        )
+    assert (refused.value.scope, refused.value.limit, refused.value.spent) == (
+        "service",
+        20_000,
+        20_000,
+    )
+    assert await store.get_verification(account.id, verification.id) is None
+    # the first refusal of the day is noted once
+    assert await store.note_cap_reached(cap.key, day, at(1))
+    assert not await store.note_cap_reached(cap.key, day, at(2))
+    # a message failed for good gives its amount back to the counter it was counted on
+    await store.mark_failed(first.id, provider=None, error="refused", now=at(3))
+    assert await store.spent(cap.key, day) == 10_000
+    # an amount larger than the cap alone is refused without a counter of its own
+    other = SpendCap("account", account.id, 5_000)
+    plain = replace(a_message(verification), verification_id=None, spend_units=10_000)
+    with pytest.raises(SpendCapReached):
+        await store.create_messages([PlainMessage(plain, "hello")], caps=[other])
+    assert await store.spent(other.key, day) == 0
+    assert await store.get_message(account.id, plain.id) is None
+
+
+async def test_an_account_cap_is_set_and_removed(store: Storage) -> None:
+    account = await an_account(store)
+    updated = await store.set_daily_spend_cap(account.id, 70_000)
+    assert updated is not None and updated.daily_spend_cap == 70_000
+    assert (await store.get_account(account.id)) == updated
+    cleared = await store.set_daily_spend_cap(account.id, None)
+    assert cleared is not None and cleared.daily_spend_cap is None
+    assert await store.set_daily_spend_cap("acc_nothing", 1) is None

@@ -483,10 +483,24 @@ def test_accounts_create_list_and_show(server: Server) -> None:
         "created_at",
         "billing",
         "balance",
+        "daily_spend_cap",
     }
-    # An account made with the CLI is prepaid and starts with no credit.
+    # An account made with the CLI is prepaid and starts with no credit, and no spend cap.
     assert (created["billing"], created["balance"]) == ("prepaid", "0")
+    assert created["daily_spend_cap"] is None
     assert ok(server.run("accounts", "show", "--id", created["id"], "--json")) == created
+    capped = ok(
+        server.run("accounts", "update", "--id", created["id"], "--daily-cap", "12.5", "--json")
+    )
+    assert capped == {**created, "daily_spend_cap": "12.5"}
+    refused(
+        server.run("accounts", "update", "--id", created["id"], "--daily-cap", "-1", "--json"),
+        "invalid_request",
+    )
+    uncapped = ok(
+        server.run("accounts", "update", "--id", created["id"], "--daily-cap", "none", "--json")
+    )
+    assert uncapped == created
     default = ok(server.run("accounts", "show", "--json"))
     assert default["is_admin"] is True and default["username"] == server.username
     assert default["billing"] == "unlimited"  # the embedded default needs no set-up

@@ -47,6 +47,7 @@ OPERATIONS = [
     ("GET", "/v1/messages/{message_id}"),
     ("GET", "/v1/accounts"),
     ("POST", "/v1/accounts"),
+    ("PATCH", "/v1/accounts/{account_id}"),
     ("POST", "/v1/keys"),
     ("GET", "/v1/keys"),
     ("DELETE", "/v1/keys/{key_id}"),

@@ -321,6 +321,15 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
         "POST", "/v1/accounts", "/v1/accounts", json={"name": "Other"}, headers=auth
     )
     await call("GET", "/v1/accounts", "/v1/accounts", headers=auth)
+    capped = "/v1/accounts/{account_id}"
+    other_id = account.json()["id"]
+    await call(
+        "PATCH", capped, f"/v1/accounts/{other_id}", json={"daily_spend_cap": "5"}, headers=auth
+    )
+    await call(
+        "PATCH", capped, f"/v1/accounts/{other_id}", json={"daily_spend_cap": "-1"}, headers=auth
+    )  # 400
+    await call("PATCH", capped, "/v1/accounts/acc_nothing", json={}, headers=auth)  # 404
     key = await call(
         "POST",
         "/v1/keys",
@@ -331,6 +340,7 @@ async def test_real_answers_of_every_operation_conform(api: Api) -> None:
     await call("GET", "/v1/keys", "/v1/keys", headers=auth)
     other = {"Authorization": f"Bearer {key.json()['key']}"}
     await call("GET", "/v1/accounts", "/v1/accounts", headers=other)  # 403
+    await call("PATCH", capped, f"/v1/accounts/{other_id}", json={}, headers=other)  # 403
     await call("GET", "/v1/providers", "/v1/providers", headers=auth)
     await call("GET", "/v1/providers", "/v1/providers", headers=other)  # 403
     await call("GET", "/v1/audit", "/v1/audit?limit=5", headers=auth)

@@ -39,6 +39,11 @@ _EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "message_failed": ("Messages failed for good", ("provider",)),
     "receipt": ("Delivery receipts applied", ("provider", "status")),
+    "test_verification": (
+        "Starts and resends to test numbers (nothing sent, no limit, credit or cap used)",
+        ("kind",),
+    ),
+    "spend_cap_refusal": ("Sends refused by a daily spend cap", ("cap",)),
     "rate_limited": ("Sends and checks refused by a rate limit, by limit", ("limit",)),
     "rate_limit_unavailable": (
         "Sends and checks refused because the rate-limit store could not answer",

@@ -66,6 +66,9 @@ class Account:
     billing: BillingMode = BillingMode.UNLIMITED
     #: Credit in units of 1/10,000 credit (``domain.billing``); only a prepaid account spends it.
     balance: int = 0
+    #: The most this account's messages may count against spend caps in one UTC day, in units
+    #: (``domain.spend``); None: no cap.
+    daily_spend_cap: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,12 @@ class ServicePolicy:
     allow_multipart: bool = False
     #: With several channels: the next one is used when no check arrived within this long.
     fallback_after_seconds: int | None = None
+    #: Test numbers: E.164 number → its fixed code. A start to one sends nothing and uses no
+    #: limit, credit or cap; only the fixed code approves (``services.test_numbers``).
+    test_numbers: dict[str, str] = field(default_factory=dict)
+    #: The most this service's messages may count against spend caps in one UTC day, in units
+    #: (``domain.spend``); None: no cap.
+    daily_spend_cap: int | None = None
     #: Rate limits on starts (``RateLimits``): the defaults unless the service overrides them.
     rate_limits: RateLimits = RateLimits()
     #: The SMS-pumping detector's sensitivity for this service's starts (``domain.fraud``).
@@ -262,6 +271,11 @@ class Message:
     ack_url: str | None = None
     #: The delivery history, oldest first (the first hundred or so attempts).
     history: tuple[Attempt, ...] = ()
+    #: A message to a test number: stored as sent by provider ``test``, never sent, unpriced.
+    test: bool = False
+    #: What the message counts against the daily spend caps in force when it was queued, in
+    #: units (its price, or the default price per part when it has none); None: no cap applied.
+    spend_units: int | None = None
 
     @property
     def price(self) -> str | None:
@@ -299,6 +313,9 @@ class Verification:
     #: service is due if no check arrives first (the service's ``fallback_after_seconds``).
     fallback_email: str | None = None
     fallback_at: datetime | None = None
+    #: A verification of a test number (the service's ``test_numbers``): its code is the fixed
+    #: one and none of its messages reaches a provider.
+    test: bool = False
 
     def status_at(self, now: datetime) -> VerificationStatus:
         """The status as the API reports it: a pending verification past its expiry is expired,

@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from otpgate.domain import sms, texts
-from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
+from otpgate.domain.billing import parse_credits
+from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH, validate_custom_code
 from otpgate.domain.fraud import GuardLevel
 from otpgate.domain.model import (
     DEFAULT_START_LIMITS,
@@ -29,7 +30,8 @@ from otpgate.domain.model import (
     ServicePolicy,
     Verification,
 )
-from otpgate.errors import InvalidRequest, MaxSendAttemptsReached, ResendTooSoon
+from otpgate.domain.phone import parse_phone
+from otpgate.errors import InvalidRequest, MaxSendAttemptsReached, RequestRefused, ResendTooSoon
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ _LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _URL = re.compile(r"^https?://[^\s/?#]+[^\s]*$")
 _METADATA_MAX_BYTES = 4_096
+#: The most test numbers one service may have.
+MAX_TEST_NUMBERS = 100
 
 POLICY_FIELDS = frozenset(
     {
@@ -67,6 +71,8 @@ POLICY_FIELDS = frozenset(
         "webhook_url",
         "allow_multipart",
         "fallback_after_seconds",
+        "test_numbers",
+        "daily_spend_cap",
         "rate_limits",
         "fraud_guard",
         "allow_voip",
@@ -95,6 +101,7 @@ def build_policy(fields: Mapping[str, Any], base: ServicePolicy | None = None) -
     }
     policy = replace(base, **changes)
     _check_templates(policy)
+    policy = _check_test_codes(policy)
     if (
         policy.fallback_after_seconds is not None
         and policy.fallback_after_seconds >= policy.ttl_seconds
@@ -176,6 +183,16 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         if not isinstance(value, bool):
             raise InvalidRequest(f"{key} must be true or false", param=key)
         return value
+    if key == "test_numbers":
+        return _test_numbers(value)
+    if key == "daily_spend_cap":
+        if not isinstance(value, str):
+            raise InvalidRequest(
+                'daily_spend_cap must be a number of credits as a string, such as "25" or '
+                '"12.5", or null',
+                param=key,
+            )
+        return parse_credits(value, param=key)
     if key == "rate_limits":
         return rate_limits(value)
     if key == "fraud_guard":
@@ -191,6 +208,57 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
             raise InvalidRequest("webhook_url must be an http(s) URL", param=key)
         return url
     raise InvalidRequest(f"unknown field {key!r}", param=key)  # pragma: no cover
+
+
+def _test_numbers(value: Any) -> dict[str, str]:
+    """Test numbers as given: at most ``MAX_TEST_NUMBERS`` valid numbers written in E.164,
+    each mapped to a code string (checked against the code rules by ``_check_test_codes``)."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            "test_numbers must map E.164 numbers to their fixed codes", param="test_numbers"
+        )
+    if len(value) > MAX_TEST_NUMBERS:
+        raise InvalidRequest(
+            f"test_numbers may hold at most {MAX_TEST_NUMBERS} numbers", param="test_numbers"
+        )
+    numbers: dict[str, str] = {}
+    for number, code in value.items():
+        try:
+            e164 = parse_phone(number).e164 if isinstance(number, str) else None
+        except RequestRefused:
+            e164 = None
+        if e164 is None or e164 != number:
+            raise InvalidRequest(
+                f"test_numbers: {str(number)[:32]!r} is not a valid number written in E.164 "
+                "(such as +34600000000)",
+                param="test_numbers",
+            )
+        if not isinstance(code, str):
+            raise InvalidRequest(
+                f"test_numbers: the code of {number} must be a string", param="test_numbers"
+            )
+        numbers[number] = code
+    return numbers
+
+
+def _check_test_codes(policy: ServicePolicy) -> ServicePolicy:
+    """The policy with every test number's code checked against the service's code rules
+    (length and alphabet), so it is a code the service could have sent, and normalised."""
+    fixed_codes: dict[str, str] = {}
+    for number, code in policy.test_numbers.items():
+        try:
+            fixed = validate_custom_code(
+                code, length=policy.code_length, code_type=policy.code_type
+            )
+        except InvalidRequest:
+            kind = "digits" if policy.code_type is CodeType.NUMERIC else "letters and digits"
+            raise InvalidRequest(
+                f"test_numbers: the code of {number} must be {policy.code_length} {kind}, as "
+                "the service's code rules say",
+                param="test_numbers",
+            ) from None
+        fixed_codes[number] = fixed
+    return replace(policy, test_numbers=fixed_codes) if policy.test_numbers else policy
 
 
 #: The range of a rate limit's ``limit`` and ``window_seconds`` (a moving window keeps one

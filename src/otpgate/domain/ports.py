@@ -30,6 +30,7 @@ from otpgate.domain.model import (
     Verification,
     VerificationStatus,
 )
+from otpgate.domain.spend import SpendCap
 
 if TYPE_CHECKING:  # domain.events builds on the Event below
     from otpgate.domain.events import AuditRecord, EventRecord
@@ -226,6 +227,11 @@ class AccountStore(Protocol):
 
     async def list_keys(self, account_id: str) -> Sequence[ApiKey]: ...
 
+    async def set_daily_spend_cap(self, account_id: str, cap: int | None) -> Account | None:
+        """Set the account's daily spend cap (units; None removes it); the updated account,
+        or None when there is no such account."""
+        ...
+
     async def revoke_key(self, account_id: str, key_id: str, now: datetime) -> bool:
         """True when a live key of this account was revoked."""
         ...
@@ -270,6 +276,7 @@ class VerificationStore(Protocol):
         body_masked: str,
         supersede: str | None = None,
         lease_until: datetime | None = None,
+        caps: Sequence[SpendCap] = (),
     ) -> bool:
         """In one transaction: cancel ``supersede`` if it is still pending, insert the
         verification and its first outbox message (kept with ``body_masked``, the text with
@@ -278,7 +285,11 @@ class VerificationStore(Protocol):
         attempt counted) by the caller's own dispatcher. False (nothing written) when another
         verification for the same (service, to) is pending already; ``InsufficientCredit``
         (nothing written) when the account is prepaid and its balance does not cover the
-        price."""
+        price. With ``caps``, the message's ``spend_units`` are counted against each of them
+        for the UTC day of its ``created_at`` in the same transaction; ``SpendCapReached``
+        (nothing written) when that would take one past its limit. A verification or message
+        marked ``test`` is stored as it is (the caller gives a test message no price, no caps
+        and no lease)."""
         ...
 
     async def record_resend(
@@ -290,11 +301,13 @@ class VerificationStore(Protocol):
         now: datetime,
         interval_seconds: int,
         lease_until: datetime | None = None,
+        caps: Sequence[SpendCap] = (),
     ) -> Verification | None:
         """In one transaction, if the verification is pending, unexpired, below its send cap
         and its last send is at least ``interval_seconds`` old: count the send, queue
         ``message`` (claimed until ``lease_until``, as in ``create_verification``) and debit
-        its price as ``create_verification`` does (``InsufficientCredit``, nothing written).
+        its price and counts it against ``caps`` as ``create_verification`` does
+        (``InsufficientCredit`` or ``SpendCapReached``, nothing written).
         Returns the updated verification, or ``None`` when a condition failed (the caller
         re-reads to tell which)."""
         ...
@@ -423,9 +436,10 @@ class MessageStore(Protocol):
     async def mark_failed(
         self, message_id: str, *, provider: str | None, error: str, now: datetime
     ) -> Verification | None:
-        """Fail the message for good and refund its price (with a ledger entry), in one
-        transaction. If its verification is pending and has no other message that is queued,
-        sent or delivered, the verification becomes ``failed`` too (sealed code erased) and is
+        """Fail the message for good and refund its price (with a ledger entry) and give its
+        ``spend_units`` back to the daily spend caps that counted them, in one transaction.
+        If its verification is pending and has no other message that is queued, sent or
+        delivered, the verification becomes ``failed`` too (sealed code erased) and is
         returned."""
         ...
 
@@ -439,11 +453,17 @@ class MessageStore(Protocol):
 
 class PlainMessageStore(Protocol):
     async def create_messages(
-        self, messages: Sequence[PlainMessage], *, lease_until: datetime | None = None
+        self,
+        messages: Sequence[PlainMessage],
+        *,
+        lease_until: datetime | None = None,
+        caps: Sequence[SpendCap] = (),
     ) -> None:
         """Queue every message in one transaction, debiting the sum of their prices from their
         account (one ledger entry each): all or nothing. ``InsufficientCredit`` (nothing
-        written) when the account is prepaid and its balance does not cover the sum. With
+        written) when the account is prepaid and its balance does not cover the sum, and
+        ``SpendCapReached`` when the sum of their ``spend_units`` would take one of ``caps``
+        past its limit (counted as ``create_verification`` does). With
         ``lease_until`` the messages are written already claimed, as in
         ``create_verification``."""
         ...
@@ -452,11 +472,25 @@ class PlainMessageStore(Protocol):
 
     async def cancel_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
         """Cancel the account's messages with this reference that wait for their scheduled
-        time (``canceled``, price refunded), in one transaction; how many."""
+        time (``canceled``, price refunded, spend given back to the caps that counted it), in
+        one transaction; how many."""
         ...
 
     async def release_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
         """Make those messages due now (the dispatcher sends them at once); how many."""
+        ...
+
+
+class SpendStore(Protocol):
+    """The daily spend caps' counters (``domain.spend``), keyed by a cap's key and a UTC day."""
+
+    async def spent(self, cap: str, day: str) -> int:
+        """What the cap has counted on ``day`` (``YYYY-MM-DD``), in units; 0 when nothing."""
+        ...
+
+    async def note_cap_reached(self, cap: str, day: str, now: datetime) -> bool:
+        """Note that the cap refused a send on ``day``; True only for the first such note of
+        that cap and day, across processes (its event is raised once)."""
         ...
 
 
@@ -603,10 +637,12 @@ class FallbackStore(Protocol):
         body_masked: str,
         now: datetime,
         next_fallback_at: datetime | None,
+        caps: Sequence[SpendCap] = (),
     ) -> bool:
         """In one transaction, if the verification is pending, unexpired and has no message
         on ``message.channel`` yet: queue ``message`` (due now, with its price debited as any
-        send), show that channel on the verification and set its next timed fallback. False
+        send, and counted against ``caps``), show that channel on the verification and set its
+        next timed fallback. False
         (nothing written) otherwise. A fallback does not count against the send cap."""
         ...
 
@@ -620,7 +656,7 @@ class FallbackStore(Protocol):
         ...
 
 
-class DeliveryStorage(MessageStore, HousekeepingStore, FallbackStore, Protocol):
+class DeliveryStorage(MessageStore, HousekeepingStore, FallbackStore, SpendStore, Protocol):
     """What the delivery dispatcher needs: the outbox, closing a verification whose time is up
     before its message goes out, channel fallback, and housekeeping."""
 
@@ -699,6 +735,7 @@ class AuditStore(Protocol):
 class Storage(
     EventStore,
     AuditStore,
+    SpendStore,
     FallbackStore,
     CallbackStore,
     PriceStore,

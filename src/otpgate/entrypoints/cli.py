@@ -286,6 +286,7 @@ _ACCOUNT_COLUMNS = [
     ("admin", "is_admin"),
     ("billing", "billing"),
     ("balance", "balance"),
+    ("daily cap", "daily_spend_cap"),
     ("created", "created_at"),
 ]
 _PRICE_COLUMNS = [
@@ -623,6 +624,34 @@ def accounts_show(
 
     document = render_account(_admin(action, as_json))
     _emit(document, as_json, _object_view("account", document))
+
+
+@accounts_app.command("update")
+def accounts_update(
+    daily_cap: Annotated[
+        str,
+        typer.Option(
+            "--daily-cap",
+            help="The most the account's messages may cost in one UTC day, in credits "
+            "(such as 100 or 12.5); 'none' removes the cap.",
+        ),
+    ],
+    account: Annotated[
+        str | None, typer.Option("--id", help="Account id; default: the default account.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change an account's settings: its daily spend cap."""
+    from otpgate.entrypoints.api.schemas import render_account
+
+    cap = None if daily_cap.strip().lower() == "none" else daily_cap
+
+    async def action(c: Container) -> Account:
+        target = (await _principal(c, account)).account
+        return await c.access.set_daily_spend_cap(None, target.id, cap)
+
+    document = render_account(_admin(action, as_json))
+    _emit(document, as_json, _object_view("updated account", document))
 
 
 # --- keys ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from otpgate.domain.billing import BillingMode
+from otpgate.domain.billing import BillingMode, parse_credits
 from otpgate.domain.model import Account, ApiKey, Principal, new_id
 from otpgate.domain.ports import AccountStore, AuditEntry, AuditTrail, Clock, NoAudit, Page
 from otpgate.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
@@ -134,6 +134,21 @@ class AccessService:
     ) -> Page[Account]:
         self.require_admin(principal)
         return await self._storage.list_accounts(limit=limit, cursor=cursor)
+
+    async def set_daily_spend_cap(
+        self, principal: Principal | None, account_id: str, credits: str | None
+    ) -> Account:
+        """Set (decimal credits) or remove (None) an account's daily spend cap; admin only
+        (``principal`` None: the operator's command line). Applies at once in this process,
+        within the key cache's lifetime in others."""
+        if principal is not None:
+            self.require_admin(principal)
+        cap = None if credits is None else parse_credits(credits, param="daily_spend_cap")
+        account = await self._storage.set_daily_spend_cap(account_id, cap)
+        if account is None:
+            raise NotFound("no such account")
+        self._key_cache.forget()  # requests carry the account as their key lookup read it
+        return account
 
     @staticmethod
     def require_admin(principal: Principal) -> None:

@@ -70,16 +70,19 @@ from otpgate.domain.ports import (
     Sender,
 )
 from otpgate.domain.routing import CircuitBreaker, ProviderHealth, Routing
+from otpgate.domain.spend import SpendCap
 from otpgate.errors import (
     CountryNotAllowed,
     DeliveryTimeout,
     InsufficientCredit,
     NotConnected,
     PermanentDeliveryError,
+    SpendCapReached,
     TransientDeliveryError,
     Unavailable,
 )
 from otpgate.services.billing import Billing
+from otpgate.services.spend import SpendCaps
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +236,7 @@ class Dispatcher:
         health: Mapping[str, ProviderHealth] | None = None,
         billing: Billing | None = None,
         events: EventSink | None = None,
+        spend: SpendCaps | None = None,
     ) -> None:
         if not routing.providers or any(name not in senders for name in routing.providers):
             raise ValueError("every provider of the routes needs a sender")
@@ -241,6 +245,7 @@ class Dispatcher:
         self._routing = routing
         self._billing = billing
         self._events: EventSink = events or NoEvents()
+        self._spend = spend
         self.health: dict[str, ProviderHealth] = dict(health or {}) or {
             name: ProviderHealth(name=name, type=name, breaker=CircuitBreaker(clock=self._seconds))
             for name in routing.providers
@@ -763,7 +768,7 @@ class Dispatcher:
         used yet (at most once per channel). True when a message was queued."""
         channels = service.policy.channels
         later = channels[channels.index(after) + 1 :] if after in channels else ()
-        if not later or verification.code_sealed is None:
+        if not later or verification.code_sealed is None or verification.test:
             return False
         try:
             code = self._vault.unseal(verification.id, verification.code_sealed)
@@ -793,14 +798,20 @@ class Dispatcher:
             )
             try:
                 message = await self._priced(message)
+                message, caps = await self._capped(message, service)
                 queued = await self._storage.queue_fallback(
                     verification.id,
                     message,
                     body_masked=masked,
                     now=now,
                     next_fallback_at=rules.fallback_at(service.policy, channel, now),
+                    caps=caps,
                 )
             except (InsufficientCredit, CountryNotAllowed) as exc:
+                if isinstance(exc, SpendCapReached) and self._spend is not None:
+                    await self._spend.refused(
+                        exc, account_id=verification.account_id, service_id=service.id
+                    )
                 log.warning(
                     "channel fallback not billable",
                     extra={
@@ -823,6 +834,18 @@ class Dispatcher:
                 self._wake.set()
                 return True
         return False
+
+    async def _capped(
+        self, message: Message, service: Service
+    ) -> tuple[Message, tuple[SpendCap, ...]]:
+        """A fallback counts against the daily spend caps like any send."""
+        if self._spend is None:
+            return message, ()
+        account = await self._storage.get_account(message.account_id)
+        if account is None:
+            return message, ()
+        caps = self._spend.caps(account, service)
+        return self._spend.counted(message, caps), caps
 
     async def _priced(self, message: Message) -> Message:
         """An SMS fallback is priced and debited like any SMS; a call or an e-mail is not."""

@@ -24,9 +24,10 @@ from otpgate.domain.ports import (
     PlainMessage,
     PlainMessageStore,
 )
-from otpgate.errors import InvalidRequest, NotFound
+from otpgate.errors import InvalidRequest, NotFound, SpendCapReached
 from otpgate.services.billing import Billing
 from otpgate.services.fraud import FraudGuard
+from otpgate.services.spend import SpendCaps
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ class Messaging:
         metrics: Metrics,
         outbox: Outbox,
         fraud: FraudGuard | None = None,
+        spend: SpendCaps | None = None,
     ) -> None:
+        """``spend`` applies the account's daily spend cap; without it none applies."""
         self._messages = messages
+        self._spend = spend
         self._billing = billing
         self._clock = clock
         self._metrics = metrics
@@ -126,8 +130,10 @@ class Messaging:
                     level=None,
                 )
             destinations.append(destination)
-        # 3. The price of each message (a prepaid account cannot send where none applies).
+        # 3. The price of each message (a prepaid account cannot send where none applies), and
+        #    what it counts against the account's daily spend cap.
         now = self._clock.now()
+        caps = () if self._spend is None else self._spend.caps(principal.account)
         batch = []
         for destination in destinations:
             message = Message(
@@ -153,12 +159,19 @@ class Messaging:
                 )
                 if price is not None:
                     message = replace(message, price_units=price)
+            if self._spend is not None:
+                message = self._spend.counted(message, caps)
             batch.append(PlainMessage(message, request.text, not_before=request.scheduled_at))
         if request.test:
             return [item.message for item in batch]
         # 4. One transaction: the messages and their debit, or nothing.
         lease_until = None if request.scheduled_at else self._outbox.lease_until(now)
-        await self._messages.create_messages(batch, lease_until=lease_until)
+        try:
+            await self._messages.create_messages(batch, lease_until=lease_until, caps=caps)
+        except SpendCapReached as exc:
+            if self._spend is not None:
+                await self._spend.refused(exc, account_id=principal.account.id, service_id=None)
+            raise
         for item in batch:
             if lease_until is None:
                 self._outbox.queued()

@@ -14,6 +14,7 @@ from typing import Any
 
 from otpgate.domain import policy as rules
 from otpgate.domain import sms
+from otpgate.domain import test_numbers as testing
 from otpgate.domain.codes import (
     CodeVault,
     generate_code,
@@ -65,6 +66,7 @@ from otpgate.domain.ports import (
     Page,
     VerificationStorage,
 )
+from otpgate.domain.spend import SpendCap
 from otpgate.errors import (
     ChannelNotAllowed,
     DestinationBlocked,
@@ -72,12 +74,14 @@ from otpgate.errors import (
     MaxSendAttemptsReached,
     NotFound,
     ResendTooSoon,
+    SpendCapReached,
     Unavailable,
 )
 from otpgate.services.billing import Billing
 from otpgate.services.catalog import ServiceCatalog
 from otpgate.services.fraud import FraudGuard
 from otpgate.services.ratelimit import RateLimiting
+from otpgate.services.spend import SpendCaps
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +144,13 @@ class VerificationService:
         events: EventSink | None = None,
         audit: AuditTrail | None = None,
         fraud: FraudGuard | None = None,
+        spend: SpendCaps | None = None,
     ) -> None:
         """``billing`` prices each message; without it messages carry no price. Without
         ``rate_limits`` nothing is rate-limited (bootstrap always gives one). ``events`` hears
         of approvals and failures (for the service's webhook); ``audit`` of lockouts. ``fraud``
-        is the SMS-pumping defence (deny list, blocks, detector); without it, none applies."""
+        is the SMS-pumping defence (deny list, blocks, detector); without it, none applies.
+        ``spend`` applies the daily spend caps; without it none applies."""
         self._storage = storage
         self._catalog = catalog
         self._vault = vault
@@ -158,6 +164,7 @@ class VerificationService:
         self._events: EventSink = events or NoEvents()
         self._audit: AuditTrail = audit or NoAudit()
         self._fraud = fraud
+        self._spend = spend
 
     # --- start and resend --------------------------------------------------------------------
 
@@ -175,17 +182,22 @@ class VerificationService:
         #    receives the channel, in an allowed country.
         country: str | None = None
         destination: Destination | None = None
+        fixed_code: str | None = None
         if channel is Channel.EMAIL:
             to = rules.validate_email(request.to, param="to")
         else:
             destination = parse_phone(request.to, request.country)
-            if channel is Channel.SMS:
-                require_sms_capable(destination, allow_voip=policy.allow_voip)
-            else:
-                require_voice_capable(destination)
-            require_allowed_country(destination, policy.allowed_countries)
-            if self._fraud is not None:  # geo: the account's deny list
-                await self._fraud.refuse_denied(principal.account.id, destination)
+            # Test numbers (short-circuit): a fixed code, nothing sent, and none of the
+            # checks below nor any limit, block, credit or spend cap applies.
+            fixed_code = testing.fixed_code(policy, destination.e164)
+            if fixed_code is None:
+                if channel is Channel.SMS:
+                    require_sms_capable(destination, allow_voip=policy.allow_voip)
+                else:
+                    require_voice_capable(destination)
+                require_allowed_country(destination, policy.allowed_countries)
+                if self._fraud is not None:  # geo: the account's deny list
+                    await self._fraud.refuse_denied(principal.account.id, destination)
             to, country = destination.e164, destination.country
         fallback_email = (
             rules.validate_email(request.email, param="email")
@@ -212,8 +224,9 @@ class VerificationService:
                 request.custom_code, length=code_length, code_type=policy.code_type
             )
         )
-        # Blocks (unless safe-listed) and the SMS-pumping detector.
-        await self._screen(principal, service, destination)
+        # Blocks (unless safe-listed) and the SMS-pumping detector; not for a test number.
+        if fixed_code is None:
+            await self._screen(principal, service, destination)
         now = self._clock.now()
         pending, lockout = await self._storage.pending_for_destination(service.id, to, now)
         # 3. Lockout after too many consecutive failures (S8): neither a resend nor a new
@@ -241,8 +254,9 @@ class VerificationService:
             rules.refuse_resend(pending, interval_seconds=policy.resend_interval_seconds, now=now)
             sends_so_far = pending.send_attempts
         # 5. Rate limits (services/ratelimit.py): this send of a code is counted, or refused
-        #    with nothing stored or sent.
-        await self._limit_send(service, to, country, client_ip)
+        #    with nothing stored or sent. A test number uses none.
+        if fixed_code is None:
+            await self._limit_send(service, to, country, client_ip)
         verification, message, body_masked = self._new(
             service,
             principal,
@@ -251,29 +265,43 @@ class VerificationService:
             locale,
             context,
             metadata,
-            custom_code,
+            fixed_code or custom_code,
             sends_so_far=sends_so_far,
             code_length=code_length,
             template=template,
             sender_id=sender_id,
         )
-        # 6. The price, when a price table applies: a prepaid account cannot send where there
-        #    is none, and the debit happens in the same transaction as the insert.
-        message = await self._priced(principal.account, message, country)
+        caps: tuple[SpendCap, ...] = ()
+        if fixed_code is not None:
+            # A test number's message is stored as sent and never goes out: no price, no cap.
+            message = testing.as_test_message(message)
+            verification = replace(verification, test=True)
+        else:
+            # 6. Spend caps: what the message counts against the account's and the service's
+            #    daily caps, counted (or refused) in the same transaction as the insert.
+            # 7. The price, when a price table applies: a prepaid account cannot send where
+            #    there is none, and the debit happens in the same transaction as the insert.
+            message = await self._priced(principal.account, message, country)
+            message, caps = self._capped(principal.account, service, message)
         verification = replace(
             verification,
             messages=(message,),
             fallback_email=fallback_email,
-            fallback_at=rules.fallback_at(policy, channel, now),
+            fallback_at=None if verification.test else rules.fallback_at(policy, channel, now),
         )
-        lease_until = self._outbox.lease_until(now)
-        created = await self._storage.create_verification(
-            verification,
-            message,
-            body_masked=body_masked,
-            supersede=None if pending is None else pending.id,
-            lease_until=lease_until,
-        )
+        lease_until = None if verification.test else self._outbox.lease_until(now)
+        try:
+            created = await self._storage.create_verification(
+                verification,
+                message,
+                body_masked=body_masked,
+                supersede=None if pending is None else pending.id,
+                lease_until=lease_until,
+                caps=caps,
+            )
+        except SpendCapReached as exc:
+            await self._cap_refused(exc, principal.account.id, service.id)
+            raise
         if not created:
             # A concurrent start won the race for this destination; ours becomes a resend.
             pending, _ = await self._storage.pending_for_destination(service.id, to, now)
@@ -284,10 +312,13 @@ class VerificationService:
             resent = await self._resend(principal.account, service, pending, channel, counted=True)
             return resent, False
         self._hand_over(message, verification, service, lease_until)
-        self._metrics.count("verification_started", channel=channel.value)
+        if verification.test:
+            self._metrics.count("test_verification", kind="start")
+        else:
+            self._metrics.count("verification_started", channel=channel.value)
         log.info(
             "verification started",
-            extra={"verification_id": verification.id, "to": mask(to)},
+            extra={"verification_id": verification.id, "to": mask(to), "test": verification.test},
         )
         return verification, True
 
@@ -305,7 +336,7 @@ class VerificationService:
                 param="id",
             )
         self._refuse_if_locked(await self._storage.lockout(service.id, verification.to))
-        if "@" not in verification.to:  # blocks apply to every send to a number
+        if "@" not in verification.to and not verification.test:  # blocks: every real send
             await self._screen(principal, service, parse_phone(verification.to))
         return await self._resend(principal.account, service, verification, chosen)
 
@@ -323,7 +354,8 @@ class VerificationService:
         if pending is None:
             raise NotFound("no pending verification for this destination in this service")
         self._refuse_if_locked(lockout)
-        await self._screen(principal, service, destination)
+        if not pending.test:
+            await self._screen(principal, service, destination)
         channel = self._channel(service, pending.channel.value)
         return await self._resend(principal.account, service, pending, channel)
 
@@ -342,7 +374,10 @@ class VerificationService:
         service: Service,
         lease_until: datetime | None,
     ) -> None:
-        """Announce a committed message; with a lease, hand it over to be sent right away."""
+        """Announce a committed message; with a lease, hand it over to be sent right away. A
+        test number's message is stored as sent: there is nothing to announce."""
+        if message.test:
+            return
         if lease_until is None:
             self._outbox.queued()
             return
@@ -383,6 +418,19 @@ class VerificationService:
             return message
         price = await self._billing.price(account, country=country, segments=message.segments)
         return message if price is None else replace(message, price_units=price)
+
+    def _capped(
+        self, account: Account, service: Service, message: Message
+    ) -> tuple[Message, tuple[SpendCap, ...]]:
+        """The message with what it counts against the caps in force, and those caps."""
+        if self._spend is None:
+            return message, ()
+        caps = self._spend.caps(account, service)
+        return self._spend.counted(message, caps), caps
+
+    async def _cap_refused(self, exc: SpendCapReached, account_id: str, service_id: str) -> None:
+        if self._spend is not None:
+            await self._spend.refused(exc, account_id=account_id, service_id=service_id)
 
     def _code_of(self, verification: Verification) -> str | None:
         """The sealed code, or None when it is erased or sealed under another master key."""
@@ -428,8 +476,9 @@ class VerificationService:
                 "start a new verification",
                 param="id",
             )
-        if not counted:
-            # Rate limits (services/ratelimit.py): a resend sends a code, so it counts as one.
+        if not counted and not verification.test:
+            # Rate limits (services/ratelimit.py): a resend sends a code, so it counts as one
+            # (a test verification's sends go nowhere and count nothing).
             await self._limit_send(service, verification.to, country_of(verification.to), client_ip)
         message, body_masked = self._message(
             rules.effective_policy(
@@ -443,16 +492,26 @@ class VerificationService:
             code,
             verification.context,
         )
-        message = await self._priced(account, message, country_of(verification.to))
-        lease_until = self._outbox.lease_until(now)
-        updated = await self._storage.record_resend(
-            verification.id,
-            message,
-            body_masked=body_masked,
-            now=now,
-            interval_seconds=service.policy.resend_interval_seconds,
-            lease_until=lease_until,
-        )
+        caps: tuple[SpendCap, ...] = ()
+        if verification.test:
+            message = testing.as_test_message(message)
+        else:
+            message = await self._priced(account, message, country_of(verification.to))
+            message, caps = self._capped(account, service, message)
+        lease_until = None if verification.test else self._outbox.lease_until(now)
+        try:
+            updated = await self._storage.record_resend(
+                verification.id,
+                message,
+                body_masked=body_masked,
+                now=now,
+                interval_seconds=service.policy.resend_interval_seconds,
+                lease_until=lease_until,
+                caps=caps,
+            )
+        except SpendCapReached as exc:
+            await self._cap_refused(exc, account.id, service.id)
+            raise
         if updated is None:
             # Another request changed it between our read and our write: re-read and explain.
             current = await self._storage.get_verification(verification.account_id, verification.id)
@@ -462,7 +521,10 @@ class VerificationService:
                 )
             raise MaxSendAttemptsReached("this verification can no longer be sent")
         self._hand_over(message, updated, service, lease_until)
-        self._metrics.count("verification_resent", channel=channel.value)
+        if updated.test:
+            self._metrics.count("test_verification", kind="resend")
+        else:
+            self._metrics.count("verification_resent", channel=channel.value)
         return updated
 
     def _new(

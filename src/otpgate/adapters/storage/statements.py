@@ -58,6 +58,7 @@ accounts, api_keys, services = t.accounts, t.api_keys, t.services
 verifications, messages = t.verifications, t.messages
 failures, idempotency = t.destination_failures, t.idempotency_keys
 prices, ledger = t.prices, t.ledger
+spend = t.spend_counters
 v, m = verifications, messages
 
 
@@ -142,6 +143,7 @@ LIVE_KEY_WITH_ACCOUNT = (
         accounts.c.created_at.label("account_created_at"),
         accounts.c.billing,
         accounts.c.balance_units,
+        accounts.c.daily_spend_cap,
     )
     .join_from(api_keys, accounts, accounts.c.id == api_keys.c.account_id)
     .where(api_keys.c.key_hash == p("key_hash"), api_keys.c.revoked_at.is_(None))
@@ -199,6 +201,13 @@ TOP_UP = (
 )
 INSERT_LEDGER = insert(ledger).values(
     {column.name: p("l_" + column.name, column.type) for column in ledger.c}
+)
+#: Set (or, with NULL, remove) an account's daily spend cap.
+SET_ACCOUNT_CAP = (
+    update(accounts)
+    .where(accounts.c.id == p("account_id"))
+    .values(daily_spend_cap=p("cap", BigInteger))
+    .returning(*accounts.c)
 )
 PRICES = select(prices.c.country, prices.c.unit_price)
 DELETE_PRICES = delete(prices)
@@ -283,13 +292,15 @@ CANCEL_SCHEDULED = (
         next_attempt_at=null(),
         updated_at=now(),
     )
-    .returning(m.c.id, m.c.price_units)
+    .returning(m.c.id, m.c.price_units, m.c.spend_units, m.c.spend_caps, m.c.created_at)
 )
 RELEASE_SCHEDULED = update(m).where(_scheduled()).values(next_attempt_at=now(), updated_at=now())
 
 
 @functools.cache
-def create_verification(dialect: str, *, superseding: bool, charged: bool) -> tuple[Any, ...]:
+def create_verification(
+    dialect: str, *, superseding: bool, charged: bool, capped: bool = False
+) -> tuple[Any, ...]:
     """The statements that store a new verification and its first message (cancelling the
     verification it supersedes first), to run in one transaction. ``charged``: the message has
     a price; the account is debited (``DEBIT``, no row: refused) and a ledger entry written,
@@ -302,9 +313,10 @@ def create_verification(dialect: str, *, superseding: bool, charged: bool) -> tu
     is refused nothing is inserted (the statement inserts no row), and the message goes in only
     with its verification. Superseding keeps the transaction: PostgreSQL runs the parts of one
     statement in no set order, and the cancel must come before the insert that the
-    one-pending-per-destination index would refuse.
+    one-pending-per-destination index would refuse; so does a send counted against a daily
+    spend cap (``capped``: the caller counts it in the same transaction).
     """
-    if dialect == "postgresql" and not superseding:
+    if dialect == "postgresql" and not superseding and not capped:
         gate = DEBIT.cte("debit") if charged else None
         new = _insert_from(INSERT_VERIFICATION, verifications, "v_", gate).returning(v.c.id)
         new_verification = new.cte("new_verification")
@@ -636,7 +648,14 @@ MARK_FAILED = (
         next_attempt_at=null(),
         updated_at=now(),
     )
-    .returning(m.c.verification_id, m.c.account_id, m.c.price_units)
+    .returning(
+        m.c.verification_id,
+        m.c.account_id,
+        m.c.price_units,
+        m.c.spend_units,
+        m.c.spend_caps,
+        m.c.created_at,
+    )
 )
 #: Messages of a verification, other than one, that may still reach the phone.
 OTHER_LIVE_MESSAGES = (
@@ -932,4 +951,58 @@ LIST_ENTRY = select(lists).where(
 )
 DELETE_LIST_ENTRY = delete(lists).where(
     lists.c.account_id == p("account_id"), lists.c.list == p("list"), lists.c.id == p("id")
+)
+
+
+# --- daily spend caps ------------------------------------------------------------------------
+
+
+@functools.cache
+def count_spend(dialect: str) -> Any:
+    """Count ``amount`` on a cap's counter for ``day`` if the sum stays within ``cap`` (the
+    caller has checked that ``amount`` alone does): the conditional upsert returns the new sum,
+    or no row when the cap would be passed. The counter row is locked until the transaction
+    ends, so concurrent sends against one cap are counted one after the other."""
+    insert_ = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(spend)
+    amount = p("amount", BigInteger)
+    return (
+        insert_.values(cap=p("cap"), day=p("day"), spent_units=amount, reached_at=None)
+        .on_conflict_do_update(
+            index_elements=[spend.c.cap, spend.c.day],
+            set_={"spent_units": spend.c.spent_units + amount},
+            where=spend.c.spent_units + amount <= p("limit", BigInteger),
+        )
+        .returning(spend.c.spent_units)
+    )
+
+
+@functools.cache
+def mark_cap_reached(dialect: str) -> Any:
+    """Note that a cap refused a send on ``day``; a row only the first time that day."""
+    insert_ = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(spend)
+    return (
+        insert_.values(cap=p("cap"), day=p("day"), spent_units=0, reached_at=now())
+        .on_conflict_do_update(
+            index_elements=[spend.c.cap, spend.c.day],
+            set_={"reached_at": now()},
+            where=spend.c.reached_at.is_(None),
+        )
+        .returning(spend.c.cap)
+    )
+
+
+SPENT = select(spend.c.spent_units).where(spend.c.cap == p("cap"), spend.c.day == p("day"))
+#: A refund gives a message's amount back to a counter (never below 0).
+GIVE_BACK_SPEND = (
+    update(spend)
+    .where(spend.c.cap == p("cap"), spend.c.day == p("day"))
+    .values(
+        spent_units=case(
+            (
+                spend.c.spent_units > p("amount", BigInteger),
+                spend.c.spent_units - p("amount", BigInteger),
+            ),
+            else_=0,
+        )
+    )
 )

@@ -62,11 +62,13 @@ from otpgate.domain.ports import (
     Page,
     PlainMessage,
 )
+from otpgate.domain.spend import SpendCap, spend_day
 from otpgate.errors import (
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
     InsufficientCredit,
     InvalidRequest,
+    SpendCapReached,
 )
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
@@ -99,6 +101,8 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "webhook_url": policy.webhook_url,
         "allow_multipart": policy.allow_multipart,
         "fallback_after_seconds": policy.fallback_after_seconds,
+        "test_numbers": dict(policy.test_numbers),
+        "daily_spend_cap": policy.daily_spend_cap,
         # Only what the service set: the defaults stay the release's own.
         "rate_limits": rate_limits_to_json(policy.rate_limits),
         "fraud_guard": policy.fraud_guard.value,
@@ -150,6 +154,8 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         # absent from services stored before it existed: the default, one segment
         allow_multipart=bool(data.get("allow_multipart", False)),
         fallback_after_seconds=data.get("fallback_after_seconds"),
+        test_numbers=dict(data.get("test_numbers") or {}),
+        daily_spend_cap=data.get("daily_spend_cap"),
         # absent from services stored before rate limits existed: the defaults
         rate_limits=rate_limits_from_json(data.get("rate_limits")),
         # absent from services stored before they existed: the defaults
@@ -199,7 +205,12 @@ def account_from_row(row: Row) -> Account:
         created_at=row["created_at"],
         billing=BillingMode(row["billing"]),
         balance=int(row["balance_units"]),
+        daily_spend_cap=_units(row["daily_spend_cap"]),
     )
+
+
+def _units(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def ledger_from_row(row: Row) -> LedgerEntry:
@@ -259,6 +270,8 @@ def message_from_row(row: Row) -> Message:
         label=row["label"],
         ack_url=row["ack_url"],
         history=parse_attempt_log(row["attempt_log"]),
+        test=bool(row["test"]),
+        spend_units=_units(row["spend_units"]),
     )
 
 
@@ -288,6 +301,7 @@ def verification_from_row(row: Row, messages: Sequence[Message] = ()) -> Verific
         sender_id=row["sender_id"],
         fallback_email=row["fallback_email"],
         fallback_at=row["fallback_at"],
+        test=bool(row["test"]),
     )
 
 
@@ -325,6 +339,7 @@ def verification_values(v: Verification) -> dict[str, Any]:
         "v_sender_id": v.sender_id,
         "v_fallback_email": v.fallback_email,
         "v_fallback_at": v.fallback_at,
+        "v_test": v.test,
     }
 
 
@@ -333,10 +348,12 @@ def message_values(
     body_masked: str,
     lease_until: datetime | None = None,
     not_before: datetime | None = None,
+    caps: Sequence[SpendCap] = (),
 ) -> dict[str, Any]:
     """The parameters of ``INSERT_MESSAGE`` (``m_`` + column), the outbox row of a message;
     with ``lease_until`` it is written already claimed (one attempt counted) by the caller's
-    own dispatcher."""
+    own dispatcher. With ``caps`` it records what it counts against them (``spend_units``)."""
+    counted = bool(caps) and bool(m.spend_units)
     return {
         "m_id": m.id,
         "m_account_id": m.account_id,
@@ -362,6 +379,9 @@ def message_values(
         "m_label": m.label,
         "m_ack_url": m.ack_url,
         "m_attempt_log": None,
+        "m_test": m.test,
+        "m_spend_units": m.spend_units if counted else None,
+        "m_spend_caps": " ".join(cap.key for cap in caps) if counted else None,
     }
 
 
@@ -480,6 +500,43 @@ async def _charge(session: Session, account_id: str, messages: Sequence[Message]
         await session.run(q.INSERT_LEDGER, **ledger_values(_debit_entry(message, balance=balance)))
 
 
+async def _count_spend(
+    session: Session, dialect: str, caps: Sequence[SpendCap], messages: Sequence[Message]
+) -> None:
+    """Inside the caller's transaction: count the messages' ``spend_units`` against every cap
+    in ``caps`` for the UTC day they are queued; ``SpendCapReached`` (the caller's transaction
+    rolls back) for the first cap the sum would take past its limit."""
+    total = sum(m.spend_units or 0 for m in messages)
+    if not caps or not total:
+        return
+    day = spend_day(messages[0].created_at)
+    for cap in caps:
+        row = None
+        if total <= cap.limit:
+            row = await session.one(
+                q.count_spend(dialect), cap=cap.key, day=day, amount=total, limit=cap.limit
+            )
+        if row is None:
+            spent = await session.one(q.SPENT, cap=cap.key, day=day)
+            raise SpendCapReached(
+                scope=cap.scope,
+                owner_id=cap.owner_id,
+                limit=cap.limit,
+                spent=0 if spent is None else int(spent["spent_units"]),
+                day=day,
+            )
+
+
+async def _give_back_spend(session: Session, row: Row) -> None:
+    """Inside the caller's transaction: a refunded message's ``spend_units`` go back to the
+    counters it was counted on (``spend_caps``, on the day it was queued)."""
+    if not row["spend_units"] or not row["spend_caps"]:
+        return
+    day = spend_day(row["created_at"])
+    for key in str(row["spend_caps"]).split():
+        await session.run(q.GIVE_BACK_SPEND, cap=key, day=day, amount=int(row["spend_units"]))
+
+
 def _debit_entry(message: Message, *, balance: int) -> LedgerEntry:
     return LedgerEntry(
         id=new_id("led"),
@@ -588,6 +645,7 @@ class SqlStore:
                 created_at=account.created_at,
                 billing=account.billing.value,
                 balance_units=account.balance,
+                daily_spend_cap=account.daily_spend_cap,
             )
         except Conflict:
             raise InvalidRequest("username is taken", param="username") from None
@@ -629,8 +687,13 @@ class SqlStore:
             created_at=row["account_created_at"],
             billing=BillingMode(row["billing"]),
             balance=int(row["balance_units"]),
+            daily_spend_cap=_units(row["daily_spend_cap"]),
         )
         return key_from_row(row), account
+
+    async def set_daily_spend_cap(self, account_id: str, cap: int | None) -> Account | None:
+        row = await self._x.one(q.SET_ACCOUNT_CAP, account_id=account_id, cap=cap)
+        return None if row is None else account_from_row(row)
 
     async def list_keys(self, account_id: str) -> Sequence[ApiKey]:
         rows = await self._x.all(q.KEYS_OF_ACCOUNT, account_id=account_id)
@@ -670,6 +733,16 @@ class SqlStore:
             await tx.run(q.INSERT_LEDGER, **ledger_values(entry))
         return entry
 
+    # --- daily spend caps --------------------------------------------------------------------
+
+    async def spent(self, cap: str, day: str) -> int:
+        row = await self._x.one(q.SPENT, cap=cap, day=day)
+        return 0 if row is None else int(row["spent_units"])
+
+    async def note_cap_reached(self, cap: str, day: str, now: datetime) -> bool:
+        row = await self._x.one(q.mark_cap_reached(self._x.dialect), cap=cap, day=day, now=now)
+        return row is not None
+
     async def list_ledger(
         self, account_id: str, *, limit: int, cursor: str | None
     ) -> Page[LedgerEntry]:
@@ -683,15 +756,20 @@ class SqlStore:
     # --- plain messages ----------------------------------------------------------------------
 
     async def create_messages(
-        self, messages: Sequence[PlainMessage], *, lease_until: datetime | None = None
+        self,
+        messages: Sequence[PlainMessage],
+        *,
+        lease_until: datetime | None = None,
+        caps: Sequence[SpendCap] = (),
     ) -> None:
         accounts = {item.message.account_id for item in messages}
         if len(accounts) > 1:
             raise ValueError("one batch belongs to one account")
         async with self._x.transaction() as tx:
+            await _count_spend(tx, self._x.dialect, caps, [i.message for i in messages])
             for item in messages:
                 lease = None if item.not_before is not None else lease_until
-                values = message_values(item.message, item.body, lease, item.not_before)
+                values = message_values(item.message, item.body, lease, item.not_before, caps)
                 await tx.run(q.INSERT_MESSAGE, **values)
             if messages:
                 await _charge(tx, messages[0].message.account_id, [i.message for i in messages])
@@ -704,6 +782,7 @@ class SqlStore:
             for row in rows:
                 if row["price_units"] is not None:
                     await _refund(tx, account_id, row["id"], int(row["price_units"]), now)
+                await _give_back_spend(tx, row)
         return len(rows)
 
     async def release_scheduled(self, account_id: str, client_ref: str, now: datetime) -> int:
@@ -812,14 +891,16 @@ class SqlStore:
         body_masked: str,
         supersede: str | None = None,
         lease_until: datetime | None = None,
+        caps: Sequence[SpendCap] = (),
     ) -> bool:
         charged = message.price_units is not None
+        capped = bool(caps) and bool(message.spend_units)
         steps = q.create_verification(
-            self._x.dialect, superseding=supersede is not None, charged=charged
+            self._x.dialect, superseding=supersede is not None, charged=charged, capped=capped
         )
         params = {
             **verification_values(verification),
-            **message_values(message, body_masked, lease_until),
+            **message_values(message, body_masked, lease_until, caps=caps),
             "superseded": supersede,
         }
         try:
@@ -835,6 +916,7 @@ class SqlStore:
                 async with self._x.transaction() as tx:
                     for step in steps:
                         await tx.run(step, **params)
+                    await _count_spend(tx, self._x.dialect, caps, [message])
                     await _charge(tx, message.account_id, [message])
         except Conflict:
             return False
@@ -849,6 +931,7 @@ class SqlStore:
         now: datetime,
         interval_seconds: int,
         lease_until: datetime | None = None,
+        caps: Sequence[SpendCap] = (),
     ) -> Verification | None:
         async with self._x.transaction() as tx:
             counted = await tx.one(
@@ -859,7 +942,10 @@ class SqlStore:
             )
             if counted is None:
                 return None
-            await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until))
+            await _count_spend(tx, self._x.dialect, caps, [message])
+            await tx.run(
+                q.INSERT_MESSAGE, **message_values(message, body_masked, lease_until, caps=caps)
+            )
             await _charge(tx, message.account_id, [message])
             return await self._with_messages(tx, await tx.one(q.VERIFICATION, id=verification_id))
 
@@ -871,6 +957,7 @@ class SqlStore:
         body_masked: str,
         now: datetime,
         next_fallback_at: datetime | None,
+        caps: Sequence[SpendCap] = (),
     ) -> bool:
         async with self._x.transaction() as tx:
             claimed = await tx.one(
@@ -882,7 +969,8 @@ class SqlStore:
             )
             if claimed is None:
                 return False
-            await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked))
+            await _count_spend(tx, self._x.dialect, caps, [message])
+            await tx.run(q.INSERT_MESSAGE, **message_values(message, body_masked, caps=caps))
             await _charge(tx, message.account_id, [message])
             return True
 
@@ -1090,6 +1178,7 @@ class SqlStore:
                 return None
             if row["price_units"] is not None:
                 await _refund(tx, row["account_id"], message_id, int(row["price_units"]), now)
+            await _give_back_spend(tx, row)
             if row["verification_id"] is None:
                 return None
             verification_id = row["verification_id"]

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -66,6 +67,8 @@ accounts = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("billing", String(16), nullable=False, server_default="unlimited"),
     Column("balance_units", BigInteger, nullable=False, server_default="0"),
+    #: The most the account's messages may count in one UTC day, in units; NULL: no cap.
+    Column("daily_spend_cap", BigInteger, nullable=True),
 )
 
 api_keys = Table(
@@ -125,6 +128,8 @@ verifications = Table(
     # due if no check has arrived (NULL: no timed fallback pending).
     Column("fallback_email", String(320), nullable=True),
     Column("fallback_at", UTCDateTime, nullable=True),
+    # A verification of one of its service's test numbers: its messages are never sent.
+    Column("test", Boolean, nullable=False, server_default=false()),
     Index("ix_verifications_account_created", "account_id", "created_at", "id"),
     Index("ix_verifications_fallback", "fallback_at"),
     Index("ix_verifications_service_to_created", "service_id", "to", "created_at"),
@@ -175,6 +180,12 @@ messages = Table(
     #: One JSON line per delivery attempt (provider, time, outcome, error): the message's
     #: history, appended by the statement that records each outcome. See ``domain.model``.
     Column("attempt_log", Text, nullable=True),
+    #: A message to a test number: stored as sent by provider ``test``, never sent.
+    Column("test", Boolean, nullable=False, server_default=false()),
+    #: What the message counted against the daily spend caps named in ``spend_caps`` (their
+    #: keys, space-separated), so a refund gives it back to the same counters; NULL: none.
+    Column("spend_units", BigInteger, nullable=True),
+    Column("spend_caps", String(100), nullable=True),
     Index("ix_messages_verification", "verification_id"),
     Index("ix_messages_account_created", "account_id", "created_at", "id"),
     Index("ix_messages_client_ref", "account_id", "client_ref"),
@@ -326,4 +337,15 @@ destination_lists = Table(
     Column("value", String(16), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Index("uq_destination_lists_entry", "account_id", "list", "value", unique=True),
+)
+
+#: What each daily spend cap (``account:ID`` or ``service:ID``) has counted on each UTC day
+#: (``YYYY-MM-DD``), and when a send was first refused by it that day (its event is raised once).
+spend_counters = Table(
+    "spend_counters",
+    metadata,
+    Column("cap", String(48), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("spent_units", BigInteger, nullable=False),
+    Column("reached_at", UTCDateTime, nullable=True),
 )

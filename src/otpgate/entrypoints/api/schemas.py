@@ -220,6 +220,19 @@ class ServiceFields(Body):
         "fails for good",
         json_schema_extra=_range(10, 3_600),
     )
+    test_numbers: dict[str, Any] | None = Field(
+        None,
+        description="test numbers: E.164 number → its fixed code (the service's code length "
+        "and alphabet), at most 100. A start to one answers as usual, sends nothing, uses no "
+        "rate limit, credit or spend cap, and only the fixed code approves it. null: none",
+    )
+    daily_spend_cap: str | None = Field(
+        None,
+        description="the most this service's messages may cost in one UTC day, in credits "
+        '(decimal text such as "25" or "12.5"); past it sends are refused with 402 '
+        "insufficient_credit. null: no cap",
+        json_schema_extra={"pattern": r"^[0-9]{1,10}(\.[0-9]{1,4})?$"},
+    )
     rate_limits: dict[str, Any] | None = Field(
         None,
         description="limits on starts (and resends): any of per_number (default 10 per "
@@ -304,6 +317,15 @@ class CreateAccount(Body):
     )
 
 
+class UpdateAccount(Body):
+    daily_spend_cap: str | None = Field(
+        None,
+        description="the most the account's messages may cost in one UTC day, in credits "
+        '(decimal text such as "100"); null removes the cap',
+        json_schema_extra={"pattern": r"^[0-9]{1,10}(\.[0-9]{1,4})?$"},
+    )
+
+
 class SendMessage(Body):
     to: str = Field(description="E.164, or national format with country")
     country: str | None = Field(None, description="ISO alpha-2 when to is national")
@@ -340,6 +362,9 @@ class MessageOut(Out):
     segments: int
     encoding: str
     price: str | None
+    test: bool = Field(
+        description="a message to a test number: never sent (provider test), never billed"
+    )
     created_at: datetime
     updated_at: datetime
     attempts: list[AttemptOut] = Field(
@@ -362,6 +387,7 @@ class VerificationOut(Out):
     max_send_attempts: int
     context: dict[str, str] | None
     metadata: dict[str, Any]
+    test: bool = Field(description="a verification of one of the service's test numbers")
     messages: list[MessageOut]
 
 
@@ -407,6 +433,8 @@ class ServiceOut(Out):
     webhook_url: str | None
     allow_multipart: bool
     fallback_after_seconds: int | None
+    test_numbers: dict[str, str]
+    daily_spend_cap: str | None = Field(description="credits per UTC day; null: no cap")
     rate_limits: RateLimitsOut
     fraud_guard: GuardLevel
     allow_voip: bool
@@ -422,6 +450,7 @@ class AccountOut(Out):
     created_at: datetime
     billing: BillingMode
     balance: str = Field(description="credits, as a decimal")
+    daily_spend_cap: str | None = Field(description="credits per UTC day; null: no cap")
 
 
 class SmsOut(MessageOut):
@@ -544,6 +573,7 @@ def render_message(m: Message) -> dict[str, Any]:
         "segments": m.segments,
         "encoding": m.encoding,
         "price": m.price,
+        "test": m.test,
         "created_at": timestamp(m.created_at),
         "updated_at": timestamp(m.updated_at),
         "attempts": [
@@ -574,6 +604,7 @@ def render_verification(v: Verification, now: datetime) -> dict[str, Any]:
         "max_send_attempts": v.max_send_attempts,
         "context": v.context,
         "metadata": v.metadata,
+        "test": v.test,
         "messages": [render_message(m) for m in v.messages],
     }
 
@@ -608,6 +639,8 @@ def render_service(s: Service) -> dict[str, Any]:
         "webhook_url": p.webhook_url,
         "allow_multipart": p.allow_multipart,
         "fallback_after_seconds": p.fallback_after_seconds,
+        "test_numbers": dict(p.test_numbers),
+        "daily_spend_cap": _cap(p.daily_spend_cap),
         "rate_limits": render_rate_limits(p.rate_limits),
         "fraud_guard": p.fraud_guard.value,
         "allow_voip": p.allow_voip,
@@ -634,7 +667,12 @@ def render_account(a: Account) -> dict[str, Any]:
         "created_at": timestamp(a.created_at),
         "billing": a.billing.value,
         "balance": credits_text(a.balance),
+        "daily_spend_cap": _cap(a.daily_spend_cap),
     }
+
+
+def _cap(units: int | None) -> str | None:
+    return None if units is None else credits_text(units)
 
 
 def render_sms(m: Message) -> dict[str, Any]:

@@ -484,6 +484,26 @@ async def create_account(request: Request, principal: Caller, body: s.CreateAcco
     return await idempotent(request, principal, action)
 
 
+@router.patch(
+    "/accounts/{account_id}",
+    tags=["accounts"],
+    response_model=s.AccountOut,
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, Forbidden, NotFound),
+)
+async def update_account(
+    request: Request, principal: Caller, account_id: s.Text, body: s.UpdateAccount
+) -> Response:
+    """Admin only: change an account's settings: ``daily_spend_cap`` (credits per UTC day;
+    ``null`` removes it). Fields left out are unchanged."""
+    access = container_of(request).access
+    access.require_admin(principal)
+    if "daily_spend_cap" in body.model_fields_set:
+        account = await access.set_daily_spend_cap(principal, account_id, body.daily_spend_cap)
+    else:
+        account = await access.get_account(account_id)
+    return ok(s.render_account(account))
+
+
 @router.post(
     "/keys",
     tags=["accounts"],
