@@ -41,8 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from benchmarks.loadclient import LOOPBACK, Client, HttpError, RawClient, make_client
 from benchmarks.sink import LabsMobileSink
+from benchmarks.statements import BUSY_SERVICE_LIMITS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -524,6 +527,15 @@ async def otpgate_target(
         auth = f"Authorization: Bearer {key['key']}\r\n".encode()
         proc = launch([otpgate, "serve", "--host", LOOPBACK, "--port", str(port)], env, work, log)
         await wait_ready(proc, port, log)
+        # A load test is one very busy service: its rate limits are raised as such a service
+        # would raise them (the limiter still runs and counts on every start).
+        async with httpx.AsyncClient(base_url=f"http://{LOOPBACK}:{port}") as admin:
+            raised = await admin.patch(
+                f"/v1/services/{service['id']}",
+                json={"rate_limits": BUSY_SERVICE_LIMITS},
+                headers={"Authorization": f"Bearer {key['key']}"},
+            )
+            raised.raise_for_status()
         progress(f"otpgate ready on {LOOPBACK}:{port} (pid {proc.pid}); sink on {sink_port}")
 
         def make_op(client: Client) -> Op:
