@@ -264,6 +264,7 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._last_housekeeping = 0.0
+        self._last_fallback_scan = 0.0
         self._stopping = False
         self._handoffs: collections.deque[ClaimedMessage] = collections.deque()
         # Set when a claim filled every free slot, so rows may still be waiting: a finished
@@ -348,7 +349,11 @@ class Dispatcher:
                     self._last_housekeeping = loop.time()
                     await self._housekeeping()
                 self._wake.clear()
-                await self.fallbacks_due()
+                # Timed fallbacks are looked for once per poll interval, not on every wake-up
+                # of a busy claim loop: a fallback is due to the second, not the millisecond.
+                if loop.time() - self._last_fallback_scan >= self._poll_seconds:
+                    self._last_fallback_scan = loop.time()
+                    await self.fallbacks_due()
                 if await self.dispatch_due() == 0 or len(self._inflight) >= self._concurrency:
                     await self._sleep()
             except asyncio.CancelledError:
