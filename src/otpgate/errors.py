@@ -238,11 +238,13 @@ class DestinationBlocked(RequestRefused):
 
 
 class Forbidden(RequestRefused):
-    """**403**. Raised in two cases:
+    """**403**. Raised in three cases:
 
     - an admin-only operation with a non-admin key: `GET`/`POST /v1/accounts`, or
       `POST /v1/keys` with another account's `account_id`;
-    - a delivery receipt whose `token` is missing or wrong; nothing changes.
+    - a delivery receipt whose `token` is missing or wrong; nothing changes;
+    - a start with `custom_code` in a service whose `custom_code_enabled` is false
+      (`param: "custom_code"`); nothing is stored or sent.
 
     Client: use an admin key; for receipts, check `OTPGATE_PUBLIC_URL` and that the master
     secret has not changed.

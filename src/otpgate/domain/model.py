@@ -171,6 +171,9 @@ class ServicePolicy:
     fraud_guard: GuardLevel = GuardLevel.STANDARD
     #: Send SMS codes to VoIP numbers too (S12: refused by default).
     allow_voip: bool = False
+    #: Accept a caller's own code (``custom_code`` at start). On by default; a service made
+    #: through the Twilio Verify surface starts with it off, as Twilio's ``CustomCodeEnabled``.
+    custom_code_enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)

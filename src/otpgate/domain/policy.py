@@ -76,6 +76,7 @@ POLICY_FIELDS = frozenset(
         "rate_limits",
         "fraud_guard",
         "allow_voip",
+        "custom_code_enabled",
     }
 )
 
@@ -179,7 +180,7 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         return sms.validate_webotp_domain(_text(key, value))
     if key == "android_app_hash":
         return sms.validate_android_app_hash(_text(key, value))
-    if key in ("allow_multipart", "allow_voip"):
+    if key in ("allow_multipart", "allow_voip", "custom_code_enabled"):
         if not isinstance(value, bool):
             raise InvalidRequest(f"{key} must be true or false", param=key)
         return value

@@ -70,6 +70,7 @@ from otpgate.domain.spend import SpendCap
 from otpgate.errors import (
     ChannelNotAllowed,
     DestinationBlocked,
+    Forbidden,
     InvalidRequest,
     MaxSendAttemptsReached,
     NotFound,
@@ -217,6 +218,11 @@ class VerificationService:
         metadata = rules.validate_metadata(
             request.metadata, len(json.dumps(request.metadata or {}))
         )
+        if request.custom_code is not None and not policy.custom_code_enabled:
+            raise Forbidden(
+                "this service does not accept custom codes (custom_code_enabled is false)",
+                param="custom_code",
+            )
         custom_code = (
             None
             if request.custom_code is None
@@ -770,12 +776,11 @@ class VerificationService:
     async def latest_for_destination(
         self, principal: Principal, *, service_id: str, to: str
     ) -> Verification | None:
-        """The most recent verification of ``to`` (E.164, or ``InvalidPhoneNumber``) in the
-        service, whatever its status; None when it never had one."""
+        """The most recent verification of ``to`` (a number, or ``InvalidPhoneNumber``; or an
+        e-mail address) in the service, whatever its status; None when it never had one."""
         service = await self._service(principal, service_id)
-        destination = parse_phone(to)
         return await self._storage.latest_verification(
-            principal.account.id, service.id, destination.e164
+            principal.account.id, service.id, destination_key(to)
         )
 
     async def cancel(self, principal: Principal, verification_id: str) -> Verification:
@@ -784,6 +789,26 @@ class VerificationService:
         now = self._clock.now()
         if verification.status_at(now) is VerificationStatus.PENDING:
             await self._storage.close(verification.id, VerificationStatus.CANCELED, now)
+        return await self._verification(principal, verification_id)
+
+    async def approve(self, principal: Principal, verification_id: str) -> Verification:
+        """Approve a pending verification without a code (the integrator verified the user
+        some other way: Twilio's ``Status=approved``); a closed one is returned unchanged."""
+        verification = await self._verification(principal, verification_id)
+        now = self._clock.now()
+        if verification.status_at(
+            now
+        ) is VerificationStatus.PENDING and await self._storage.approve(
+            verification.id, now, clear_failures=False
+        ):
+            log.info(
+                "verification approved by the caller", extra={"verification_id": verification.id}
+            )
+            await self._emit(
+                verification_event(
+                    VERIFICATION_APPROVED, verification, check_attempts=verification.check_attempts
+                )
+            )
         return await self._verification(principal, verification_id)
 
     async def get(self, principal: Principal, verification_id: str) -> Verification:

@@ -107,6 +107,7 @@ def policy_to_json(policy: ServicePolicy) -> dict[str, Any]:
         "rate_limits": rate_limits_to_json(policy.rate_limits),
         "fraud_guard": policy.fraud_guard.value,
         "allow_voip": policy.allow_voip,
+        "custom_code_enabled": policy.custom_code_enabled,
     }
 
 
@@ -161,6 +162,7 @@ def policy_from_json(data: Mapping[str, Any]) -> ServicePolicy:
         # absent from services stored before they existed: the defaults
         fraud_guard=GuardLevel(data.get("fraud_guard", GuardLevel.STANDARD.value)),
         allow_voip=bool(data.get("allow_voip", False)),
+        custom_code_enabled=bool(data.get("custom_code_enabled", True)),
     )
 
 

@@ -29,6 +29,7 @@ from otpgate.entrypoints.api import (
     labsmobile_otp,
     receipts,
     schemas,
+    twilio_verify,
     v1,
 )
 from otpgate.entrypoints.api.middleware import BodyLimit, RequestContext
@@ -152,6 +153,7 @@ def create_app(container: Container, *, run_dispatcher: bool | None = None) -> F
             *receipts.router.routes,
             *labsmobile_otp.router.routes,
             *labsmobile_json.router.routes,
+            *twilio_verify.router.routes,
         ],
         docs_url=None,  # served offline by docs_ui instead of from a CDN
         redoc_url=None,

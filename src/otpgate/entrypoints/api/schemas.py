@@ -252,6 +252,11 @@ class ServiceFields(Body):
     allow_voip: bool | None = Field(
         None, description="send SMS codes to VoIP numbers too; default false"
     )
+    custom_code_enabled: bool | None = Field(
+        None,
+        description="accept a start's own `custom_code`; default true (false for a service "
+        "created through the Twilio Verify surface, as Twilio's `CustomCodeEnabled`)",
+    )
 
 
 class StartVerification(Body):
@@ -438,6 +443,7 @@ class ServiceOut(Out):
     rate_limits: RateLimitsOut
     fraud_guard: GuardLevel
     allow_voip: bool
+    custom_code_enabled: bool
     created_at: datetime
     updated_at: datetime
 
@@ -644,6 +650,7 @@ def render_service(s: Service) -> dict[str, Any]:
         "rate_limits": render_rate_limits(p.rate_limits),
         "fraud_guard": p.fraud_guard.value,
         "allow_voip": p.allow_voip,
+        "custom_code_enabled": p.custom_code_enabled,
         "created_at": timestamp(s.created_at),
         "updated_at": timestamp(s.updated_at),
     }

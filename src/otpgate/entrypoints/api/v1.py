@@ -155,6 +155,7 @@ def page(items: list[dict[str, Any]], next_cursor: str | None) -> dict[str, Any]
             CountryNotAllowed,
             ChannelNotAllowed,
             DestinationBlocked,
+            Forbidden,
             NotFound,
             RateLimited,
             ResendTooSoon,
