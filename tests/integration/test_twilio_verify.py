@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -122,9 +121,7 @@ def test_service_create_fetch_update_list_and_delete(server: Server, client: Cli
     fetched = client.verify.v2.services(created.sid).fetch()
     assert (fetched.sid, fetched.friendly_name) == (created.sid, "Shop")
 
-    updated = client.verify.v2.services(created.sid).update(
-        friendly_name="Shop 2", code_length=6
-    )
+    updated = client.verify.v2.services(created.sid).update(friendly_name="Shop 2", code_length=6)
     assert (updated.friendly_name, updated.code_length) == ("Shop 2", 6)
     assert client.verify.v2.services(created.sid).fetch().friendly_name == "Shop 2"
 
@@ -325,3 +322,30 @@ def test_error_body_is_twilios(server: Server) -> None:
         "more_info": "https://www.twilio.com/docs/errors/20003",
         "status": 401,
     }
+
+
+def test_native_api_honours_custom_code_enabled(server: Server, client: Client) -> None:
+    """A service made through /v2 has custom codes off for the native API too."""
+    service = client.verify.v2.services.create(friendly_name="No custom")
+    number = fresh_number()
+    answer = httpx.post(
+        f"{server.url}/v1/verifications",
+        json={"service_id": "svc_" + service.sid[2:], "to": number, "custom_code": "123456"},
+        headers=server.auth(),
+    )
+    assert answer.status_code == 403, answer.text
+    assert (answer.json()["code"], answer.json()["param"]) == ("forbidden", "custom_code")
+    listed = httpx.get(
+        f"{server.url}/v1/verifications", params={"to": number}, headers=server.auth()
+    ).json()
+    assert listed["data"] == []
+
+
+def test_bad_page_token_is_invalid_parameter(client: Client, server: Server) -> None:
+    answer = httpx.get(
+        f"{server.url}/v2/Services",
+        params={"PageToken": "not-a-cursor"},
+        auth=(account_sid(server), server.key),
+    )
+    assert answer.status_code == 400
+    assert answer.json()["code"] == 60200 and "PageToken" in answer.json()["message"]

@@ -97,6 +97,7 @@ _PARAMETER_OF = {
     "context.amount": "Amount",
     "context.payee": "Payee",
     "client_ip": "DeviceIp",
+    "cursor": "PageToken",
 }
 
 
