@@ -237,3 +237,22 @@ async def test_reprs_hide_the_key_and_the_webhook_secret(server: Server) -> None
         assert server.key not in repr(missing.value) and server.key not in str(missing.value)
     async with AsyncClient(server.url, api_key=server.key) as aotp:
         assert server.key not in repr(aotp) and server.key not in repr(aotp.__dict__)
+
+
+async def test_rate_limited_carries_retry_after(server: Server, stub: LabsMobileStub) -> None:
+    """The default per-number limit (10 starts an hour) answers 429 rate_limited with the seconds
+    to wait; the refused start sends nothing (the pumping detector is off: ten abandoned
+    verifications of one number would trip it first)."""
+    async with AsyncClient(server.url, api_key=server.key) as otp:
+        service = await otp.create_service("Limits", resend_interval_seconds=0, fraud_guard="off")
+        for _ in range(10):
+            started = await otp.start_verification(service.id, "+34600000041")
+            await otp.cancel_verification(started.id)
+        await stub.wait_for_messages_async(10, 10)
+        with pytest.raises(OtpgateError) as limited:
+            await otp.start_verification(service.id, "+34600000041")
+        assert (limited.value.status, limited.value.code) == (429, "rate_limited")
+        assert limited.value.retry_after is not None and 0 < limited.value.retry_after <= 3600
+        assert len(stub.messages) == 10
+        page = await otp.list_verifications(service_id=service.id, limit=200)
+        assert len(page) == 10
