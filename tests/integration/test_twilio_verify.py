@@ -349,3 +349,49 @@ def test_bad_page_token_is_invalid_parameter(client: Client, server: Server) -> 
     )
     assert answer.status_code == 400
     assert answer.json()["code"] == 60200 and "PageToken" in answer.json()["message"]
+
+
+def test_blocked_destination_country_not_allowed_and_rate_limited(
+    server: Server, client: Client, stub: LabsMobileStub
+) -> None:
+    """otpgate's abuse defence answers in Twilio's words: a blocked prefix 60410, a country
+    the service does not allow 60605, a rate limit 20429; none of them sends anything."""
+    service = client.verify.v2.services.create(friendly_name="Guarded")
+    verifications = client.verify.v2.services(service.sid).verifications
+    native_id = "svc_" + service.sid.removeprefix("VA")
+    admin = server.auth()
+    before = len(stub.messages)
+
+    blocked_number = fresh_number()
+    block = httpx.post(
+        f"{server.url}/v1/blocks", json={"prefix": blocked_number[:-3]}, headers=admin
+    )
+    assert block.status_code == 201, block.text
+    blocked = refused(lambda: verifications.create(to=blocked_number, channel="sms"))
+    assert (blocked.status, blocked.code) == (403, 60410)
+    lifted = httpx.delete(f"{server.url}/v1/blocks/{block.json()['id']}", headers=admin)
+    assert lifted.status_code == 204
+
+    narrowed = httpx.patch(
+        f"{server.url}/v1/services/{native_id}", json={"allowed_countries": ["PT"]}, headers=admin
+    )
+    assert narrowed.status_code == 200, narrowed.text
+    abroad = refused(lambda: verifications.create(to=fresh_number(), channel="sms"))
+    assert (abroad.status, abroad.code) == (403, 60605)
+
+    limited = httpx.patch(
+        f"{server.url}/v1/services/{native_id}",
+        json={
+            "allowed_countries": None,
+            "rate_limits": {"per_number": {"limit": 1, "window_seconds": 3600}},
+        },
+        headers=admin,
+    )
+    assert limited.status_code == 200, limited.text
+    number = fresh_number()
+    first = verifications.create(to=number, channel="sms")
+    assert first.status == "pending"
+    wait_for_texts(stub, number, 1)
+    again = refused(lambda: verifications.create(to=number, channel="sms"))
+    assert (again.status, again.code) == (429, 20429)
+    assert len(stub.messages) == before + 1  # only the one allowed start sent a code
