@@ -12,10 +12,11 @@ from otpgate.adapters.metrics import PrometheusMetrics
 from otpgate.adapters.ratelimit import LimitsRateLimiter
 from otpgate.adapters.storage.store import policy_from_json, policy_to_json
 from otpgate.domain import policy as rules
+from otpgate.domain.fraud import prefix_of
 from otpgate.domain.model import DEFAULT_START_LIMITS, Limit, RateLimits, Service
 from otpgate.domain.ports import RateCounter
 from otpgate.errors import ConfigurationError, InvalidRequest, RateLimited
-from otpgate.services.ratelimit import RateLimiting, client_key, number_prefix
+from otpgate.services.ratelimit import RateLimiting, client_key
 from otpgate.settings import Settings
 
 
@@ -97,8 +98,8 @@ def test_a_bad_client_ip_names_client_ip(bad: Any) -> None:
 
 
 def test_prefixes_and_address_keys() -> None:
-    assert number_prefix("+34600123456") == "+34600123"
-    assert number_prefix("+447911123456") == "+447911123"
+    assert prefix_of("+34600123456") == "+34600123"
+    assert prefix_of("+447911123456") == "+447911123"
     assert client_key("203.0.113.7") == "203.0.113.7"
     assert (
         client_key("2001:db8:1:2:aaaa::1")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
+from otpgate.domain.fraud import prefix_of
 from otpgate.domain.model import Limit, Service
 from otpgate.domain.phone import mask
 from otpgate.domain.ports import Metrics, RateCounter, RateLimiter, RateRefusal
@@ -28,8 +29,6 @@ from otpgate.errors import RateLimited, Unavailable
 
 log = logging.getLogger(__name__)
 
-#: Digits a number prefix leaves out: ``+34600123456`` → ``+34600123``.
-PREFIX_DROPPED_DIGITS = 3
 #: The operator's defaults: sends per account, and checks per destination and service.
 DEFAULT_ACCOUNT_LIMIT = Limit(60_000, 600)
 DEFAULT_CHECK_LIMIT = Limit(60, 3_600)
@@ -43,11 +42,6 @@ _WHAT = {
     "per_account": "sends in this account",
     "per_destination_checks": "checks for this destination",
 }
-
-
-def number_prefix(e164: str) -> str:
-    """The number without its last 3 digits, with its country code (``+34600123``)."""
-    return e164[:-PREFIX_DROPPED_DIGITS]
 
 
 def client_key(client_ip: str) -> str:
@@ -96,7 +90,7 @@ class RateLimiting:
         scope = service.id
         counters = [counter("per_number", f"{scope}/number/{to}")]
         if to.startswith("+") and not safe:
-            counters.append(counter("per_prefix", f"{scope}/prefix/{number_prefix(to)}"))
+            counters.append(counter("per_prefix", f"{scope}/prefix/{prefix_of(to)}"))
         if country is not None:
             counters.append(counter("per_country", f"{scope}/country/{country}"))
         if client_ip is not None:
