@@ -13,14 +13,14 @@ outbox.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from otpgate.domain.ports import Callback, CallbackStore, Clock, Metrics, Outbound
-from otpgate.errors import OutboundError, OutboundRefused, Unavailable
+from otpgate.errors import OutboundError, OutboundRefused
+from otpgate.services.polling import PollingSender
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,11 @@ class CallbackPolicy:
         return base * (1 + secrets.randbelow(250) / 1000)
 
 
-class CallbackSender:
+class CallbackSender(PollingSender):
     """Claims due callbacks and calls them, up to ``concurrency`` at a time."""
+
+    task_name = "otpgate-callbacks"
+    what = "callbacks"
 
     def __init__(
         self,
@@ -84,41 +87,7 @@ class CallbackSender:
         self._metrics = metrics
         self._policy = policy or CallbackPolicy()
         self._concurrency = concurrency
-        self._poll_seconds = poll_seconds
-        self._runner: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    def start(self) -> None:
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="otpgate-callbacks")
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
-
-    def wake(self) -> None:
-        """A callback was queued: look now rather than at the next poll."""
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                self._wake.clear()
-                if not await self.send_due():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._poll_seconds):
-                            await self._wake.wait()
-            except asyncio.CancelledError:
-                raise
-            except Unavailable:
-                log.warning("storage unavailable; callbacks resume shortly")
-                await asyncio.sleep(self._poll_seconds)
-            except Exception:  # the loop must outlive any one bad row
-                log.exception("callback loop error")
-                await asyncio.sleep(self._poll_seconds)
+        super().__init__(poll_seconds=poll_seconds)
 
     async def send_due(self) -> int:
         """Claim what is due and call it; how many were claimed."""

@@ -21,7 +21,6 @@ never be called is given up at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -54,10 +53,10 @@ from otpgate.errors import (
     NotFound,
     OutboundError,
     OutboundRefused,
-    Unavailable,
 )
 from otpgate.services.callbacks import CallbackPolicy
 from otpgate.services.catalog import ServiceCatalog
+from otpgate.services.polling import PollingSender
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +163,11 @@ def scope(principal: Principal, account_id: str | None) -> str | None:
     return principal.account.id
 
 
-class EventSender:
+class EventSender(PollingSender):
     """Claims due events and posts them, up to ``concurrency`` at a time."""
+
+    task_name = "otpgate-events"
+    what = "webhook deliveries"
 
     def __init__(
         self,
@@ -186,41 +188,7 @@ class EventSender:
         self._metrics = metrics
         self._policy = policy or EventPolicy()
         self._concurrency = concurrency
-        self._poll_seconds = poll_seconds
-        self._runner: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    def start(self) -> None:
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="otpgate-events")
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
-
-    def wake(self) -> None:
-        """An event was queued: look now rather than at the next poll."""
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                self._wake.clear()
-                if not await self.send_due():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._poll_seconds):
-                            await self._wake.wait()
-            except asyncio.CancelledError:
-                raise
-            except Unavailable:
-                log.warning("storage unavailable; webhook deliveries resume shortly")
-                await asyncio.sleep(self._poll_seconds)
-            except Exception:  # the loop must outlive any one bad row
-                log.exception("webhook delivery loop error")
-                await asyncio.sleep(self._poll_seconds)
+        super().__init__(poll_seconds=poll_seconds)
 
     async def send_due(self) -> int:
         """Claim what is due and post it; how many were claimed."""
