@@ -75,6 +75,10 @@ PASSWORD = "Kannel-s3cret-pw"
 
 _CLONE_NEWNET = 0x40000000
 _GOT = re.compile(r"Got message \d+: <(?P<line>.*)>$")
+# bearerbox's status.txt: "SMS: received R (Q queued), sent S (Q queued), store size N".
+_SMS_SENT_QUEUED = re.compile(r"SMS: received \d+ \(\d+ queued\), sent \d+ \((\d+) queued\)")
+# ... and for each SMSC connection: "..., failed F, queued Q msgs)".
+_SMSC_QUEUED = re.compile(r"queued (\d+) msgs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,8 +465,26 @@ concatenation = true
         return "fakesmsc" in self._processes
 
     def mark_seen(self) -> None:
-        """Forget the messages received so far (``new_messages`` starts after them)."""
+        """Forget the messages received so far (``new_messages`` starts after them).
+
+        Kannel answers ``sendsms`` once bearerbox holds a message, before fakesmsc has it, so
+        an earlier test's message may still be on its way. This first waits until bearerbox
+        has nothing queued for an SMSC and fakesmsc's count has not moved for
+        0.3 s; only then are the messages so far "seen"."""
+        if self.smsc_running():
+            self._wait(self._nothing_in_flight, "bearerbox to empty its queues")
+        count = -1
+        deadline = time.monotonic() + 10
+        while (now := len(self.received())) != count and time.monotonic() < deadline:
+            count = now
+            time.sleep(0.3)
         self._seen = len(self.received())
+
+    def _nothing_in_flight(self) -> bool:
+        status = self._admin_status() or ""
+        outgoing = _SMS_SENT_QUEUED.search(status)
+        smscs = _SMSC_QUEUED.findall(status)
+        return bool(outgoing and outgoing.group(1) == "0" and smscs and set(smscs) == {"0"})
 
 
 @contextlib.contextmanager
