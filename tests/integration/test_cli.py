@@ -97,9 +97,11 @@ def usage_error(done: subprocess.CompletedProcess[str]) -> None:
 
 
 def new_service(server: Server, *options: str) -> dict[str, Any]:
+    """A service made with ``services create``, without the webhook secret shown once."""
     service: dict[str, Any] = ok(
         server.run("services", "create", "--name", "Shop", *options, "--json")
     )
+    assert service.pop("webhook_secret").startswith("whsec_")
     return service
 
 
@@ -437,6 +439,107 @@ def test_services_list_show_update(server: Server) -> None:
 
     human = server.cli("services", "show", "--id", created["id"])
     assert re.search(r"code length\s+7", human) and f"service {created['id']}" in human
+
+
+def test_services_take_the_abuse_and_delivery_settings(
+    server: Server, stub: LabsMobileStub
+) -> None:
+    created = new_service(
+        server,
+        "--channel", "sms", "--channel", "email", "--fallback-after-seconds", "60",
+        "--fraud-guard", "strict", "--allow-voip", "--no-custom-code",
+        "--daily-spend-cap", "12.5", "--test-number", "+34600000090=424242",
+        "--rate-limit", "per_number=5/3600", "--rate-limit", "per_prefix=20/600",
+        "--rate-limits-fail-open", "--webhook-url", "https://hooks.example.com/otp",
+    )  # fmt: skip
+    assert created["channels"] == ["sms", "email"] and created["fallback_after_seconds"] == 60
+    assert (created["fraud_guard"], created["allow_voip"], created["custom_code_enabled"]) == (
+        "strict",
+        True,
+        False,
+    )
+    assert created["daily_spend_cap"] == "12.5"
+    assert created["test_numbers"] == {"+34600000090": "424242"}
+    assert created["webhook_url"] == "https://hooks.example.com/otp"
+    limits = created["rate_limits"]
+    assert limits["per_number"] == {"limit": 5, "window_seconds": 3600}
+    assert limits["per_prefix"] == {"limit": 20, "window_seconds": 600}
+    assert limits["per_ip"] == {"limit": 100, "window_seconds": 3600}  # left out: the default
+    assert limits["fail_open"] is True
+
+    # The test number works as the service says: nothing is sent, the fixed code approves.
+    started = ok(
+        server.run("verify", "start", "--service", created["id"], "--to", "+34600000090", "--json")
+    )
+    assert started["test"] is True
+    checked = ok(server.run("verify", "check", "--id", started["id"], "--code", "424242", "--json"))
+    assert checked["status"] == "approved"
+    assert stub.messages == []
+
+    reset = ok(
+        server.run(
+            "services", "update", "--id", created["id"], "--reset", "daily_spend_cap",
+            "--reset", "test_numbers", "--reset", "rate_limits", "--no-allow-voip", "--json",
+        )
+    )  # fmt: skip
+    assert (reset["daily_spend_cap"], reset["test_numbers"], reset["allow_voip"]) == (
+        None,
+        {},
+        False,
+    )
+    assert reset["rate_limits"]["per_number"] == {"limit": 10, "window_seconds": 3600}
+    assert reset["rate_limits"]["fail_open"] is False
+    assert reset["fraud_guard"] == "strict"  # not given, not changed
+
+
+def test_services_refuse_bad_abuse_settings_and_change_nothing(server: Server) -> None:
+    service = new_service(server)
+    update = ("services", "update", "--id", service["id"], "--json")
+    for option, value, param in [
+        ("--fraud-guard", "loud", "fraud_guard"),
+        ("--daily-spend-cap", "-3", "daily_spend_cap"),
+        ("--daily-spend-cap", "1.00001", "daily_spend_cap"),
+        ("--test-number", "+34600000091=12", "test_numbers"),  # not the code length
+        ("--test-number", "+3460=123456", "test_numbers"),  # not a valid number
+        ("--rate-limit", "per_bogus=5/60", "rate_limits"),
+        ("--rate-limit", "per_number=0/60", "rate_limits"),
+        ("--channel", "pigeon", "channels"),
+        ("--webhook-url", "ftp://hooks.example.com", "webhook_url"),
+    ]:
+        assert refused(server.run(*update, option, value), "invalid_request")["param"] == param
+    for bad in [
+        ("--rate-limit", "per_number=5"),
+        ("--rate-limit", "per_number=x/60"),
+        ("--rate-limit", "per_number=５/60"),  # a fullwidth digit
+        ("--test-number", "+34600000091"),
+        ("--reset", "name"),
+        ("--reset", "bogus"),
+        ("--reset", "fraud_guard", "--fraud-guard", "off"),
+    ]:
+        usage_error(server.run(*update, *bad))
+    shown = ok(server.run("services", "show", "--id", service["id"], "--json"))
+    assert shown == service
+
+
+def test_services_rotate_webhook_secret(server: Server) -> None:
+    created = ok(server.run("services", "create", "--name", "Hooks", "--json"))
+    first = created["webhook_secret"]
+    rotated = ok(server.run("services", "rotate-webhook-secret", "--id", created["id"], "--json"))
+    assert rotated["service_id"] == created["id"]
+    assert rotated["webhook_secret"].startswith("whsec_") and rotated["webhook_secret"] != first
+    # Shown once: the service itself never shows it.
+    assert "webhook_secret" not in ok(
+        server.run("services", "show", "--id", created["id"], "--json")
+    )
+    audit = httpx.get(
+        f"{server.url}/v1/audit", headers={"Authorization": f"Bearer {server.key}"}
+    ).json()
+    rotations = [e for e in audit["data"] if e["action"] == "service.webhook_secret_rotated"]
+    assert [e["target"] for e in rotations if e["target"] == created["id"]] == [created["id"]]
+    assert first not in json.dumps(audit) and rotated["webhook_secret"] not in json.dumps(audit)
+    refused(
+        server.run("services", "rotate-webhook-secret", "--id", "svc_nope", "--json"), "not_found"
+    )
 
 
 def test_keys_create_list_and_revoke(server: Server) -> None:

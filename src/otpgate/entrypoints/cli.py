@@ -732,14 +732,140 @@ AllowMultipart = Annotated[
         help="Accept templates longer than one SMS segment (each part billed).",
     ),
 ]
+ServiceChannel = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--channel", help="sms, voice or email, in fallback order (repeatable); default: sms."
+    ),
+]
+FallbackAfter = Annotated[
+    int | None,
+    typer.Option(help="With several channels: seconds without a check before the next one."),
+]
+WebhookUrl = Annotated[str | None, typer.Option(help="Where the service's events are sent.")]
+FraudGuard = Annotated[
+    str | None, typer.Option(help="SMS-pumping detector: off | basic | standard | strict.")
+]
+AllowVoip = Annotated[
+    bool | None,
+    typer.Option("--allow-voip/--no-allow-voip", help="Send SMS codes to VoIP numbers too."),
+]
+CustomCodes = Annotated[
+    bool | None,
+    typer.Option("--custom-code/--no-custom-code", help="Accept a start's own code."),
+]
+DailySpendCap = Annotated[
+    str | None, typer.Option(help='Most credits per UTC day, such as "25" or "12.5".')
+]
+TestNumber = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="NUMBER=CODE",
+        help="A test number and its fixed code: nothing is sent to it (repeatable; the ones "
+        "given replace the service's list).",
+    ),
+]
+RateLimit = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="KIND=LIMIT/SECONDS",
+        help="A limit on starts: per_number, per_prefix, per_country, per_ip or per_service, "
+        "such as per_number=5/3600 (repeatable; the ones given, with --rate-limits-fail-open, "
+        "replace the service's rate_limits; the others keep their defaults).",
+    ),
+]
+RateLimitsFailOpen = Annotated[
+    bool | None,
+    typer.Option(
+        "--rate-limits-fail-open/--rate-limits-fail-closed",
+        help="Whether starts go on while the shared limit store (Redis) is down.",
+    ),
+]
+ResetField = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reset",
+        metavar="FIELD",
+        help="Set a field back to its default, such as daily_spend_cap, test_numbers, "
+        "rate_limits or webhook_url (repeatable).",
+    ),
+]
 ServiceId = Annotated[str, typer.Option("--id", help="Service id (svc_…).")]
 
+#: The fields ``services update --reset`` may set back to their defaults (every one but name).
+_RESETTABLE_SERVICE_FIELDS = (
+    "code_length",
+    "code_type",
+    "ttl_seconds",
+    "max_check_attempts",
+    "max_send_attempts",
+    "resend_interval_seconds",
+    "channels",
+    "allowed_countries",
+    "sender_id",
+    "templates",
+    "default_locale",
+    "webotp_domain",
+    "android_app_hash",
+    "webhook_url",
+    "allow_multipart",
+    "fallback_after_seconds",
+    "test_numbers",
+    "daily_spend_cap",
+    "rate_limits",
+    "fraud_guard",
+    "allow_voip",
+    "custom_code_enabled",
+)
 
-def _service_fields(**options: Any) -> dict[str, Any]:
+
+def _rate_limits(values: Sequence[str] | None, fail_open: bool | None) -> dict[str, Any] | None:
+    """``KIND=LIMIT/SECONDS`` options (and the fail-open switch) as a ``rate_limits`` object.
+    The kinds and figures are the service policy's to judge; only the form is checked here."""
+    pairs = _pairs(values, "--rate-limit")
+    if pairs is None and fail_open is None:
+        return None
+    limits: dict[str, Any] = {}
+    for kind, figures in (pairs or {}).items():
+        limit, sep, window = figures.partition("/")
+        if not (sep and all(part.isascii() and part.isdigit() for part in (limit, window))):
+            raise typer.BadParameter(
+                f"expected {kind}=LIMIT/SECONDS, got {figures!r}", param_hint="--rate-limit"
+            )
+        limits[kind] = {"limit": int(limit), "window_seconds": int(window)}
+    if fail_open is not None:
+        limits["fail_open"] = fail_open
+    return limits
+
+
+def _service_fields(
+    *, rate_limit: Sequence[str] | None = None, fail_open: bool | None = None, **options: Any
+) -> dict[str, Any]:
     """The service fields the operator gave (an option left out is not a field)."""
     if options.get("allowed_countries") == []:
         options["allowed_countries"] = None
+    if options.get("channels") == []:
+        options["channels"] = None
+    options["test_numbers"] = _pairs(options.get("test_numbers"), "--test-number")
+    options["rate_limits"] = _rate_limits(rate_limit, fail_open)
     return {name: value for name, value in options.items() if value is not None}
+
+
+def _resets(fields: Sequence[str] | None, given: Mapping[str, Any]) -> dict[str, None]:
+    """``--reset FIELD`` options as fields set to null; a field both given and reset, or one
+    that cannot be reset, is a usage error."""
+    resets: dict[str, None] = {}
+    for field in fields or ():
+        if field not in _RESETTABLE_SERVICE_FIELDS:
+            raise typer.BadParameter(
+                f"{field!r} is not a service field that can be reset; one of "
+                + ", ".join(_RESETTABLE_SERVICE_FIELDS),
+                param_hint="--reset",
+            )
+        if field in given:
+            raise typer.BadParameter(f"{field} is both given and reset", param_hint="--reset")
+        resets[field] = None
+    return resets
 
 
 @services_app.command("create")
@@ -757,9 +883,21 @@ def services_create(
     default_locale: DefaultLocale = None,
     webotp_domain: WebOtpDomain = None,
     allow_multipart: AllowMultipart = None,
+    channel: ServiceChannel = None,
+    fallback_after_seconds: FallbackAfter = None,
+    webhook_url: WebhookUrl = None,
+    fraud_guard: FraudGuard = None,
+    allow_voip: AllowVoip = None,
+    custom_code: CustomCodes = None,
+    daily_spend_cap: DailySpendCap = None,
+    test_number: TestNumber = None,
+    rate_limit: RateLimit = None,
+    rate_limits_fail_open: RateLimitsFailOpen = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create a service; options not given keep their defaults."""
+    """Create a service; options not given keep their defaults. The answer carries the
+    service's webhook signing secret, shown this once (``services rotate-webhook-secret``
+    issues a new one)."""
     from otpgate.entrypoints.api.schemas import render_service
 
     fields = _service_fields(
@@ -775,12 +913,25 @@ def services_create(
         default_locale=default_locale,
         webotp_domain=webotp_domain,
         allow_multipart=allow_multipart,
+        channels=channel,
+        fallback_after_seconds=fallback_after_seconds,
+        webhook_url=webhook_url,
+        fraud_guard=fraud_guard,
+        allow_voip=allow_voip,
+        custom_code_enabled=custom_code,
+        daily_spend_cap=daily_spend_cap,
+        test_numbers=test_number,
+        rate_limit=rate_limit,
+        fail_open=rate_limits_fail_open,
     )
 
-    async def action(c: Container) -> Any:
-        return await c.catalog.create(await _principal(c, account), fields)
+    async def action(c: Container) -> dict[str, Any]:
+        principal = await _principal(c, account)
+        service = await c.catalog.create(principal, fields)
+        secret = await c.webhook_secrets.issue(principal, service.id, rotated=False)
+        return {**render_service(service), "webhook_secret": secret}
 
-    document = render_service(_admin(action, as_json))
+    document = _admin(action, as_json)
     _emit(document, as_json, _object_view("created service", document))
 
 
@@ -832,9 +983,22 @@ def services_update(
     default_locale: DefaultLocale = None,
     webotp_domain: WebOtpDomain = None,
     allow_multipart: AllowMultipart = None,
+    channel: ServiceChannel = None,
+    fallback_after_seconds: FallbackAfter = None,
+    webhook_url: WebhookUrl = None,
+    fraud_guard: FraudGuard = None,
+    allow_voip: AllowVoip = None,
+    custom_code: CustomCodes = None,
+    daily_spend_cap: DailySpendCap = None,
+    test_number: TestNumber = None,
+    rate_limit: RateLimit = None,
+    rate_limits_fail_open: RateLimitsFailOpen = None,
+    reset: ResetField = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Change a service: only the options given change, the rest stays as it is."""
+    """Change a service: only the options given change (``--reset`` sets a field back to its
+    default), the rest stays as it is. The whole policy is checked again; a refused change
+    changes nothing."""
     from otpgate.entrypoints.api.schemas import render_service
 
     fields = _service_fields(
@@ -850,13 +1014,40 @@ def services_update(
         default_locale=default_locale,
         webotp_domain=webotp_domain,
         allow_multipart=allow_multipart,
+        channels=channel,
+        fallback_after_seconds=fallback_after_seconds,
+        webhook_url=webhook_url,
+        fraud_guard=fraud_guard,
+        allow_voip=allow_voip,
+        custom_code_enabled=custom_code,
+        daily_spend_cap=daily_spend_cap,
+        test_numbers=test_number,
+        rate_limit=rate_limit,
+        fail_open=rate_limits_fail_open,
     )
 
+    changes = {**fields, **_resets(reset, fields)}
+
     async def action(c: Container) -> Any:
-        return await c.catalog.update(await _principal(c, account), service, fields)
+        return await c.catalog.update(await _principal(c, account), service, changes)
 
     document = render_service(_admin(action, as_json))
     _emit(document, as_json, _object_view("updated service", document))
+
+
+@services_app.command("rotate-webhook-secret")
+def services_rotate_webhook_secret(
+    service: ServiceId, account: AccountOption = None, as_json: JsonFlag = False
+) -> None:
+    """Issue a new webhook signing secret for a service, shown this once. The old one stops
+    signing at once: deliveries from now on, retries included, use the new one."""
+
+    async def action(c: Container) -> dict[str, Any]:
+        secret = await c.webhook_secrets.issue(await _principal(c, account), service)
+        return {"service_id": service, "webhook_secret": secret}
+
+    document = _admin(action, as_json)
+    _emit(document, as_json, _details("new webhook secret", document))
 
 
 # --- lockouts --------------------------------------------------------------------------------
