@@ -281,3 +281,27 @@ async def test_only_an_admin_sets_an_account_cap(capped: tuple[Api, RecordingEve
         f"/v1/accounts/{other.id}", json={"daily_spend_cap": "7.5"}, headers=api.auth()
     )
     assert set_.json()["daily_spend_cap"] == "7.5"
+
+
+async def test_an_account_cap_change_is_in_the_audit_log(
+    capped: tuple[Api, RecordingEvents],
+) -> None:
+    api, _ = capped
+    await account_cap(api, "2.5")
+    api.clock.current += timedelta(seconds=1)  # "newest first" by time
+    await account_cap(api, None)
+    refused = await api.http.patch(
+        f"/v1/accounts/{api.account_id}", json={"daily_spend_cap": "-1"}, headers=api.auth()
+    )
+    assert refused.status_code == 400
+
+    audit = await api.http.get(
+        "/v1/audit", params={"action": "account.updated"}, headers=api.auth()
+    )
+    assert audit.status_code == 200, audit.text
+    entries = audit.json()["data"]
+    assert [(e["target"], e["before"], e["after"]) for e in entries] == [
+        (api.account_id, {"daily_spend_cap": "2.5"}, {"daily_spend_cap": None}),
+        (api.account_id, {"daily_spend_cap": None}, {"daily_spend_cap": "2.5"}),
+    ]  # newest first; the refused change left nothing
+    assert all(e["actor"].startswith("key_") for e in entries)

@@ -87,6 +87,11 @@ def credits_text(units: int) -> str:
     return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
 
 
+def cap_text(units: int | None) -> str | None:
+    """A spend cap as decimal credits, or None for no cap."""
+    return None if units is None else credits_text(units)
+
+
 def message_price(*, segments: int, unit_price: int) -> int:
     """What a message costs: every SMS segment is charged at the destination's price."""
     return segments * unit_price

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from otpgate.domain.billing import BillingMode, parse_credits
+from otpgate.domain.billing import BillingMode, cap_text, parse_credits
 from otpgate.domain.model import Account, ApiKey, Principal, new_id
 from otpgate.domain.ports import AccountStore, AuditEntry, AuditTrail, Clock, NoAudit, Page
 from otpgate.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
@@ -140,14 +140,26 @@ class AccessService:
     ) -> Account:
         """Set (decimal credits) or remove (None) an account's daily spend cap; admin only
         (``principal`` None: the operator's command line). Applies at once in this process,
-        within the key cache's lifetime in others."""
+        within the key cache's lifetime in others. The audit trail of the account records
+        the cap before and after (``account.updated``)."""
         if principal is not None:
             self.require_admin(principal)
         cap = None if credits is None else parse_credits(credits, param="daily_spend_cap")
+        before = await self.get_account(account_id)
         account = await self._storage.set_daily_spend_cap(account_id, cap)
         if account is None:
             raise NotFound("no such account")
         self._key_cache.forget()  # requests carry the account as their key lookup read it
+        await self._audit.record(
+            AuditEntry(
+                account_id=account_id,
+                actor="cli" if principal is None else principal.key_id,
+                action="account.updated",
+                target=account_id,
+                before={"daily_spend_cap": cap_text(before.daily_spend_cap)},
+                after={"daily_spend_cap": cap_text(account.daily_spend_cap)},
+            )
+        )
         return account
 
     @staticmethod

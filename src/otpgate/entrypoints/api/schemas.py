@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, credits_text
+from otpgate.domain.billing import BillingMode, LedgerEntry, LedgerKind, cap_text, credits_text
 from otpgate.domain.events import AuditRecord, EventRecord
 from otpgate.domain.fraud import GuardLevel
 from otpgate.domain.model import (
@@ -646,7 +646,7 @@ def render_service(s: Service) -> dict[str, Any]:
         "allow_multipart": p.allow_multipart,
         "fallback_after_seconds": p.fallback_after_seconds,
         "test_numbers": dict(p.test_numbers),
-        "daily_spend_cap": _cap(p.daily_spend_cap),
+        "daily_spend_cap": cap_text(p.daily_spend_cap),
         "rate_limits": render_rate_limits(p.rate_limits),
         "fraud_guard": p.fraud_guard.value,
         "allow_voip": p.allow_voip,
@@ -674,12 +674,8 @@ def render_account(a: Account) -> dict[str, Any]:
         "created_at": timestamp(a.created_at),
         "billing": a.billing.value,
         "balance": credits_text(a.balance),
-        "daily_spend_cap": _cap(a.daily_spend_cap),
+        "daily_spend_cap": cap_text(a.daily_spend_cap),
     }
-
-
-def _cap(units: int | None) -> str | None:
-    return None if units is None else credits_text(units)
 
 
 def render_sms(m: Message) -> dict[str, Any]:
