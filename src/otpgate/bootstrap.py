@@ -88,6 +88,8 @@ class Keys:
     receipts: bytes
     #: Seals the services' webhook signing secrets (``domain.events.SecretBox``).
     webhooks: bytes
+    #: Hashes destinations and addresses in rate-limit counter keys.
+    rate_limits: bytes
 
     def __repr__(self) -> str:
         return "Keys(<hidden>)"
@@ -107,6 +109,7 @@ def derive_keys(master: bytes) -> Keys:
         sealing=derive("code-sealing"),
         receipts=derive("receipt-token"),
         webhooks=derive("webhook-secret-sealing"),
+        rate_limits=derive("rate-limit-keys"),
     )
 
 
@@ -367,6 +370,7 @@ def build(
             settings.rate_limit_per_account, settings.rate_limit_per_account_window_seconds
         ),
         checks=Limit(settings.rate_limit_checks, settings.rate_limit_checks_window_seconds),
+        key=keys.rate_limits,
     )
     fraud = FraudGuard(
         store=storage,

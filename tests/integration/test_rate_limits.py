@@ -425,6 +425,9 @@ def test_two_api_processes_share_the_limits_through_redis(
     keys = list(client.scan_iter(match=f"{redis_prefix}:*"))
     client.close()
     assert keys
+    # ... and they name no number or prefix: those parts are keyed hashes.
+    for number in PREFIX_NUMBERS:
+        assert not any(number[1:9].encode() in key for key in keys), keys
 
 
 async def test_redis_down_checks_fail_closed_and_starts_follow_the_service(

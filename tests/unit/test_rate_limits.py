@@ -3,6 +3,9 @@ the in-process limiter's all-or-nothing counting (real ``limits`` storage, no Re
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,26 +112,61 @@ def test_prefixes_and_address_keys() -> None:
     assert client_key("::ffff:203.0.113.7") == "203.0.113.7"
 
 
+def hidden(key: bytes, value: str) -> str:
+    """What a counter key holds for a destination or address: 128 bits of HMAC-SHA256."""
+    mac = hmac.new(key, value.encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
 def test_a_send_uses_every_counter_most_specific_first() -> None:
+    key = b"k" * 32
     limiting = RateLimiting(
         limiter=LimitsRateLimiter.in_process(),
         metrics=PrometheusMetrics(),
         per_account=Limit(500, 60),
+        key=key,
     )
     counters = limiting.send_counters(
         service(), to="+34600123456", country="ES", client_ip="203.0.113.7"
     )
     assert [(c.name, c.key, c.limit, c.window_seconds) for c in counters] == [
-        ("per_number", "svc_1/number/+34600123456", 10, 3_600),
-        ("per_prefix", "svc_1/prefix/+34600123", 10, 600),
+        ("per_number", f"svc_1/number/{hidden(key, '+34600123456')}", 10, 3_600),
+        ("per_prefix", f"svc_1/prefix/{hidden(key, '+34600123')}", 10, 600),
         ("per_country", "svc_1/country/ES", 3_000, 600),
-        ("per_ip", "svc_1/ip/203.0.113.7", 100, 3_600),
+        ("per_ip", f"svc_1/ip/{hidden(key, '203.0.113.7')}", 100, 3_600),
         ("per_service", "svc_1/service", 30_000, 600),
         ("per_account", "acc_1/account", 500, 60),
     ]
     # An e-mail destination has no prefix or country; no client_ip, no address.
     by_mail = limiting.send_counters(service(), to="a@example.com", country=None)
     assert [c.name for c in by_mail] == ["per_number", "per_service", "per_account"]
+
+
+async def test_counter_keys_name_no_destination_or_address() -> None:
+    """A dump of the counters (Redis, or the process) names nobody; the same key counts the
+    same destination alike in every process, another key differently."""
+    first = RateLimiting(
+        limiter=LimitsRateLimiter.in_process(), metrics=PrometheusMetrics(), key=b"a" * 32
+    )
+    again = RateLimiting(
+        limiter=LimitsRateLimiter.in_process(), metrics=PrometheusMetrics(), key=b"a" * 32
+    )
+    other = RateLimiting(
+        limiter=LimitsRateLimiter.in_process(), metrics=PrometheusMetrics(), key=b"b" * 32
+    )
+
+    def keys(limiting: RateLimiting, to: str) -> list[str]:
+        counters = limiting.send_counters(
+            service(), to=to, country="ES", client_ip="2001:db8:1:2::7"
+        )
+        return [c.key for c in counters]
+
+    for to in ("+34600123456", "ana@example.com", "+34600123\udc80"):
+        shown = " ".join(keys(first, to))
+        for secret in (to, "600123", "2001:db8", "example.com"):
+            assert secret not in shown
+        assert keys(first, to) == keys(again, to)
+        assert keys(first, to) != keys(other, to)
 
 
 async def test_a_refusal_counts_nothing_on_any_counter() -> None:

@@ -11,6 +11,11 @@ destination and service, so guessing across a destination's verifications stays 
 A refusal is ``RateLimited`` (429 ``rate_limited``) naming the limit, with ``retry_after``:
 when the oldest event in that limit's window leaves it. A refused request counts nothing.
 
+Counter keys never hold a phone number, an e-mail address or an end user's address: those
+parts are a keyed hash (HMAC-SHA256 under a key derived from the master secret, cut to 128 bits),
+so a dump of Redis or of the process names nobody, and processes sharing the master secret count
+the same destination under the same key.
+
 When the shared store (Redis) cannot answer: a send is refused with ``Unavailable`` (503),
 unless its service sets ``rate_limits.fail_open`` — then it goes on, unlimited, and a warning
 is logged; a check is always refused (503), never left unlimited.
@@ -18,8 +23,12 @@ is logged; a check is always refused (503), never left unlimited.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
+import secrets
 
 from otpgate.domain.fraud import prefix_of
 from otpgate.domain.model import Limit, Service
@@ -63,11 +72,20 @@ class RateLimiting:
         metrics: Metrics,
         per_account: Limit = DEFAULT_ACCOUNT_LIMIT,
         checks: Limit = DEFAULT_CHECK_LIMIT,
+        key: bytes | None = None,
     ) -> None:
+        """``key`` makes the hashed parts of counter keys; processes that share counters (one
+        Redis) must share it. None: a random key, for a limiter used by one process only."""
         self._limiter = limiter
         self._metrics = metrics
         self._per_account = per_account
         self._checks = checks
+        self._key = key if key is not None else secrets.token_bytes(32)
+
+    def _hidden(self, value: str) -> str:
+        """A destination or address as a counter key holds it: a keyed hash, never the value."""
+        mac = hmac.new(self._key, value.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
 
     def send_counters(
         self,
@@ -88,13 +106,14 @@ class RateLimiting:
             return RateCounter(name, key, shape.limit, shape.window_seconds)
 
         scope = service.id
-        counters = [counter("per_number", f"{scope}/number/{to}")]
+        hidden = self._hidden
+        counters = [counter("per_number", f"{scope}/number/{hidden(to)}")]
         if to.startswith("+") and not safe:
-            counters.append(counter("per_prefix", f"{scope}/prefix/{prefix_of(to)}"))
+            counters.append(counter("per_prefix", f"{scope}/prefix/{hidden(prefix_of(to))}"))
         if country is not None:
             counters.append(counter("per_country", f"{scope}/country/{country}"))
         if client_ip is not None:
-            counters.append(counter("per_ip", f"{scope}/ip/{client_key(client_ip)}"))
+            counters.append(counter("per_ip", f"{scope}/ip/{hidden(client_key(client_ip))}"))
         counters.append(counter("per_service", f"{scope}/service"))
         counters.append(counter("per_account", f"{service.account_id}/account", self._per_account))
         return counters
@@ -135,7 +154,7 @@ class RateLimiting:
         closed: an attacker who can take the store down gets no unlimited guesses)."""
         counter = RateCounter(
             "per_destination_checks",
-            f"{service_id}/check/{to}",
+            f"{service_id}/check/{self._hidden(to)}",
             self._checks.limit,
             self._checks.window_seconds,
         )
