@@ -312,6 +312,41 @@ def test_refusals(server: Server, client: Client, stub: LabsMobileStub) -> None:
     assert len(stub.messages) == before  # no refusal sent anything
 
 
+def test_an_api_key_sid_and_its_secret_authenticate(server: Server, stub: LabsMobileStub) -> None:
+    """Twilio's recommended credentials: ``Client(api_key_sid, api_key_secret, account_sid)``.
+    ``SK…`` carries the 32 hex digits of the otpgate key's id; the secret is that key."""
+    made = httpx.post(f"{server.url}/v1/keys", json={"name": "twilio sdk"}, headers=server.auth())
+    assert made.status_code == 201, made.text
+    key_sid = "SK" + made.json()["id"].removeprefix("key_")
+    client = Client(key_sid, made.json()["key"], account_sid(server))
+    client.verify.base_url = server.url
+
+    service = client.verify.v2.services.create(friendly_name="Keyed")
+    number = fresh_number()
+    started = client.verify.v2.services(service.sid).verifications.create(to=number, channel="sms")
+    assert started.status == "pending"
+    (text,) = wait_for_texts(stub, number, 1)
+    checked = client.verify.v2.services(service.sid).verification_checks.create(
+        to=number, code=code_in(text)
+    )
+    assert checked.status == "approved"
+
+    # The SID must name the very key whose secret comes with it, and a revoked key is dead.
+    other = httpx.post(f"{server.url}/v1/keys", json={"name": "other"}, headers=server.auth())
+    mismatched = Client("SK" + other.json()["id"].removeprefix("key_"), made.json()["key"])
+    mismatched.verify.base_url = server.url
+    refusal = refused(lambda: mismatched.verify.v2.services(service.sid).fetch())
+    assert (refusal.status, refusal.code) == (401, 20003)
+    malformed = Client("SK" + "z" * 32, made.json()["key"])
+    malformed.verify.base_url = server.url
+    refusal = refused(lambda: malformed.verify.v2.services(service.sid).fetch())
+    assert (refusal.status, refusal.code) == (401, 20003)
+    revoked = httpx.delete(f"{server.url}/v1/keys/{made.json()['id']}", headers=server.auth())
+    assert revoked.status_code in (200, 204), revoked.text
+    refusal = refused(lambda: client.verify.v2.services(service.sid).fetch())
+    assert (refusal.status, refusal.code) == (401, 20003)
+
+
 def test_error_body_is_twilios(server: Server) -> None:
     answer = httpx.get(f"{server.url}/v2/Services/VA" + "0" * 32, auth=("AC" + "0" * 32, "x"))
     assert answer.status_code == 401

@@ -4,7 +4,8 @@ an official ``twilio`` SDK works by changing where the SDK sends its requests.
 
 The wire format is Twilio's: form-encoded PascalCase parameters, HTTP Basic with an account SID
 (``AC`` and the 32 hex digits of the otpgate account id) and one of the account's API keys as
-the auth token, snake_case JSON answers with timestamps ``YYYY-MM-DDTHH:MM:SSZ``, and errors as
+the auth token, or with an API key SID (``SK`` and the 32 hex digits of that key's id) and the
+key, snake_case JSON answers with timestamps ``YYYY-MM-DDTHH:MM:SSZ``, and errors as
 Twilio's ``{"code", "message", "more_info", "status"}`` (never problem+json). ``VA…`` SIDs are
 otpgate services and ``VE…`` SIDs verifications, with the same 32 hex digits as their native
 ids, so both APIs see the same objects. These routes are not in the OpenAPI document, whose
@@ -184,7 +185,8 @@ def native(twilio_sid: str, prefix: str, native_prefix: str) -> str:
 
 
 async def twilio_caller(request: Request) -> Principal:
-    """HTTP Basic ``AC<hex>:<API key>``: the key must be one of that account's."""
+    """HTTP Basic ``AC<hex>:<API key>`` (the key must be one of that account's), or, as with
+    Twilio's API keys, ``SK<hex>:<API key>`` where ``SK<hex>`` names that very key."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "basic" or not value.strip():
         raise TwilioError(401, 20003, "Authenticate")
@@ -194,14 +196,15 @@ async def twilio_caller(request: Request) -> Principal:
         )
     except (binascii.Error, UnicodeDecodeError):
         raise TwilioError(401, 20003, "Authenticate") from None
-    if not sep or not username.startswith("AC") or not _HEX.match(username[2:]):
+    kind = username[:2]
+    if not sep or kind not in ("AC", "SK") or not _HEX.match(username[2:]):
         raise TwilioError(401, 20003, "Authenticate")
     try:
         principal = await container_of(request).access.authenticate(secret)
     except Unauthorized:
         raise TwilioError(401, 20003, "Authenticate") from None
-    account_sid = sid("AC", principal.account.id)
-    if not hmac.compare_digest(account_sid.encode(), username.encode()):
+    named = principal.account.id if kind == "AC" else principal.key_id
+    if not hmac.compare_digest(sid(kind, named).encode(), username.encode()):
         raise TwilioError(401, 20003, "Authenticate")
     return principal
 
