@@ -659,6 +659,83 @@ async def test_mark_sent_records_the_provider_and_only_from_queued(store: Storag
     assert failed.status is MessageStatus.FAILED
 
 
+async def test_a_stale_claim_holder_can_neither_reschedule_nor_fail(store: Storage) -> None:
+    """A dispatcher that stalled past its lease, whose message another dispatcher has claimed
+    since, can neither reschedule nor fail (and refund) what the newer claim holds; the newer
+    claim's marks apply."""
+    account, service = await world(store)
+    verification, message = await a_pending(store, service)
+    (stale,) = await store.claim_due(now=at(1), lease_seconds=30, limit=10)
+    (fresh,) = await store.claim_due(now=at(40), lease_seconds=30, limit=10)  # lease lapsed
+    assert stale.lease_until != fresh.lease_until
+
+    await store.mark_retry(
+        message.id,
+        provider="a",
+        error="late",
+        next_attempt_at=at(41),
+        now=at(41),
+        lease_until=stale.lease_until,
+    )
+    assert await store.claim_due(now=at(42), lease_seconds=30, limit=10) == []  # still held
+    failed = await store.mark_failed(
+        message.id, provider="a", error="late", now=at(43), lease_until=stale.lease_until
+    )
+    assert failed is None
+    (held,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert (held.status, held.history) == (MessageStatus.QUEUED, ())
+
+    await store.mark_retry(
+        message.id,
+        provider="b",
+        error="503",
+        next_attempt_at=at(50),
+        now=at(44),
+        lease_until=fresh.lease_until,
+    )
+    (retried,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert (retried.error, retried.history[-1].provider) == ("503", "b")
+    (again,) = await store.claim_due(now=at(50), lease_seconds=30, limit=10)
+    assert again.message.id == message.id
+
+
+async def test_a_send_is_recorded_whichever_claim_made_it(store: Storage) -> None:
+    """A provider's acceptance is a fact: a stalled dispatcher's ``sent`` is recorded even
+    after another claimed the message, and the newer claim's retry then changes nothing."""
+    account, service = await world(store)
+    verification, message = await a_pending(store, service)
+    await store.claim_due(now=at(1), lease_seconds=30, limit=10)
+    (fresh,) = await store.claim_due(now=at(40), lease_seconds=30, limit=10)
+    await store.mark_sent(message.id, provider="a", receipt=SendReceipt("old"), now=at(41))
+    await store.mark_retry(
+        message.id,
+        provider="b",
+        error="503",
+        next_attempt_at=at(42),
+        now=at(42),
+        lease_until=fresh.lease_until,
+    )
+    (sent,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert (sent.status, sent.provider_ref, sent.error) == (MessageStatus.SENT, "old", None)
+    assert await store.claim_due(now=at(100), lease_seconds=30, limit=10) == []
+
+
+async def test_a_claims_lease_marks_a_message_handed_over_at_insert(store: Storage) -> None:
+    """A message inserted already claimed (sent at once by the process that queued it) is
+    marked with the lease it was inserted with, on every backend's round trip of the time."""
+    account, service = await world(store)
+    verification, message = a_verification(service)
+    lease = at(30) + timedelta(microseconds=123_457)
+    assert await store.create_verification(
+        verification, message, body_masked="x", lease_until=lease
+    )
+    await store.mark_retry(
+        message.id, provider="a", error="503", next_attempt_at=at(1), now=at(1), lease_until=lease
+    )
+    (retried,) = (await store.get_verification(account.id, verification.id)).messages  # type: ignore[union-attr]
+    assert retried.error == "503"
+
+
 async def test_each_outcome_is_kept_in_the_message_history(store: Storage) -> None:
     account, service = await world(store)
     verification, message = await a_pending(store, service)

@@ -414,7 +414,11 @@ class MessageStore(Protocol):
 
     async def mark_sent(
         self, message_id: str, *, provider: str, receipt: SendReceipt, now: datetime
-    ) -> None: ...
+    ) -> None:
+        """Record that a provider accepted the message, if it is still queued. No lease is
+        asked for: an acceptance is a fact whichever claim made it, and recording it stops
+        any other claim from sending the message again."""
+        ...
 
     async def mark_retry(
         self,
@@ -426,15 +430,27 @@ class MessageStore(Protocol):
         now: datetime,
         outcome: AttemptOutcome = AttemptOutcome.RETRY,
         counted: bool = True,
+        lease_until: datetime | None = None,
     ) -> None:
         """Schedule another attempt at ``next_attempt_at`` and record this one in the
         message's history with ``outcome``; ``mark_sent`` and ``mark_failed`` record theirs
         the same way, in the same statement. ``counted`` false takes back the attempt the
-        claim counted (nothing was attempted: the provider was not connected)."""
+        claim counted (nothing was attempted: the provider was not connected).
+
+        Like ``mark_failed``, it changes only a queued message and, given the ``lease_until``
+        of the caller's claim, only while the message still carries that lease: a dispatcher
+        that stalled past its lease, and whose message another has claimed since, changes
+        nothing (the newer claim decides). The dispatcher always passes its lease."""
         ...
 
     async def mark_failed(
-        self, message_id: str, *, provider: str | None, error: str, now: datetime
+        self,
+        message_id: str,
+        *,
+        provider: str | None,
+        error: str,
+        now: datetime,
+        lease_until: datetime | None = None,
     ) -> Verification | None:
         """Fail the message for good and refund its price (with a ledger entry) and give its
         ``spend_units`` back to the daily spend caps that counted them, in one transaction.

@@ -430,7 +430,11 @@ class Dispatcher:
                 verification is None or service is None or verification.code_sealed is None
             ):
                 await self._storage.mark_failed(
-                    message.id, provider=None, now=now, error="verification closed before sending"
+                    message.id,
+                    provider=None,
+                    now=now,
+                    error="verification closed before sending",
+                    lease_until=item.lease_until,
                 )
                 return
             if (
@@ -439,7 +443,11 @@ class Dispatcher:
             ):
                 await self._storage.close(verification.id, VerificationStatus.EXPIRED, now)
                 await self._storage.mark_failed(
-                    message.id, provider=None, now=now, error="verification expired before sending"
+                    message.id,
+                    provider=None,
+                    now=now,
+                    error="verification expired before sending",
+                    lease_until=item.lease_until,
                 )
                 return
             tally = unanswered_sends(message.error)
@@ -641,6 +649,7 @@ class Dispatcher:
             next_attempt_at=retry_at,
             now=now,
             counted=False,  # nothing was attempted
+            lease_until=item.lease_until,
         )
         self._metrics.count("message_retry", provider="none")
 
@@ -709,6 +718,7 @@ class Dispatcher:
             now=now,
             outcome=AttemptOutcome.UNANSWERED if unanswered else AttemptOutcome.RETRY,
             counted=counted,
+            lease_until=item.lease_until,
         )
         self._metrics.count("message_retry", provider=provider)
         log.warning(
@@ -731,7 +741,11 @@ class Dispatcher:
         if item.verification is not None and item.service is not None:
             await self._fall_back(item.verification, item.service, after=item.message.channel)
         failed = await self._storage.mark_failed(
-            item.message.id, provider=provider, error=error, now=self._clock.now()
+            item.message.id,
+            provider=provider,
+            error=error,
+            now=self._clock.now(),
+            lease_until=item.lease_until,
         )
         self._metrics.count("message_failed", provider=provider or "none")
         log.warning(
@@ -870,7 +884,10 @@ class Dispatcher:
         background: the message must not reach a sender again, and its lease will lapse."""
         try:
             await self._storage.mark_sent(
-                mark.message_id, provider=mark.provider, receipt=mark.receipt, now=mark.sent_at
+                mark.message_id,
+                provider=mark.provider,
+                receipt=mark.receipt,
+                now=mark.sent_at,
             )
         except Exception as exc:
             self._unrecorded[mark.message_id] = mark
@@ -888,7 +905,10 @@ class Dispatcher:
         for mark in list(self._unrecorded.values()):
             try:
                 await self._storage.mark_sent(
-                    mark.message_id, provider=mark.provider, receipt=mark.receipt, now=mark.sent_at
+                    mark.message_id,
+                    provider=mark.provider,
+                    receipt=mark.receipt,
+                    now=mark.sent_at,
                 )
             except Exception as exc:
                 log.warning(

@@ -657,6 +657,13 @@ MARK_FAILED = (
         m.c.created_at,
     )
 )
+#: The retry and failure marks as the holder of a claim writes them: only while the message
+#: still carries that claim's lease (``lease_until``), so a dispatcher that stalled past its
+#: lease, whose message another has claimed since, cannot reschedule or fail (and refund) what
+#: the newer claim holds. ``MARK_SENT`` needs no lease: a provider's acceptance is a fact,
+#: whichever claim made it.
+MARK_RETRY_LEASED = MARK_RETRY.where(m.c.lease_until == p("lease_until", UTCDateTime))
+MARK_FAILED_LEASED = MARK_FAILED.where(m.c.lease_until == p("lease_until", UTCDateTime))
 #: Messages of a verification, other than one, that may still reach the phone.
 OTHER_LIVE_MESSAGES = (
     select(func.count().label("n"))

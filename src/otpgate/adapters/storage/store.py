@@ -1150,9 +1150,10 @@ class SqlStore:
         now: datetime,
         outcome: AttemptOutcome = AttemptOutcome.RETRY,
         counted: bool = True,
+        lease_until: datetime | None = None,
     ) -> None:
         await self._x.run(
-            q.MARK_RETRY,
+            q.MARK_RETRY if lease_until is None else q.MARK_RETRY_LEASED,
             id=message_id,
             uncounted=0 if counted else 1,
             provider=provider,
@@ -1160,14 +1161,22 @@ class SqlStore:
             error=error[:_ERROR_LENGTH],
             next_attempt_at=next_attempt_at,
             now=now,
+            **_lease(lease_until),
         )
 
     async def mark_failed(
-        self, message_id: str, *, provider: str | None, error: str, now: datetime
+        self,
+        message_id: str,
+        *,
+        provider: str | None,
+        error: str,
+        now: datetime,
+        lease_until: datetime | None = None,
     ) -> Verification | None:
         async with self._x.transaction() as tx:
             row = await tx.one(
-                q.MARK_FAILED,
+                q.MARK_FAILED if lease_until is None else q.MARK_FAILED_LEASED,
+                **_lease(lease_until),
                 id=message_id,
                 provider=provider,
                 entry=Attempt(
@@ -1569,3 +1578,8 @@ class SqlStore:
                 return None
             await tx.run(q.DELETE_LIST_ENTRY, account_id=account_id, list=name.value, id=entry_id)
         return list_entry_from_row(row)
+
+
+def _lease(lease_until: datetime | None) -> dict[str, datetime]:
+    """The ``lease_until`` parameter of a ``*_LEASED`` mark, when the caller holds a lease."""
+    return {} if lease_until is None else {"lease_until": lease_until}
