@@ -54,7 +54,7 @@ def test_voice_texts_differ_per_language() -> None:
         ("de", "Ihr Bestätigungscode für Acme lautet: 1, 2"),
         ("it", "Il tuo codice di verifica Acme è: 1, 2"),
         ("pt", "O seu código de verificação Acme é: 1, 2"),
-        ("ca", "El teu codi de verificació de Acme és: 1, 2"),
+        ("ca", "El teu codi de verificació d'Acme és: 1, 2"),
         ("nl", "Uw verificatiecode voor Acme is: 1, 2"),
     ],
 )
@@ -180,3 +180,23 @@ def test_email_locale_chain(locale: str, default_locale: str, language_of: str) 
     assert email_content("1", "Acme", 10, locale, default_locale=default_locale) == email_content(
         "1", "Acme", 10, language_of
     )
+
+
+@pytest.mark.parametrize(
+    ("brand", "said"),
+    [
+        ("Acme", "d'Acme"),
+        ("Òmnium", "d'Òmnium"),
+        ("Hotel Sol", "d'Hotel Sol"),
+        ("Banc Nou", "de Banc Nou"),
+        ("Hyatt", "de Hyatt"),
+        ("4Bank", "de 4Bank"),
+    ],
+)
+def test_catalan_elides_de_before_a_vowel_sound(brand: str, said: str) -> None:
+    assert f"verificació {said} és" in voice_text("12", brand, "ca")
+    subject, text, _ = email_content("12", brand, 10, "ca")
+    assert subject == f"El teu codi de verificació {said}"
+    assert text.startswith(f"El teu codi de verificació {said} és:")
+    # Elsewhere "de" stays: Spanish does not elide.
+    assert "verificación de " + brand in voice_text("12", brand, "es")

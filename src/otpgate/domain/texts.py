@@ -158,6 +158,27 @@ def spell_code(code: str) -> str:
     return ", ".join(ch.upper() for ch in _one_line(code) if not ch.isspace())
 
 
+def _with_brand(template: str, brand: str, language: str) -> str:
+    """``template`` with the brand in place of ``{brand}``. Catalan elides "de" before a vowel
+    or an h and a vowel ("d'Acme", "d'Hola", but "de Banc", "de Hyatt" stays as is).
+
+    >>> _with_brand("codi de {brand}", "Òmnium", "ca"), _with_brand("codi de {brand}", "Banc", "ca")
+    ("codi d'Òmnium", 'codi de Banc')
+    """
+    if language == "ca" and _starts_with_vowel_sound(brand):
+        template = template.replace("de {brand}", "d'{brand}")
+    return template.replace("{brand}", brand)
+
+
+def _starts_with_vowel_sound(word: str) -> bool:
+    """True when ``word`` begins with a vowel, or an h and a vowel (accents ignored)."""
+    bare = "".join(
+        ch for ch in unicodedata.normalize("NFD", word[:2].lower()) if not unicodedata.combining(ch)
+    )
+    vowels = ("a", "e", "i", "o", "u")
+    return bare[:1] in vowels or (bare[:1] == "h" and bare[1:2] in vowels)
+
+
 def voice_text(code: str, brand: str, locale: str, *, default_locale: str = "en") -> str:
     """What a call says: the code spelled out, twice, in the locale's language.
 
@@ -166,9 +187,10 @@ def voice_text(code: str, brand: str, locale: str, *, default_locale: str = "en"
     >>> voice_text("4072", "Acme", "sv", default_locale="de")
     'Ihr Bestätigungscode für Acme lautet: 4, 0, 7, 2. Ich wiederhole: 4, 0, 7, 2.'
     """
-    phrases = _PHRASES[_language(locale, default_locale)]
+    language = _language(locale, default_locale)
+    phrases = _PHRASES[language]
     spelled = spell_code(code)
-    intro = phrases.intro.replace("{brand}", _one_line(brand))
+    intro = _with_brand(phrases.intro, _one_line(brand), language)
     return f"{intro} {spelled}. {phrases.repeat} {spelled}."
 
 
@@ -190,8 +212,8 @@ def email_content(
     phrases = _PHRASES[language]
     brand = _one_line(brand)
     code = _one_line(code)
-    subject = phrases.subject.replace("{brand}", brand)
-    intro = phrases.intro.replace("{brand}", brand)
+    subject = _with_brand(phrases.subject, brand, language)
+    intro = _with_brand(phrases.intro, brand, language)
     validity = (
         phrases.valid_one if minutes == 1 else phrases.valid_many.replace("{minutes}", str(minutes))
     )
