@@ -792,32 +792,6 @@ ResetField = Annotated[
 ]
 ServiceId = Annotated[str, typer.Option("--id", help="Service id (svc_…).")]
 
-#: The fields ``services update --reset`` may set back to their defaults (every one but name).
-_RESETTABLE_SERVICE_FIELDS = (
-    "code_length",
-    "code_type",
-    "ttl_seconds",
-    "max_check_attempts",
-    "max_send_attempts",
-    "resend_interval_seconds",
-    "channels",
-    "allowed_countries",
-    "sender_id",
-    "templates",
-    "default_locale",
-    "webotp_domain",
-    "android_app_hash",
-    "webhook_url",
-    "allow_multipart",
-    "fallback_after_seconds",
-    "test_numbers",
-    "daily_spend_cap",
-    "rate_limits",
-    "fraud_guard",
-    "allow_voip",
-    "custom_code_enabled",
-)
-
 
 def _rate_limits(values: Sequence[str] | None, fail_open: bool | None) -> dict[str, Any] | None:
     """``KIND=LIMIT/SECONDS`` options (and the fail-open switch) as a ``rate_limits`` object.
@@ -854,12 +828,15 @@ def _service_fields(
 def _resets(fields: Sequence[str] | None, given: Mapping[str, Any]) -> dict[str, None]:
     """``--reset FIELD`` options as fields set to null; a field both given and reset, or one
     that cannot be reset, is a usage error."""
+    from otpgate.domain.policy import POLICY_FIELDS
+
+    resettable = sorted(POLICY_FIELDS - {"name"})  # a service always has a name
     resets: dict[str, None] = {}
     for field in fields or ():
-        if field not in _RESETTABLE_SERVICE_FIELDS:
+        if field not in resettable:
             raise typer.BadParameter(
                 f"{field!r} is not a service field that can be reset; one of "
-                + ", ".join(_RESETTABLE_SERVICE_FIELDS),
+                + ", ".join(resettable),
                 param_hint="--reset",
             )
         if field in given:
