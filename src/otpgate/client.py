@@ -243,7 +243,7 @@ def _problem_error(response: httpx.Response) -> OtpgateError:
     retry_after = problem.get("retry_after")
     if retry_after is None:  # a gateway or an older server: the header says the same
         header = response.headers.get("Retry-After", "")
-        retry_after = int(header) if header.isdigit() else None
+        retry_after = int(header) if header.isascii() and header.isdigit() else None
     param = problem.get("param")
     cls = _BY_CODE.get(problem["code"], OtpgateError)
     error = cls(

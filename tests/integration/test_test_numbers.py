@@ -241,3 +241,65 @@ async def test_a_test_number_uses_no_rate_limit(api: Api) -> None:
     assert (await api.http.post(cancel, headers=api.auth())).status_code == 200
     refused = await api.start(OTHER)
     assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")
+
+
+async def test_removing_a_test_number_ends_its_code_and_the_next_start_is_real(api: Api) -> None:
+    await with_test_number(api)
+    first = (await api.start(TEST_NUMBER)).json()
+    removed = await api.http.patch(
+        f"/v1/services/{api.service_id}", json={"test_numbers": None}, headers=api.auth()
+    )
+    assert removed.status_code == 200, removed.text
+
+    # The published fixed code approves nothing once the number is no longer a test number.
+    late = await api.check(first["id"], FIXED)
+    assert (late.json()["status"], late.json()["valid"]) == ("canceled", False)
+    started = await api.start(TEST_NUMBER)
+    assert started.status_code == 201, started.text
+    again = started.json()
+    assert again["id"] != first["id"] and again["test"] is False
+    await api.deliver()
+    assert [sms.to for sms in api.sender.sent] == [TEST_NUMBER]  # a real code, really sent
+    refused = await api.check(again["id"], FIXED)
+    assert refused.json()["valid"] is False
+
+
+async def test_a_changed_fixed_code_replaces_the_old_one(api: Api) -> None:
+    await with_test_number(api)
+    first = (await api.start(TEST_NUMBER)).json()
+    changed = await api.http.patch(
+        f"/v1/services/{api.service_id}",
+        json={"test_numbers": {TEST_NUMBER: "515151"}},
+        headers=api.auth(),
+    )
+    assert changed.status_code == 200, changed.text
+
+    late = await api.check(first["id"], FIXED)
+    assert (late.json()["status"], late.json()["valid"]) == ("canceled", False)
+    again = (await api.start(TEST_NUMBER)).json()
+    assert again["id"] != first["id"] and again["test"] is True
+    assert (await api.check(again["id"], FIXED)).json()["valid"] is False
+    assert (await api.check(again["id"], "515151")).json()["status"] == "approved"
+    await api.deliver()
+    assert api.sender.sent == []
+
+
+async def test_a_number_that_becomes_a_test_number_gets_a_test_verification(api: Api) -> None:
+    real = (await api.start(OTHER)).json()
+    await api.deliver()
+    made = await api.http.patch(
+        f"/v1/services/{api.service_id}",
+        json={"test_numbers": {OTHER: FIXED}},
+        headers=api.auth(),
+    )
+    assert made.status_code == 200, made.text
+
+    started = await api.start(OTHER)
+    assert started.status_code == 201, started.text
+    test = started.json()
+    assert test["id"] != real["id"] and test["test"] is True
+    await api.deliver()
+    assert [sms.to for sms in api.sender.sent] == [OTHER]  # only the first, real, send
+    assert (await api.check(test["id"], FIXED)).json()["status"] == "approved"
+    superseded = await api.http.get(f"/v1/verifications/{real['id']}", headers=api.auth())
+    assert superseded.json()["status"] == "canceled"

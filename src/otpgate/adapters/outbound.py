@@ -432,11 +432,14 @@ def _logged(error: _E, *, origin: str | None) -> _E:
 
 def _address_literal(host: str) -> IPAddress | None:
     """The address a host literally is, or ``None`` for a name. Raises ``ValueError`` for a
-    host that aiohttp would take as an address literal (digits and dots, or a colon) and that
-    is not a canonical address: ``127.1``, ``2130706433``, ``010.0.0.1`` (octal to some
-    resolvers), a malformed IPv6 address."""
-    if ":" not in host and not host.replace(".", "").isdigit():
-        return None
+    host that a resolver would take as an address (a colon, or anything the C library's
+    ``inet_aton`` reads as IPv4) and that is not a canonical address: ``127.1``,
+    ``2130706433``, ``010.0.0.1`` (octal), ``0xA9FEA9FE`` (hex), a malformed IPv6 address."""
+    if ":" not in host:
+        try:
+            socket.inet_aton(host)
+        except OSError:
+            return None  # a name
     return ipaddress.ip_address(host)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from otpgate.domain.ascii import ascii_upper
 from otpgate.domain.model import CodeType
 from otpgate.errors import InvalidRequest
 
@@ -62,14 +63,18 @@ def generate_code(length: int, code_type: CodeType = CodeType.NUMERIC) -> str:
 _DROPPED_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cf", "Pd"})
 #: Dropped too: the whitespace controls, and the minus signs, which Unicode files as maths.
 _DROPPED = frozenset("\t\n\v\f\r\u2212\u207b\u208b")
+#: The full-width forms of ASCII's printable characters (U+FF01–U+FF5E), as a phone keyboard in
+#: a CJK input mode types them, and how far they sit from their ASCII counterparts.
+_FULL_WIDTH_FIRST, _FULL_WIDTH_LAST, _FULL_WIDTH_OFFSET = "\uff01", "\uff5e", 0xFEE0
 #: Every character a code of any service can hold, once normalised.
 _ANY_CODE_CHARACTER = frozenset(NUMERIC_ALPHABET) | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def normalize_code(presented: str, code_type: CodeType) -> str:
-    """The code as the user meant it: digits of any script as ASCII digits, compatibility forms
-    folded (full-width letters and digits), spaces, dashes and invisible characters of any kind
-    dropped, alphanumeric codes upper-cased.
+    """The code as the user meant it: digits of any script as ASCII digits, full-width forms
+    as their ASCII letters and signs, spaces, dashes and invisible characters of any kind
+    dropped, alphanumeric codes upper-cased. Nothing else is folded: a superscript or circled
+    digit, a Roman numeral or a ligature stays what it is (and ``presented_code`` refuses it).
 
     >>> normalize_code(" 123-456 ", CodeType.NUMERIC)
     '123456'
@@ -79,16 +84,23 @@ def normalize_code(presented: str, code_type: CodeType) -> str:
     '407215'
     >>> normalize_code("４０７–２１５", CodeType.NUMERIC)  # full-width, an en dash
     '407215'
+    >>> normalize_code("²²⁹①", CodeType.NUMERIC)  # superscript and circled: not digits
+    '²²⁹①'
+    >>> normalize_code("ab-ﬁß", CodeType.ALPHANUMERIC)  # a ligature and ß stay themselves
+    'ABﬁß'
     """
     kept: list[str] = []
-    for ch in unicodedata.normalize("NFKC", presented):
+    for ch in presented:
+        if _FULL_WIDTH_FIRST <= ch <= _FULL_WIDTH_LAST:
+            ch = chr(ord(ch) - _FULL_WIDTH_OFFSET)
         digit = unicodedata.decimal(ch, None)
         if digit is not None:
             kept.append(NUMERIC_ALPHABET[digit])
         elif ch not in _DROPPED and unicodedata.category(ch) not in _DROPPED_CATEGORIES:
             kept.append(ch)
     cleaned = "".join(kept)
-    return cleaned.upper() if code_type is CodeType.ALPHANUMERIC else cleaned
+    # ASCII letters only: str.upper() would turn "ß" into "SS", "ﬁ" into "FI", "ı" into "I".
+    return ascii_upper(cleaned) if code_type is CodeType.ALPHANUMERIC else cleaned
 
 
 def presented_code(presented: Any) -> str:

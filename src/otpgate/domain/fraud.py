@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from otpgate.domain.ascii import ascii_upper
 from otpgate.errors import InvalidRequest
 
 #: How many trailing digits a prefix leaves out: a block of 1,000 numbers.
@@ -71,9 +72,9 @@ def validate_number(value: object, *, param: str = "number") -> str:
 
 
 def validate_country(value: object, *, param: str = "country") -> str:
-    if not isinstance(value, str) or not _COUNTRY.match(value.strip().upper()):
+    if not isinstance(value, str) or not _COUNTRY.match(ascii_upper(value.strip())):
         raise InvalidRequest("country must be an ISO 3166-1 alpha-2 code", param=param)
-    return value.strip().upper()
+    return ascii_upper(value.strip())
 
 
 class GuardLevel(enum.StrEnum):

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from otpgate.domain import sms, texts
+from otpgate.domain.ascii import ascii_upper
 from otpgate.domain.billing import parse_credits
 from otpgate.domain.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH, validate_custom_code
 from otpgate.domain.fraud import GuardLevel
@@ -155,12 +156,12 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         return channels
     if key == "allowed_countries":
         if not isinstance(value, list | tuple) or not all(
-            isinstance(c, str) and _COUNTRY.match(c.upper()) for c in value
+            isinstance(c, str) and _COUNTRY.match(ascii_upper(c)) for c in value
         ):
             raise InvalidRequest(
                 "allowed_countries must be ISO 3166-1 alpha-2 codes or null", param=key
             )
-        return tuple(sorted({c.upper() for c in value}))
+        return tuple(sorted({ascii_upper(c) for c in value}))
     if key == "sender_id":
         return sms.validate_sender_id(_text(key, value))
     if key == "templates":

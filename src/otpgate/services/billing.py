@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import phonenumbers
 import pycountry
 
+from otpgate.domain.ascii import ascii_upper
 from otpgate.domain.billing import (
     DEFAULT_COUNTRY,
     BillingMode,
@@ -84,7 +85,7 @@ def parse_price_file(text: str) -> dict[str, int]:
         where = f"line {number}"
         if len(row) != 2:
             raise InvalidRequest(f"{where}: expected two fields, country and credits", param=where)
-        country, credits = row[0].strip().upper(), row[1].strip()
+        country, credits = ascii_upper(row[0].strip()), row[1].strip()
         if country != DEFAULT_COUNTRY and not known_country(country):
             raise InvalidRequest(
                 f"{where}: {country!r} is not an ISO 3166-1 alpha-2 country code otpgate knows",
@@ -158,7 +159,7 @@ class Billing:
         else:
             codes = []
             for raw in countries:
-                code = raw.strip().upper()
+                code = ascii_upper(raw.strip())
                 if not (code == DEFAULT_COUNTRY or known_country(code)):
                     raise InvalidRequest(f"{raw!r} is not a country code", param="country")
                 codes.append(code)

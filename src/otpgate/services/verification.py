@@ -239,8 +239,17 @@ class VerificationService:
         #    verification may restart the guessing.
         self._refuse_if_locked(lockout)
         # 4. A pending verification for this destination: send its code again, unless the
-        #    caller binds a different code or context, which supersedes it.
-        resend = custom_code is None and pending is not None and pending.context == context
+        #    caller binds a different code or context, which supersedes it. A pending one of
+        #    the other kind (a test verification of a number that is no longer a test number,
+        #    or whose fixed code changed; a real one of a number that became a test number) is
+        #    superseded too, and its sends carry nothing over: a test send reached no phone.
+        changed_kind = pending is not None and not self._same_kind(pending, fixed_code)
+        resend = (
+            custom_code is None
+            and pending is not None
+            and pending.context == context
+            and not changed_kind
+        )
         if pending is not None and resend and not request.replace_pending:
             if self._code_of(pending) is not None:
                 resent = await self._resend(
@@ -253,7 +262,7 @@ class VerificationService:
                 await self._emit(verification_event(VERIFICATION_FAILED, pending))
             pending = None
         sends_so_far = 0
-        if pending is not None:
+        if pending is not None and not changed_kind:
             # Superseding is a send within the same process of proving this destination: the
             # resend interval and the send cap carry over, so changing the context or the
             # custom code is no way around them (S9).
@@ -687,6 +696,15 @@ class VerificationService:
         if lockout.in_force(now):
             self._metrics.count("check", result="locked")
             return self._result(verification, status, valid=False)
+        # 2a. A test verification approves only while its number is still a test number of
+        #     the service with the same fixed code: removing it ends the published code's use.
+        if verification.test and not await self._still_a_test_number(verification):
+            if await self._storage.close(verification.id, VerificationStatus.CANCELED, now):
+                log.info(
+                    "test verification canceled: no longer a test number",
+                    extra={"verification_id": verification.id},
+                )
+            return await self._reread(verification, now)
         # 2b. Rate limit on checks per destination (services/ratelimit.py): bounds guessing
         #     across the destination's verifications; refuses (503) when it cannot count.
         if self._rate_limits is not None:
@@ -897,6 +915,22 @@ class VerificationService:
                 "event lost: storage unavailable",
                 extra={"event_type": event.type, "service_id": event.service_id},
             )
+
+    def _same_kind(self, pending: Verification, fixed_code: str | None) -> bool:
+        """Whether a start with ``fixed_code`` (None: not a test number) may resend
+        ``pending``: both real, or both test verifications with the same fixed code."""
+        if pending.test != (fixed_code is not None):
+            return False
+        return fixed_code is None or self._code_of(pending) == fixed_code
+
+    async def _still_a_test_number(self, verification: Verification) -> bool:
+        """Whether the test verification's number is still one of its service's test numbers,
+        with the fixed code it was started with (the service as the lookup cache has it)."""
+        service = await self._catalog.lookup(verification.account_id, verification.service_id)
+        if service is None:
+            return False
+        current = testing.fixed_code(service.policy, verification.to)
+        return current is not None and self._code_of(verification) == current
 
     async def _service(self, principal: Principal, service_id: str) -> Service:
         service = await self._catalog.lookup(principal.account.id, service_id)

@@ -230,7 +230,7 @@ class PostgresExecutor:
         )
         # "UPDATE 3", "DELETE 0", "INSERT 0 1": the last word is the row count.
         tail = status.rsplit(" ", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
+        return int(tail) if tail.isascii() and tail.isdigit() else 0
 
     # --- executor ----------------------------------------------------------------------------
 

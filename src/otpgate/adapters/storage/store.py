@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -572,6 +573,10 @@ async def _refund(
 # --- cursors ---------------------------------------------------------------------------------
 
 
+#: An otpgate id (``model.new_id``): a lowercase type prefix, "_", 32 lowercase hex digits.
+_ROW_ID = re.compile(r"[a-z]{2,8}_[0-9a-f]{32}")
+
+
 def encode_cursor(created_at: datetime, row_id: str) -> str:
     raw = json.dumps([created_at.isoformat(), row_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -579,16 +584,20 @@ def encode_cursor(created_at: datetime, row_id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The position a cursor from :func:`encode_cursor` names; ``InvalidRequest`` for anything
-    else, including a well-formed one whose time has no zone (or no time at all): comparing it
-    with stored times would otherwise fail deep inside a query."""
+    :func:`encode_cursor` could not have written: a time that is not in its exact form (with a
+    zone), or a row id that is not an otpgate id (a lone surrogate or a NUL would otherwise
+    fail deep inside a query). Cursors are not signed: one made by hand in the exact form only
+    moves where a page of the caller's own rows starts."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         stamp, row_id = json.loads(base64.urlsafe_b64decode(padded))
         if not isinstance(stamp, str) or not isinstance(row_id, str):
             raise TypeError("cursor fields are not strings")
         created_at = datetime.fromisoformat(stamp)
-        if created_at.tzinfo is None or "T" not in stamp:
-            raise ValueError("cursor time without a zone")
+        if created_at.tzinfo is None or created_at.isoformat() != stamp:
+            raise ValueError("cursor time not as otpgate writes it")
+        if not _ROW_ID.fullmatch(row_id):
+            raise ValueError("cursor row id is not an otpgate id")
         return created_at, row_id
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc

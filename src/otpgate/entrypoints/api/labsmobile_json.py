@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field, RootModel
 from pydantic.json_schema import SkipJsonSchema
 
 from otpgate.domain import sms
+from otpgate.domain.ascii import ascii_upper
 from otpgate.domain.billing import DEFAULT_COUNTRY, UNITS_PER_CREDIT, BillingMode
 from otpgate.domain.model import Principal
 from otpgate.domain.phone import parse_phone, require_sms_capable
@@ -707,7 +708,7 @@ def _countries(value: Any) -> list[str] | None:
         return None
     if not isinstance(value, list) or not all(isinstance(code, str) for code in value):
         raise Refusal(ResultCode.MALFORMED_JSON, "countries must be a list of ISO country codes")
-    codes = [code.strip().upper() for code in value]
+    codes = [ascii_upper(code.strip()) for code in value]
     for index, code in enumerate(codes, start=1):
         if not known_country(code):
             raise Refusal(

@@ -307,8 +307,11 @@ async def send_code(
     )
     service = await container.catalog.find_named(principal, name)
     if service is None:
-        # Refuse what the new service would refuse before creating it: a refusal leaves no
-        # trace. Two first sendCodes of one env may both create it; both then use the oldest.
+        # Refuse the request's own bad parameters before creating the service, so that they
+        # leave no trace. A refusal by policy after this point (a blocked destination, no
+        # credit) keeps the new service, as configuration: removing it again would race with
+        # a concurrent first sendCode of this env (docs/api.md). Two first sendCodes of one
+        # env may both create it; both then use the oldest.
         container.verifications.check_own_settings(rules.build_policy({"name": name}), start)
         created = await container.catalog.named(principal, name)
         service = await container.catalog.find_named(principal, name) or created

@@ -239,9 +239,23 @@ def _int(form: Mapping[str, str], name: str) -> int | None:
     value = form.get(name)
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 6:
+    # ASCII digits only: str.isdigit() is true for "²" and "①", which int() refuses, and for
+    # other scripts' digits, which Twilio does not take as numbers either.
+    if not (value.isascii() and value.isdigit()) or len(value) > 6:
         raise _invalid(name, "an integer")
     return int(value)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(name)  # NaN and Infinity are JavaScript's, not JSON's
+
+
+def _json_object(text: str) -> Any:
+    """``text`` parsed as strict JSON (no NaN or Infinity), or None when it is not JSON."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:
+        return None
 
 
 def _base_url(request: Request) -> str:
@@ -369,7 +383,9 @@ async def create_service(request: Request, principal: Caller) -> Response:
 @router.get("/Services")
 async def list_services(request: Request, principal: Caller) -> Response:
     query = request.query_params
-    size = _int(query, "PageSize") or _DEFAULT_PAGE_SIZE
+    size = _int(query, "PageSize")
+    if size is None:
+        size = _DEFAULT_PAGE_SIZE
     if not 1 <= size <= _MAX_PAGE_SIZE:
         raise _invalid("PageSize", f"1 to {_MAX_PAGE_SIZE}")
     page_number = _int(query, "Page") or 0
@@ -449,11 +465,8 @@ async def create_verification(request: Request, principal: Caller, service_sid: 
         raise _invalid("To", "required")
     channel = _channel(form)
     for parameter in ("ChannelConfiguration", "RateLimits"):
-        if parameter in form:
-            try:
-                json.loads(form[parameter])
-            except ValueError:
-                raise _invalid(parameter, "a JSON object") from None
+        if parameter in form and not isinstance(_json_object(form[parameter]), dict):
+            raise _invalid(parameter, "a JSON object")
     verifications = container_of(request).verifications
     verification, _ = await verifications.start(
         principal,
