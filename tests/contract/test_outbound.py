@@ -530,6 +530,9 @@ async def test_a_name_resolving_to_loopback_is_refused_in_production(
         "http://127.1/",
         "http://017700000001/",
         "http://010.0.0.1/",  # octal to some resolvers
+        "http://0xA9FEA9FE/",  # 169.254.169.254 in hex, as inet_aton reads it
+        "http://0x7f.0.0.1/",  # 127.0.0.1, hex first part
+        "http://0177.1/",  # 127.0.0.1, octal and short
         "http://[1:2:3]/",
         "http://example.com/" + "a" * MAX_URL_LENGTH,
     ],

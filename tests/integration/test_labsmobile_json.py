@@ -732,6 +732,7 @@ async def test_prices_are_keyed_by_iso_code(api: Api) -> None:
 
     for refused in (
         {"countries": ["XX"]},
+        {"countries": ["ß"]},  # not South Sudan's "SS", as Unicode's upper-casing would have it
         {"countries": ["*"]},
         {"countries": "ES"},
         {"countries": [1]},

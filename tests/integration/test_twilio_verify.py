@@ -5,7 +5,9 @@ loopback stub (where the tests read the codes)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -386,6 +388,64 @@ def test_bad_page_token_is_invalid_parameter(client: Client, server: Server) -> 
     )
     assert answer.status_code == 400
     assert answer.json()["code"] == 60200 and "PageToken" in answer.json()["message"]
+
+
+def forged_cursor(stamp: str, row_id: str) -> str:
+    raw = json.dumps([stamp, row_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "data", "parameter"),
+    [
+        ("POST", "/v2/Services", {"FriendlyName": "X", "CodeLength": "²"}, "CodeLength"),
+        ("POST", "/v2/Services", {"FriendlyName": "X", "CodeLength": "①"}, "CodeLength"),
+        ("POST", "/v2/Services", {"FriendlyName": "X", "CodeLength": "٨"}, "CodeLength"),
+        ("POST", "/v2/Services", {"FriendlyName": "X", "CodeLength": "６"}, "CodeLength"),
+        ("GET", "/v2/Services", {"PageSize": "²"}, "PageSize"),
+        ("GET", "/v2/Services", {"PageSize": "0"}, "PageSize"),
+        ("GET", "/v2/Services", {"Page": "¹"}, "Page"),
+        (
+            "GET",
+            "/v2/Services",
+            {"PageToken": forged_cursor("2099-01-01T00:00:00+00:00", "\ud800")},
+            "PageToken",
+        ),
+        (
+            "GET",
+            "/v2/Services",
+            {"PageToken": forged_cursor("2099-01-01T00:00:00+00:00", "svc_\u0000")},
+            "PageToken",
+        ),
+        ("GET", "/v2/Services", {"PageToken": forged_cursor("2099-01-01", "svc_x")}, "PageToken"),
+    ],
+)
+def test_odd_numbers_and_forged_page_tokens_are_invalid_parameters(
+    server: Server, method: str, path: str, data: dict[str, str], parameter: str
+) -> None:
+    auth = (account_sid(server), server.key)
+    before = httpx.get(f"{server.url}/v1/services?limit=200", headers=server.auth()).json()
+    if method == "POST":
+        answer = httpx.post(f"{server.url}{path}", data=data, auth=auth)
+    else:
+        answer = httpx.get(f"{server.url}{path}", params=data, auth=auth)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == 60200 and parameter in answer.json()["message"]
+    after = httpx.get(f"{server.url}/v1/services?limit=200", headers=server.auth()).json()
+    assert after == before
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "5", "[]", '"x"', "{"])
+def test_json_parameters_must_be_json_objects(server: Server, client: Client, value: str) -> None:
+    service = client.verify.v2.services.create(friendly_name="Json params")
+    answer = httpx.post(
+        f"{server.url}/v2/Services/{service.sid}/Verifications",
+        data={"To": fresh_number(), "Channel": "sms", "ChannelConfiguration": value},
+        auth=(account_sid(server), server.key),
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == 60200
+    assert "ChannelConfiguration" in answer.json()["message"]
 
 
 def test_blocked_destination_country_not_allowed_and_rate_limited(

@@ -116,6 +116,13 @@ def test_full_width_letters_are_letters() -> None:
         "１２٣",
         "123",
         "1" * 11,
+        # Look-alikes that compatibility folding would have turned into a code:
+        "²²⁹¹⁶⁴",  # superscript digits
+        "①②③④⑤⑥",  # circled digits
+        "Ⅻ1234",  # a Roman numeral
+        "ﬁ1234",  # a ligature ("FI" once upper-cased by Unicode's rules)
+        "ßß1234",  # "SSSS" by Unicode's rules
+        "ı12345",  # a dotless i ("I")
     ],
 )
 def test_what_cannot_be_any_code_is_refused(presented: str) -> None:

@@ -11,12 +11,14 @@ import pytest
 
 from otpgate.adapters.storage import engine
 from otpgate.bootstrap import build_sender, derive_keys, load_master_secret
+from otpgate.domain import ascii as ascii_text
 from otpgate.domain import phone
 from otpgate.domain import policy as rules
 from otpgate.domain.model import Channel, Verification, VerificationStatus
 from otpgate.errors import (
     ConfigurationError,
     InvalidPhoneNumber,
+    InvalidRequest,
     MaxSendAttemptsReached,
     ResendTooSoon,
     UnsupportedNumberType,
@@ -50,7 +52,7 @@ def verification(**changes: object) -> Verification:
     return Verification(**values)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("module", [phone, engine])
+@pytest.mark.parametrize("module", [phone, engine, ascii_text])
 def test_doctests(module: object) -> None:
     assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
 
@@ -161,3 +163,22 @@ def test_database_urls() -> None:
     with pytest.raises(ConfigurationError, match="unsupported"):
         engine.async_url("mysql://root@127.0.0.1/test")
     assert Settings(data_dir=Path("/d")).effective_database_url == "sqlite:////d/otpgate.db"
+
+
+@pytest.mark.parametrize("typed", ["ß", "ﬀ", "ſs", "ı" + "e"])
+def test_a_country_code_is_ascii_however_unicode_would_upper_case_it(typed: str) -> None:
+    """ "ß".upper() is "SS" (South Sudan): such text is refused, not read as a country."""
+    from otpgate.domain.fraud import validate_country
+    from otpgate.services.billing import parse_price_file
+
+    with pytest.raises(InvalidRequest) as refused:
+        rules.build_policy({"name": "x", "allowed_countries": [typed]})
+    assert refused.value.param == "allowed_countries"
+    with pytest.raises(InvalidRequest):
+        validate_country(typed)
+    with pytest.raises(InvalidRequest) as bad_file:
+        parse_price_file(f"country,credits\n{typed},1\n")
+    assert bad_file.value.param == "line 2"
+    assert rules.build_policy({"name": "x", "allowed_countries": ["es"]}).allowed_countries == (
+        "ES",
+    )
