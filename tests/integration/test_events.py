@@ -320,6 +320,44 @@ async def test_security_actions_are_audited_with_before_and_after(
         assert [e["action"] for e in await audit(api, account_id=other.id)] == ["key.created"]
 
 
+async def test_the_audit_log_holds_no_fixed_code_or_full_number(
+    database: Database, tmp_path: Path
+) -> None:
+    """Test numbers, their fixed codes and safe-listed numbers are settings too, but an audit
+    entry never holds a code or a full number: numbers are masked, codes left out, and the rate
+    limits shown as the API shows them."""
+    async with serving(make_settings(database, tmp_path), database) as api:
+        changed = await api.http.patch(
+            f"/v1/services/{api.service_id}",
+            json={
+                "test_numbers": {"+34600000505": "918273"},
+                "rate_limits": {"per_number": {"limit": 3, "window_seconds": 600}},
+            },
+            headers=api.auth(),
+        )
+        assert changed.status_code == 200, changed.text
+        safe = await api.http.post(
+            "/v1/safe-list", json={"number": "+34600000777"}, headers=api.auth()
+        )
+        assert safe.status_code == 201, safe.text
+        removed = await api.http.delete(f"/v1/safe-list/{safe.json()['id']}", headers=api.auth())
+        assert removed.status_code == 204, removed.text
+
+        entries = await audit(api)
+        everything = json.dumps(entries)
+        for secret in ("918273", "600000505", "600000777"):
+            assert secret not in everything
+        updated = next(e for e in entries if e["action"] == "service.updated")
+        assert updated["after"]["test_numbers"] == ["+34******505"]
+        assert updated["before"]["test_numbers"] == []
+        assert updated["after"]["rate_limits"]["per_number"] == {"limit": 3, "window_seconds": 600}
+        assert updated["after"]["rate_limits"]["fail_open"] is False
+        added = next(e for e in entries if e["action"] == "safe_list.added")
+        assert added["after"]["value"] == "+34******777" and added["after"]["kind"] == "number"
+        gone = next(e for e in entries if e["action"] == "safe_list.removed")
+        assert gone["before"]["value"] == "+34******777"
+
+
 @pytest.mark.parametrize(
     ("path", "params", "status", "code"),
     [

@@ -29,7 +29,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from standardwebhooks import Webhook
 
-from otpgate.domain.model import MessageStatus, Verification, VerificationStatus, new_id
+from otpgate.domain.model import (
+    MessageStatus,
+    ServicePolicy,
+    Verification,
+    VerificationStatus,
+    new_id,
+)
+from otpgate.domain.phone import mask
 from otpgate.domain.ports import Event
 
 SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (a prefix, not a secret)
@@ -243,12 +250,16 @@ def url_origin(url: str) -> str:
     return origin + ("/…" if rest else "")
 
 
-def policy_snapshot(policy: Any) -> dict[str, Any]:
+def policy_snapshot(policy: ServicePolicy) -> dict[str, Any]:
     """A service's settings as the audit trail keeps them: every field, JSON-ready, with the
-    webhook URL reduced to its origin (:func:`url_origin`)."""
+    webhook URL reduced to its origin (:func:`url_origin`), the test numbers masked and
+    without their fixed codes (an entry never holds a code or a full number), and the rate
+    limits as the API shows them."""
     snapshot: dict[str, Any] = _plain(policy)
     if snapshot.get("webhook_url"):
         snapshot["webhook_url"] = url_origin(str(snapshot["webhook_url"]))
+    snapshot["test_numbers"] = sorted(mask(number) for number in policy.test_numbers)
+    snapshot["rate_limits"] = policy.rate_limits.document()
     return snapshot
 
 

@@ -135,6 +135,16 @@ class RateLimits:
         """Every start limit in force, by name, in the order of the defaults."""
         return {name: self.limit(name) for name in DEFAULT_START_LIMITS}
 
+    def document(self) -> dict[str, Any]:
+        """The limits as the API shows them: each in force, by name, as ``{"limit",
+        "window_seconds"}``, and ``fail_open``."""
+        shown: dict[str, Any] = {
+            name: {"limit": limit.limit, "window_seconds": limit.window_seconds}
+            for name, limit in self.effective().items()
+        }
+        shown["fail_open"] = self.fail_open
+        return shown
+
 
 @dataclass(frozen=True, slots=True)
 class ServicePolicy:

@@ -45,7 +45,7 @@ from otpgate.domain.fraud import (
     validate_prefix,
 )
 from otpgate.domain.model import Principal, new_id
-from otpgate.domain.phone import Destination, calling_code_of, country_of
+from otpgate.domain.phone import Destination, calling_code_of, country_of, mask
 from otpgate.domain.ports import (
     AuditEntry,
     AuditTrail,
@@ -389,7 +389,7 @@ class FraudGuard:
                     action=f"{name.value}_list.added",
                     target=stored.id,
                     before=None,
-                    after=render_entry(stored),
+                    after=_audited_entry(stored),
                 )
             )
         return stored, created
@@ -405,7 +405,7 @@ class FraudGuard:
                 actor=principal.key_id,
                 action=f"{name.value}_list.removed",
                 target=removed.id,
-                before=render_entry(removed),
+                before=_audited_entry(removed),
                 after=None,
             )
         )
@@ -439,6 +439,15 @@ def render_block(block: Block) -> dict[str, Any]:
         "created_at": _stamp(block.created_at),
         "expires_at": _stamp(block.expires_at),
     }
+
+
+def _audited_entry(entry: ListEntry) -> dict[str, Any]:
+    """A list entry as the audit trail keeps it: a number masked (an audit entry never holds
+    a full number); a prefix or a country as it is."""
+    shown = render_entry(entry)
+    if entry.kind is EntryKind.NUMBER:
+        shown["value"] = mask(entry.value)
+    return shown
 
 
 def render_entry(entry: ListEntry) -> dict[str, Any]:

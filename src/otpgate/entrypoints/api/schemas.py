@@ -657,12 +657,7 @@ def render_service(s: Service) -> dict[str, Any]:
 
 
 def render_rate_limits(limits: RateLimits) -> dict[str, Any]:
-    rendered: dict[str, Any] = {
-        name: {"limit": limit.limit, "window_seconds": limit.window_seconds}
-        for name, limit in limits.effective().items()
-    }
-    rendered["fail_open"] = limits.fail_open
-    return rendered
+    return limits.document()
 
 
 def render_account(a: Account) -> dict[str, Any]:
