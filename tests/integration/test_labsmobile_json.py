@@ -391,6 +391,7 @@ REFUSALS: list[tuple[str, Any, str | None, str]] = [
     ("Infinity", b'{"message": "Hello", "x": -Infinity}', JSON, "11"),
     ("beyond a double", b'{"message": "Hello", "x": 1e999}', JSON, "11"),
     ("a huge integer", b'{"message": "Hello", "x": 1' + b"0" * 5000 + b"}", JSON, "11"),
+    ("an integer past a double", b'{"message": "Hello", "x": 1' + b"0" * 400 + b"}", JSON, "11"),
     ("deep nesting", b'{"x": ' + b"[" * 40 + b"]" * 40 + b"}", JSON, "11"),
     ("deeper than the parser", b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON, "11"),
     ("a lone surrogate", b'{"message": "\\ud800", "recipient": []}', JSON, "11"),

@@ -17,7 +17,7 @@ OpenAPI document, and the test suite checks real responses against it.
 from __future__ import annotations
 
 import enum
-import math
+import sys
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -84,8 +84,11 @@ def refuse_unstorable(data: Any) -> None:
                 raise InvalidRequest(
                     f"{_dotted(path) or 'the body'} holds {reason}", param=_dotted(path)
                 )
-        elif isinstance(value, float):
-            if not math.isfinite(value):
+        elif isinstance(value, float | int) and not isinstance(value, bool):
+            # json reads a float beyond a double's range as inf, but an integer of any size
+            # as an int: both are numbers no JSON peer (nor PostgreSQL's JSON) can carry.
+            # (NaN compares false with everything, so it fails this test too.)
+            if not abs(value) <= sys.float_info.max:
                 raise InvalidRequest(
                     f"{_dotted(path)} must be a finite number JSON can carry (not NaN, Infinity"
                     " or beyond a double's range)",
@@ -292,6 +295,10 @@ class StartVerification(Body):
 
 class ResendVerification(Body):
     channel: str | None = Field(None, json_schema_extra=one_of(Channel))
+
+
+class NoFields(Body):
+    """The optional body of an action that takes no parameters: left out, or ``{}``."""
 
 
 class CheckCode(Body):

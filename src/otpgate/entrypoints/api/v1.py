@@ -84,6 +84,15 @@ Cursor = Annotated[s.Text | None, Query(description="`next_cursor` of the previo
 AUTHENTICATED: tuple[type[OtpgateError], ...] = (InvalidRequest, Unauthorized, Unavailable)
 #: What a route that reads a JSON body may answer besides.
 READS_BODY: tuple[type[OtpgateError], ...] = (PayloadTooLarge, UnsupportedMediaType)
+
+
+async def refuse_null_body(request: Request) -> None:
+    """For a route whose body may be left out: a JSON ``null`` is not leaving it out, and, as
+    any JSON that is not an object, it is refused (FastAPI reads it as no body)."""
+    if (await request.body()).strip() == b"null":
+        raise InvalidRequest("the body must be a JSON object")
+
+
 #: What a create under an ``Idempotency-Key`` may answer besides.
 IDEMPOTENT: tuple[type[OtpgateError], ...] = (IdempotencyInProgress, IdempotencyKeyMismatch)
 #: The ``Idempotency-Key`` header, read by hand in :func:`idempotent`, for the document.
@@ -311,6 +320,7 @@ async def resend_verification(
     principal: Caller,
     verification_id: s.Text,
     body: s.ResendVerification | None = None,
+    _: None = Depends(refuse_null_body),
 ) -> Response:
     """Send the same code again on a pending verification."""
     verifications = container_of(request).verifications
@@ -328,10 +338,14 @@ async def resend_verification(
     "/verifications/{verification_id}/cancel",
     tags=["verifications"],
     response_model=s.VerificationOut,
-    responses=problem_responses(*AUTHENTICATED, NotFound),
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, NotFound),
 )
 async def cancel_verification(
-    request: Request, principal: Caller, verification_id: s.Text
+    request: Request,
+    principal: Caller,
+    verification_id: s.Text,
+    body: s.NoFields | None = None,
+    _: None = Depends(refuse_null_body),
 ) -> Response:
     """A pending verification becomes canceled; a closed one is returned unchanged."""
     verifications = container_of(request).verifications
@@ -636,10 +650,14 @@ async def delete_service(request: Request, principal: Caller, service_id: s.Text
     "/services/{service_id}/webhook-secret",
     tags=["services"],
     response_model=s.WebhookSecretOut,
-    responses=problem_responses(*AUTHENTICATED, NotFound),
+    responses=problem_responses(*AUTHENTICATED, *READS_BODY, NotFound),
 )
 async def rotate_webhook_secret(
-    request: Request, principal: Caller, service_id: s.Text
+    request: Request,
+    principal: Caller,
+    service_id: s.Text,
+    body: s.NoFields | None = None,
+    _: None = Depends(refuse_null_body),
 ) -> Response:
     """Issue a new webhook signing secret for the service, shown in this response only. The
     old one stops signing at once: deliveries from now on, retries included, use the new one."""
