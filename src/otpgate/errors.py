@@ -101,8 +101,8 @@ class InvalidRequest(RequestRefused):
       or, once spaces and dashes are dropped, empty, holding characters other than digits (of
       any script) and the letters A–Z, or shorter than 4 or longer than 10; no attempt is
       counted;
-    - an unknown `status` filter, a `limit` outside 1–200, a cursor otpgate did not issue, or a
-      `to` filter that starts with a space (an unencoded `+`: write it as `%2B`);
+    - an unknown `status` filter, a `limit` outside 1–200, a cursor otpgate could not have
+      issued, or a `to` filter that starts with a space (an unencoded `+`: write it as `%2B`);
     - an `Idempotency-Key` that is not 1–255 printable characters;
     - a resend of a verification that is not pending (`param: "id"`), or of a pending one whose
       sealed code no longer opens because the master key changed (`param: "id"`; the
