@@ -476,6 +476,19 @@ def test_services_take_the_abuse_and_delivery_settings(
     assert checked["status"] == "approved"
     assert stub.messages == []
 
+    # On update, the kinds given change and the service's other limits stay as they are:
+    # flipping fail-open alone loosens nothing.
+    flipped = ok(
+        server.run(
+            "services", "update", "--id", created["id"], "--rate-limits-fail-closed",
+            "--rate-limit", "per_ip=50/3600", "--json",
+        )
+    )  # fmt: skip
+    assert flipped["rate_limits"]["fail_open"] is False
+    assert flipped["rate_limits"]["per_number"] == {"limit": 5, "window_seconds": 3600}
+    assert flipped["rate_limits"]["per_prefix"] == {"limit": 20, "window_seconds": 600}
+    assert flipped["rate_limits"]["per_ip"] == {"limit": 50, "window_seconds": 3600}
+
     reset = ok(
         server.run(
             "services", "update", "--id", created["id"], "--reset", "daily_spend_cap",

@@ -770,8 +770,8 @@ RateLimit = Annotated[
     typer.Option(
         metavar="KIND=LIMIT/SECONDS",
         help="A limit on starts: per_number, per_prefix, per_country, per_ip or per_service, "
-        "such as per_number=5/3600 (repeatable; the ones given, with --rate-limits-fail-open, "
-        "replace the service's rate_limits; the others keep their defaults).",
+        "such as per_number=5/3600 (repeatable; on update, the kinds given change and the "
+        "others stay as they are).",
     ),
 ]
 RateLimitsFailOpen = Annotated[
@@ -1006,7 +1006,19 @@ def services_update(
     changes = {**fields, **_resets(reset, fields)}
 
     async def action(c: Container) -> Any:
-        return await c.catalog.update(await _principal(c, account), service, changes)
+        principal = await _principal(c, account)
+        if changes.get("rate_limits") is not None:
+            # Only the kinds (and the switch) given change: the rest of the service's own
+            # limits stay, so flipping fail-open never loosens a limit set before.
+            current = await c.catalog.get(principal, service)
+            kept = current.policy.rate_limits
+            merged: dict[str, Any] = {
+                name: {"limit": limit.limit, "window_seconds": limit.window_seconds}
+                for name, limit in kept.overrides
+            }
+            merged["fail_open"] = kept.fail_open
+            changes["rate_limits"] = {**merged, **changes["rate_limits"]}
+        return await c.catalog.update(principal, service, changes)
 
     document = render_service(_admin(action, as_json))
     _emit(document, as_json, _object_view("updated service", document))
