@@ -218,6 +218,29 @@ async def test_context_that_would_need_two_segments_is_refused(api: Api) -> None
     assert listed.json()["data"] == []
 
 
+@pytest.mark.parametrize(
+    ("context", "param"),
+    [
+        ({"amount": "10 EUR\nCode: 123456"}, "context.amount"),  # a forged line of its own
+        ({"payee": "Shop\r"}, "context.payee"),
+        ({"payee": "\u202eopohS"}, "context.payee"),  # shown reversed
+        ({"payee": "Sh\u200bop"}, "context.payee"),  # a zero-width space
+        ({"amount": "10\u2028EUR"}, "context.amount"),  # a line separator
+        ({"amount": "10\tEUR"}, "context.amount"),
+    ],
+)
+async def test_a_context_shows_as_it_is_or_is_refused(
+    api: Api, context: dict[str, str], param: str
+) -> None:
+    response = await api.start(context=context)
+    assert response.status_code == 400, response.text
+    assert (response.json()["code"], response.json()["param"]) == ("invalid_request", param)
+    await api.deliver()
+    assert api.sender.sent == []
+    listed = await api.http.get("/v1/verifications", headers=api.auth())
+    assert listed.json()["data"] == []
+
+
 async def test_a_pending_code_sealed_under_an_old_key_is_replaced(api: Api) -> None:
     vid, _ = await started(api)
     # Simulate a master-key rotation: the stored ciphertext no longer authenticates.

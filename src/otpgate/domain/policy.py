@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -420,7 +421,20 @@ def validate_context(context: Any) -> dict[str, str] | None:
                 f"context.{key} must be a string of 1 to {sms.CONTEXT_VALUE_MAX_LENGTH} characters",
                 param=f"context.{key}",
             )
+        if any(unicodedata.category(ch) in _UNSHOWN_CATEGORIES for ch in value):
+            # The SMS shows the amount and payee the code approves: a line break could forge
+            # a line of its own ("Code: …"), and U+202E would show the text reversed.
+            raise InvalidRequest(
+                f"context.{key} must be text shown as it is: no line breaks, control or "
+                "invisible formatting characters (such as U+202E)",
+                param=f"context.{key}",
+            )
     return {str(k): str(v) for k, v in context.items()}
+
+
+#: Characters a transaction context may not hold: controls (line breaks included), invisible
+#: formatting (bidirectional overrides, zero-width characters) and line or paragraph breaks.
+_UNSHOWN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def validate_metadata(metadata: Any, encoded_size: int) -> dict[str, Any]:
