@@ -182,3 +182,16 @@ def test_a_country_code_is_ascii_however_unicode_would_upper_case_it(typed: str)
     assert rules.build_policy({"name": "x", "allowed_countries": ["es"]}).allowed_countries == (
         "ES",
     )
+
+
+@pytest.mark.parametrize("code", ["XX", "ZZ", "AA", "EU"])
+def test_a_country_must_be_an_assigned_region(code: str) -> None:
+    """Two letters are not enough: XX is no country, and no number belongs to it."""
+    from otpgate.domain.fraud import validate_country
+
+    with pytest.raises(InvalidRequest) as refused:
+        rules.build_policy({"name": "x", "allowed_countries": ["ES", code]})
+    assert refused.value.param == "allowed_countries"
+    with pytest.raises(InvalidRequest):
+        validate_country(code)
+    assert validate_country(" ph ") == "PH"

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from otpgate.domain.ascii import ascii_upper
+from otpgate.domain.phone import is_region
 from otpgate.errors import InvalidRequest
 
 #: How many trailing digits a prefix leaves out: a block of 1,000 numbers.
 PREFIX_HIDDEN_DIGITS = 3
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _PREFIX = re.compile(r"^\+[1-9][0-9]{3,12}$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 #: The first automatic block of a prefix lasts this long; each repeat doubles it.
 FIRST_BLOCK = timedelta(hours=12)
@@ -72,8 +72,10 @@ def validate_number(value: object, *, param: str = "number") -> str:
 
 
 def validate_country(value: object, *, param: str = "country") -> str:
-    if not isinstance(value, str) or not _COUNTRY.match(ascii_upper(value.strip())):
-        raise InvalidRequest("country must be an ISO 3166-1 alpha-2 code", param=param)
+    if not isinstance(value, str) or not is_region(ascii_upper(value.strip())):
+        raise InvalidRequest(
+            "country must be an assigned ISO 3166-1 alpha-2 code, such as PH", param=param
+        )
     return ascii_upper(value.strip())
 
 

@@ -122,6 +122,16 @@ def country_of(e164: str) -> str | None:
     return region if region and region != "001" else None
 
 
+def is_region(code: str) -> bool:
+    """Whether ``code`` (upper-case ISO 3166-1 alpha-2) is a region libphonenumber numbers
+    belong to: assigned codes such as ``ES``, not ``XX`` or ``ZZ``.
+
+    >>> is_region("ES"), is_region("XX"), is_region("es")
+    (True, False, False)
+    """
+    return code in phonenumbers.SUPPORTED_REGIONS
+
+
 def mask(e164: str) -> str:
     """A destination fit for logs: country code and last three digits only.
 

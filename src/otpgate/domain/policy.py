@@ -32,7 +32,7 @@ from otpgate.domain.model import (
     ServicePolicy,
     Verification,
 )
-from otpgate.domain.phone import parse_phone
+from otpgate.domain.phone import is_region, parse_phone
 from otpgate.errors import InvalidRequest, MaxSendAttemptsReached, RequestRefused, ResendTooSoon
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ _RANGES: dict[str, tuple[int, int]] = {
     "resend_interval_seconds": (0, 3_600),
 }
 _LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
 _URL = re.compile(r"^https?://[^\s/?#]+[^\s]*$")
 _METADATA_MAX_BYTES = 4_096
 #: The most test numbers one service may have.
@@ -157,10 +156,11 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
         return channels
     if key == "allowed_countries":
         if not isinstance(value, list | tuple) or not all(
-            isinstance(c, str) and _COUNTRY.match(ascii_upper(c)) for c in value
+            isinstance(c, str) and is_region(ascii_upper(c)) for c in value
         ):
             raise InvalidRequest(
-                "allowed_countries must be ISO 3166-1 alpha-2 codes or null", param=key
+                "allowed_countries must be assigned ISO 3166-1 alpha-2 codes (such as ES) or null",
+                param=key,
             )
         return tuple(sorted({ascii_upper(c) for c in value}))
     if key == "sender_id":
