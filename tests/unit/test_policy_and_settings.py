@@ -195,3 +195,21 @@ def test_a_country_must_be_an_assigned_region(code: str) -> None:
     with pytest.raises(InvalidRequest):
         validate_country(code)
     assert validate_country(" ph ") == "PH"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://hooks.example:99999/x", "https://hooks.example:0/x", "http://hooks.example:abc/"],
+)
+def test_a_webhook_url_names_a_real_port(url: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        rules.build_policy({"name": "x", "webhook_url": url})
+    assert refused.value.param == "webhook_url"
+    assert rules.build_policy({"name": "x", "webhook_url": "https://hooks.example:8443/x"})
+
+
+def test_a_client_ip_names_no_zone() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        rules.validate_client_ip("fe80::1%eth0")
+    assert refused.value.param == "client_ip"
+    assert rules.validate_client_ip("2001:DB8::1") == "2001:db8::1"

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from otpgate.domain import sms, texts
 from otpgate.domain.ascii import ascii_upper
@@ -207,8 +208,11 @@ def _field(key: str, value: Any) -> Any:  # one table of fields, checked in orde
             ) from None
     if key == "webhook_url":
         url = _text(key, value)
-        if not _URL.match(url) or len(url) > 2_048:
-            raise InvalidRequest("webhook_url must be an http(s) URL", param=key)
+        if not _URL.match(url) or len(url) > 2_048 or not _has_valid_port(url):
+            raise InvalidRequest(
+                "webhook_url must be an http(s) URL with a port from 1 to 65535, if any",
+                param=key,
+            )
         return url
     raise InvalidRequest(f"unknown field {key!r}", param=key)  # pragma: no cover
 
@@ -387,6 +391,16 @@ def refuse_resend(verification: Verification, *, interval_seconds: int, now: dat
         )
 
 
+def _has_valid_port(url: str) -> bool:
+    """Whether the URL's port, when it names one, is a TCP port (``urlsplit`` raises for one
+    past 65535 or not a number)."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    return port is None or port > 0
+
+
 def validate_client_ip(value: Any) -> str | None:
     """The end user's IP address (``client_ip``), IPv4 or IPv6, in its canonical form; None
     when not given. ``InvalidRequest`` naming ``client_ip`` otherwise."""
@@ -395,10 +409,14 @@ def validate_client_ip(value: Any) -> str | None:
     try:
         if not isinstance(value, str) or len(value) > 64:
             raise ValueError
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            raise ValueError  # "fe80::1%eth0": a zone names a link of the caller's, not a user
+        return str(address)
     except ValueError:
         raise InvalidRequest(
-            "client_ip must be an IPv4 or IPv6 address such as 203.0.113.7 or 2001:db8::1",
+            "client_ip must be an IPv4 or IPv6 address (without a %zone) such as 203.0.113.7 "
+            "or 2001:db8::1",
             param="client_ip",
         ) from None
 
