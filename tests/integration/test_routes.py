@@ -258,6 +258,7 @@ token = "tok-SECRET-42"
         (GOOD.replace('token = "tok-SECRET-42"', ""), "providers.main.token in"),
         (GOOD + "url = 'ftp://x'\n", "providers.main.url in"),
         (GOOD + "[[routes]]\ncountries = ['XX']\nproviders = ['main']\n", "'XX' is not an ISO"),
+        (GOOD + "[[routes]]\ncountries = ['ß']\nproviders = ['main']\n", "'ß' is not an ISO"),
         (GOOD + "[[routes]]\ncountries = ['ES']\nproviders = ['other']\n", "unknown providers"),
         (GOOD + "[[routes]]\ncountries = ['ES', '*']\nproviders = ['main']\n", "stands alone"),
         (GOOD + "[[routes]]\ncountries = ['ES']\nproviders = ['main', 'main']\n", "twice"),

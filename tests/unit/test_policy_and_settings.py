@@ -213,3 +213,10 @@ def test_a_client_ip_names_no_zone() -> None:
         rules.validate_client_ip("fe80::1%eth0")
     assert refused.value.param == "client_ip"
     assert rules.validate_client_ip("2001:DB8::1") == "2001:db8::1"
+
+
+def test_a_national_number_needs_an_ascii_country() -> None:
+    """ "ß" is not South Sudan's SS: a national number with it is refused, not read there."""
+    with pytest.raises(InvalidPhoneNumber):
+        phone.parse_phone("912345678", "ß")
+    assert phone.parse_phone("912345678", "es").e164 == "+34912345678"

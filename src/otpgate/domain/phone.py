@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
 
+from otpgate.domain.ascii import ascii_upper
 from otpgate.errors import CountryNotAllowed, InvalidPhoneNumber, UnsupportedNumberType
 
 #: Number types that can receive an SMS code by default.
@@ -55,7 +56,7 @@ def parse_phone(raw: str, country: str | None = None) -> Destination:
     'ES'
     """
     text = raw.strip()
-    region = country.upper() if country else None
+    region = ascii_upper(country) if country else None
     if not text.startswith("+") and region is None:
         raise InvalidPhoneNumber(
             "a number without '+' needs 'country' (ISO 3166-1 alpha-2)", param="to"

@@ -51,6 +51,7 @@ from otpgate.adapters.providers.registry import (
     option_names,
     provider_type,
 )
+from otpgate.domain.ascii import ascii_upper
 from otpgate.domain.ports import Sender
 from otpgate.domain.routing import ANY_COUNTRY, Route
 from otpgate.errors import ConfigurationError
@@ -171,7 +172,7 @@ def _routes(path: Path, raw: Any, names: list[str]) -> tuple[Route, ...]:
                 raise ConfigurationError(f"{where}: countries must be strings")
             if country == ANY_COUNTRY:
                 continue
-            code = country.strip().upper()
+            code = ascii_upper(country.strip())
             if len(code) != 2 or pycountry.countries.get(alpha_2=code) is None:
                 raise ConfigurationError(f"{where}: {country!r} is not an ISO 3166-1 code")
             codes.add(code)
