@@ -256,6 +256,18 @@ async def test_odd_bytes_in_a_receipt_are_refused(lm_api: Api) -> None:  # noqa:
     assert_problem(response, 400, "invalid_request", "subid")
 
 
+async def test_a_receipt_nested_past_the_parser_is_refused(lm_api: Api) -> None:  # noqa: F811
+    token = lm_api.container.keys.receipt_token("labsmobile")
+    for body in (b"[" * 30_000 + b"]" * 30_000, b'{"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"):
+        response = await lm_api.http.post(
+            "/v1/receipts/labsmobile",
+            params={"token": token},
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert_problem(response, 400, "invalid_request")
+
+
 # --- body size ----------------------------------------------------------------------------------
 
 LIMIT = 64 * 1024

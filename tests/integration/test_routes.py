@@ -264,6 +264,28 @@ token = "tok-SECRET-42"
         (GOOD + "[[routes]]\ncountries = ['ES']\nproviders = ['main', 'main']\n", "twice"),
         (GOOD + "[[routes]]\ncountries = ['ES']\n", "providers must list"),
         (GOOD + "[delivery]\n", "unknown top-level keys: delivery"),
+        (GOOD + "url = 'http://127.0.0.1:99999'\n", "is not a valid URL"),
+        (GOOD + "url = 'http://127.0.0.1:0'\n", "must be an http:// or https:// URL with a host"),
+        (GOOD + "url = 'http://ops:tok-SECRET-42@127.0.0.1'\n", "must not carry credentials"),
+        (GOOD + "url = 'https://h.example/#tok-SECRET-42'\n", "must not carry credentials"),
+        (GOOD + "timeout_seconds = 45\n", "must be shorter than OTPGATE_DELIVERY_LEASE_SECONDS"),
+        (
+            "[providers.main]\ntype = 'twilio'\naccount_sid = 'AC" + "0" * 32 + "'\n"
+            "auth_token = 'tok-SECRET-42'\nfrom_ = '+15005550006'\n",
+            "providers.main.from_ in",
+        ),
+        (
+            "[providers.main]\ntype = 'vonage'\napi_key = 'k'\napi_secret = 'tok-SECRET-42'\n"
+            "from = 'Acme'\nurl = 'http://127.0.0.1:70000'\n",
+            "is not a valid URL",
+        ),
+        (
+            "[providers.main]\ntype = 'twilio'\naccount_sid = 'AC" + "0" * 32 + "'\n"
+            "auth_token = 'tok-SECRET-42'\nfrom = '+15005550006'\n"
+            "url = 'http://AC:tok-SECRET-42@127.0.0.1'\n",
+            "must not carry credentials",
+        ),
+        (GOOD + "x = " + "[" * 100_000 + "]" * 100_000 + "\n", "too deeply"),
     ],
 )
 def test_a_configuration_mistake_is_named_without_values(

@@ -111,6 +111,10 @@ def _from_file(path: Path, settings: Settings) -> Delivery:
     except tomllib.TOMLDecodeError as exc:
         # The decoder's message names the line and column, never the value.
         raise ConfigurationError(f"OTPGATE_CONFIG: {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigurationError(
+            f"OTPGATE_CONFIG: {path} nests arrays or tables too deeply to be read"
+        ) from None
     unknown = sorted(set(document) - {"providers", "routes"})
     if unknown:
         raise ConfigurationError(f"{path}: unknown top-level keys: {', '.join(unknown)}")

@@ -147,10 +147,11 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def json_object(content: bytes) -> dict[str, Any] | None:
-    """The JSON object in ``content``, or ``None`` when it holds anything else."""
+    """The JSON object in ``content``, or ``None`` when it holds anything else (a provider's
+    answer nested past the parser's depth included)."""
     try:
         payload = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
 

@@ -55,6 +55,7 @@ import certifi
 import yarl
 from pydantic import SecretStr
 
+from otpgate.adapters.providers.httpapi import json_object
 from otpgate.adapters.providers.registry import (
     PROVIDER_NAME,
     ProviderContext,
@@ -148,12 +149,10 @@ def from_options(options: LabsMobileOptions, context: ProviderContext) -> LabsMo
         raise ConfigurationError(
             f"provider {context.name!r} (labsmobile) needs {' and '.join(missing)}"
         )
-    if not options.url.startswith(("http://", "https://")):
-        raise ConfigurationError(f"{context.setting('url')} must be an http:// or https:// URL")
     return LabsMobileSender(
         username=options.username,
         token=options.token.get_secret_value(),
-        base_url=options.url.rstrip("/"),
+        base_url=context.http_url("url", options.url),
         timeout_seconds=context.timeout_seconds,
         name=context.name,
     )
@@ -349,7 +348,7 @@ class LabsMobileSender:
         """The JSON object of a 2xx answer; other statuses become delivery errors."""
         status = answer.status
         if 200 <= status < 300:
-            payload = _json_object(answer.content)
+            payload = json_object(answer.content)
             if payload is None:
                 raise TransientDeliveryError(f"labsmobile: unreadable answer (HTTP {status})")
             return payload
@@ -358,7 +357,7 @@ class LabsMobileSender:
                 f"labsmobile: credentials refused (HTTP {status}); check username and token"
             )
         if status == 400:
-            payload = _json_object(answer.content) or {}
+            payload = json_object(answer.content) or {}
             code = _parse_code(payload.get("code"))
             if code is not None:
                 raise PermanentDeliveryError(f"{_code_detail(code, payload, text)} (HTTP 400)")
@@ -405,14 +404,6 @@ def _tls_context() -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certifi.where())
     context.set_alpn_protocols(["http/1.1"])
     return context
-
-
-def _json_object(content: bytes) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return payload if isinstance(payload, dict) else None
 
 
 def _parse_code(value: object) -> int | None:

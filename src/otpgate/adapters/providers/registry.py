@@ -19,6 +19,7 @@ editing a chain of ``if`` statements.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
@@ -79,6 +80,27 @@ class ProviderContext:
     def setting(self, option: str) -> str:
         """The operator's name for ``option``, for an error message."""
         return self.setting_names.get(option, f"provider {self.name!r} option {option!r}")
+
+    def http_url(self, option: str, url: str) -> str:
+        """``url`` (the value of ``option``) without a trailing ``/``, or ``ConfigurationError``
+        naming the setting, never the value: an http(s) URL with a host, a TCP port if it
+        names one, and no credentials or fragment (an HTTP provider's credentials are options
+        of their own, which the adapter sends as its API requires)."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port  # raises for a port past 65535 or not a number
+        except ValueError:
+            raise ConfigurationError(f"{self.setting(option)} is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+            raise ConfigurationError(
+                f"{self.setting(option)} must be an http:// or https:// URL with a host"
+            )
+        if parts.username is not None or parts.password is not None or parts.fragment:
+            raise ConfigurationError(
+                f"{self.setting(option)} must not carry credentials or a fragment: give them "
+                "as the provider's own options"
+            )
+        return url.rstrip("/")
 
 
 Factory = Callable[[Any, ProviderContext], Sender]
@@ -179,10 +201,17 @@ def create_provider(
         options = registered.options.model_validate(dict(raw_options))
     except ValidationError as exc:
         raise ConfigurationError(_describe(exc, setting_names, name)) from None
+    timeout = options.timeout_seconds or settings.provider_timeout_seconds
+    if timeout >= settings.delivery_lease_seconds:
+        # A send must end before its lease does, or another worker may send it again.
+        raise ConfigurationError(
+            f"{setting_names.get('timeout_seconds', f'provider {name!r} timeout_seconds')} "
+            "must be shorter than OTPGATE_DELIVERY_LEASE_SECONDS"
+        )
     context = ProviderContext(
         name=name,
         settings=settings,
-        timeout_seconds=options.timeout_seconds or settings.provider_timeout_seconds,
+        timeout_seconds=timeout,
         setting_names=setting_names,
     )
     sender = registered.factory(options, context)

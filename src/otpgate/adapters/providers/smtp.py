@@ -94,7 +94,7 @@ class SmtpOptions(ProviderOptions):
     """``OTPGATE_SMTP_URL`` / ``OTPGATE_EMAIL_FROM`` / ``OTPGATE_SMTP_CA_FILE``, or ``url`` /
     ``from`` / ``ca_file`` in a ``[providers.NAME]`` table with ``type = "smtp"``."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=False)  # "from" only, as the docs name it
 
     url: SecretStr = SecretStr("")
     from_: str = Field(default="", alias="from")

@@ -158,7 +158,7 @@ class TwilioOptions(ProviderOptions):
     / ``_URL``, or ``account_sid`` / ``auth_token`` / ``from`` / ``messaging_service_sid`` /
     ``url`` in a ``[providers.NAME]`` table with ``type = "twilio"``."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=False)  # "from" only, as the docs name it
 
     account_sid: str = ""
     auth_token: SecretStr = SecretStr("")
@@ -204,14 +204,12 @@ def from_options(options: TwilioOptions, context: ProviderContext) -> TwilioSend
             f"{setting('messaging_service_sid')} must be a Messaging Service SID "
             "(MG and 32 hex digits)"
         )
-    if not options.url.startswith(("http://", "https://")):
-        raise ConfigurationError(f"{setting('url')} must be an http:// or https:// URL")
     return TwilioSender(
         account_sid=options.account_sid,
         auth_token=options.auth_token.get_secret_value(),
         from_=options.from_,
         messaging_service_sid=options.messaging_service_sid,
-        base_url=options.url,
+        base_url=context.http_url("url", options.url),
         timeout_seconds=context.timeout_seconds,
         name=context.name,
     )

@@ -110,7 +110,7 @@ class VonageOptions(ProviderOptions):
     ``api_secret`` / ``from`` / ``url`` in a ``[providers.NAME]`` table with
     ``type = "vonage"``."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=False)  # "from" only, as the docs name it
 
     api_key: str = ""
     api_secret: SecretStr = SecretStr("")
@@ -134,13 +134,11 @@ def from_options(options: VonageOptions, context: ProviderContext) -> VonageSend
         raise ConfigurationError(
             f"provider {context.name!r} (vonage) needs {' and '.join(missing)}"
         )
-    if not options.url.startswith(("http://", "https://")):
-        raise ConfigurationError(f"{context.setting('url')} must be an http:// or https:// URL")
     return VonageSender(
         api_key=options.api_key,
         api_secret=options.api_secret.get_secret_value(),
         from_=options.from_,
-        base_url=options.url,
+        base_url=context.http_url("url", options.url),
         timeout_seconds=context.timeout_seconds,
         name=context.name,
     )

@@ -599,7 +599,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         if not _ROW_ID.fullmatch(row_id):
             raise ValueError("cursor row id is not an otpgate id")
         return created_at, row_id
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
 
 

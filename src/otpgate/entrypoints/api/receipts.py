@@ -171,7 +171,7 @@ async def _body_fields(request: Request) -> dict[str, str] | Response:
     if media_type == "application/json" or media_type.endswith("+json"):
         try:
             document = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return error_response(InvalidRequest("the body is not valid JSON"))
         if not isinstance(document, dict):
             return error_response(InvalidRequest("the JSON body must be an object"))

@@ -254,7 +254,7 @@ def _json_object(text: str) -> Any:
     """``text`` parsed as strict JSON (no NaN or Infinity), or None when it is not JSON."""
     try:
         return json.loads(text, parse_constant=_refuse_constant)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: not JSON to us
         return None
 
 
