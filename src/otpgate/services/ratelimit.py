@@ -12,7 +12,7 @@ A refusal is ``RateLimited`` (429 ``rate_limited``) naming the limit, with ``ret
 when the oldest event in that limit's window leaves it. A refused request counts nothing.
 
 Counter keys never hold a phone number, an e-mail address or an end user's address: those
-parts are a keyed hash (HMAC-SHA256 under a key derived from the master secret, cut to 128 bits),
+parts are a keyed hash (BLAKE2b keyed with a key derived from the master secret, 128 bits),
 so a dump of Redis or of the process names nobody, and processes sharing the master secret count
 the same destination under the same key.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import ipaddress
 import logging
 import secrets
@@ -80,16 +79,16 @@ class RateLimiting:
         self._metrics = metrics
         self._per_account = per_account
         self._checks = checks
-        # Keyed once; each hash copies the keyed state (half the cost of keying anew).
-        self._mac = hmac.new(
-            key if key is not None else secrets.token_bytes(32), digestmod=hashlib.sha256
-        )
+        self._key = key if key is not None else secrets.token_bytes(32)
 
     def _hidden(self, value: str) -> str:
-        """A destination or address as a counter key holds it: a keyed hash, never the value."""
-        mac = self._mac.copy()
-        mac.update(value.encode("utf-8", "surrogatepass"))
-        return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
+        """A destination or address as a counter key holds it: a keyed hash, never the value.
+        BLAKE2b in its keyed (MAC) mode: one C call, a third of HMAC-SHA256's cost on the
+        path of every start and check."""
+        mac = hashlib.blake2b(
+            value.encode("utf-8", "surrogatepass"), key=self._key, digest_size=16
+        ).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
     def send_counters(
         self,
